@@ -1,0 +1,1 @@
+"""Features: tokenized (query, ad) pairs, the scenario → task-id map and mixed-scenario batching."""

