@@ -1,0 +1,196 @@
+"""Drift against the training reference and the monitoring check job, on real Parquet and real MLflow."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
+from monitoring.drift import drift_report, load_reference, reference_profile, save_reference
+from monitoring.metrics import scenario_metrics
+from pipeline.config import config_from_dict
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
+CATEGORIES = ("cameras", "computers", "shoes", "watches")
+
+
+def jaccard_scores(left: list[str], right: list[str]) -> np.ndarray:
+    """A real (weak) relevance model: token Jaccard similarity of the two offer texts, in [0, 1]."""
+    out = np.empty(len(left))
+    for i, (a, b) in enumerate(zip(left, right)):
+        sa, sb = set(a.lower().split()), set(b.lower().split())
+        out[i] = len(sa & sb) / max(len(sa | sb), 1)
+    return out
+
+
+def scored_split(split: str) -> pa.Table:
+    """Real WDC pairs in the batch-scoring output layout (scenario, score, label, query, title, ...)."""
+    parts = []
+    for cat in CATEGORIES:
+        t = pq.read_table(DATA / cat / f"{split}.parquet")
+        parts.append(pa.table({
+            "scenario": t["category"], "score": pa.array(jaccard_scores(t["left"].to_pylist(), t["right"].to_pylist()),
+                                                         pa.float32()),
+            "label": t["label"], "query": t["left"], "title": t["right"],
+            "model_version": pa.array(["1"] * len(t)), "fallback": pa.array([False] * len(t)),
+        }))
+    return pa.concat_tables(parts)
+
+
+def profile_of(t: pa.Table, cfg) -> dict:
+    return reference_profile(t["scenario"].to_numpy(zero_copy_only=False), t["score"].to_numpy(),
+                             pc.utf8_length(t["query"]).to_numpy(), pc.utf8_length(t["title"]).to_numpy(),
+                             bins=cfg.monitoring.drift_bins)
+
+
+def drift_of(ref: dict, t: pa.Table, cfg, quarantine_rate=None) -> dict:
+    return drift_report(ref, t["scenario"].to_numpy(zero_copy_only=False), t["score"].to_numpy(),
+                        pc.utf8_length(t["query"]).to_numpy(), pc.utf8_length(t["title"]).to_numpy(),
+                        quarantine_rate, cfg.monitoring)
+
+
+def with_scores(t: pa.Table, scenario: str, fn) -> pa.Table:
+    """Replace the scores of one scenario by fn(scores)."""
+    s = t["score"].to_numpy().astype(np.float64)
+    m = t["scenario"].to_numpy(zero_copy_only=False) == scenario
+    s[m] = fn(s[m])
+    return t.set_column(t.column_names.index("score"), "score", pa.array(s, pa.float32()))
+
+
+@pytest.fixture(scope="module")
+def valid() -> pa.Table:
+    return scored_split("valid")
+
+
+@pytest.fixture
+def cfg():
+    return config_from_dict({"monitoring": {"bootstrap_rounds": 50}})
+
+
+@pytest.fixture
+def reference(valid, cfg, tmp_path) -> Path:
+    return save_reference(profile_of(valid, cfg), tmp_path / "reference.json")
+
+
+def test_reference_against_itself_has_zero_psi(valid, cfg, reference):
+    ref = load_reference(reference)
+    json.dumps(ref)
+    rep = drift_of(ref, valid, cfg)
+    assert rep["breaches"] == [] and rep["unseen_scenarios"] == [] and rep["missing_scenarios"] == []
+    for d in rep["scenarios"].values():
+        assert d["judged"]
+        assert d["psi_score"] == pytest.approx(0.0, abs=1e-12)
+        assert d["psi_query_len"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_each_kind_of_drift_breaches_and_names_its_scenario(valid, cfg, reference):
+    ref = load_reference(reference)
+    shifted = with_scores(valid, "shoes", lambda s: np.clip(s + 0.4, 0, 1))
+    rep = drift_of(ref, shifted, cfg)
+    assert len(rep["breaches"]) == 1 and "'shoes'" in rep["breaches"][0] and "score PSI" in rep["breaches"][0]
+    assert all(d["psi_score"] >= 0 for d in rep["scenarios"].values())
+
+    m = pc.equal(valid["scenario"], "watches")
+    longer = valid.set_column(valid.column_names.index("title"), "title",
+                              pc.if_else(m, pc.binary_join_element_wise(valid["title"], valid["title"], " "),
+                                         valid["title"]))
+    rep = drift_of(ref, longer, cfg)
+    assert [b for b in rep["breaches"] if "title length" in b and "'watches'" in b] and len(rep["breaches"]) == 1
+
+    toys = valid.slice(0, 150).set_column(0, "scenario", pa.array(["toys"] * 150))
+    rep = drift_of(ref, pa.concat_tables([valid, toys]), cfg, quarantine_rate=0.2)
+    assert rep["unseen_scenarios"] == ["toys"]
+    assert any("not seen in training" in b and "toys" in b for b in rep["breaches"])
+    assert any("quarantine rate 20.00%" in b for b in rep["breaches"])
+
+
+def test_small_scenarios_are_reported_but_not_judged(valid, cfg, reference):
+    ref = load_reference(reference)
+    few = with_scores(valid.filter(pc.equal(valid["scenario"], "shoes")).slice(0, 30), "shoes", lambda s: s * 0 + 1)
+    rep = drift_of(ref, few, cfg)
+    d = rep["scenarios"]["shoes"]
+    assert d["n"] == 30 and not d["judged"] and d["psi_score"] > cfg.monitoring.psi_threshold
+    assert rep["breaches"] == [] and set(rep["missing_scenarios"]) == set(CATEGORIES) - {"shoes"}
+
+
+def test_run_check_reads_partitioned_files_and_reports_every_row(valid, cfg, reference, tmp_path):
+    # The same rows, shuffled and split over hive partitions: drift is exactly zero, metrics as computed directly.
+    shuffled = valid.take(np.random.default_rng(0).permutation(len(valid)))
+    scored = tmp_path / "scored"
+    pq.write_to_dataset(shuffled, scored, partition_cols=["scenario"])
+    summary = run_check(scored, reference, tmp_path / "out", cfg)
+    assert summary["breaches"] == [] and summary["rows"] == summary["labelled_rows"] == len(valid)
+    direct = scenario_metrics(valid["scenario"].to_numpy(zero_copy_only=False), valid["label"].to_numpy(),
+                              valid["score"].to_numpy(), bootstrap_rounds=0)
+    for name, m in summary["metrics"].items():
+        assert m["auc"] == pytest.approx(direct[name]["auc"]) and m["n"] == direct[name]["n"]
+    assert sum(d["n"] for d in summary["drift"]["scenarios"].values()) == len(valid)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == len(valid)
+
+
+def test_report_embeds_existing_plots_and_highlights_breaches(valid, cfg, reference, tmp_path):
+    path = tmp_path / "scored.parquet"
+    pq.write_table(with_scores(valid, "cameras", lambda s: 1 - s), path)
+    summary = run_check(path, reference, tmp_path / "out", cfg)
+    html = (tmp_path / "out" / "report.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == len(CATEGORIES) and all((tmp_path / "out" / i).stat().st_size > 1000 for i in images)
+    assert html.count('class="breach"') >= 1 and "cameras" in summary["breaches"][0]
+    for name in CATEGORIES:
+        assert f'<td class="name">{name}' in html
+    assert not list((tmp_path / "out").rglob(".*tmp*"))  # no temporary files left behind
+
+
+def test_unlabelled_rows_only_count_for_drift(valid, cfg, reference, tmp_path):
+    labels = pc.if_else(pc.equal(valid["scenario"], "watches"), pa.scalar(None, pa.int8()), valid["label"])
+    t = valid.set_column(valid.column_names.index("label"), "label", labels)
+    pq.write_table(t, tmp_path / "partly.parquet")
+    summary = run_check(tmp_path / "partly.parquet", reference, tmp_path / "a", cfg)
+    assert "watches" not in summary["metrics"] and "watches" in summary["drift"]["scenarios"]
+    assert summary["labelled_rows"] == len(valid) - pc.sum(pc.equal(valid["scenario"], "watches")).as_py()
+    pq.write_table(valid.drop_columns(["label"]), tmp_path / "unlabelled.parquet")
+    summary = run_check(tmp_path / "unlabelled.parquet", reference, tmp_path / "b", cfg)
+    assert summary["metrics"] is None and summary["labelled_rows"] == 0 and summary["breaches"] == []
+
+
+def test_main_exit_codes_and_error_messages(valid, reference, tmp_path, capsys):
+    ok, drifted, bad = tmp_path / "ok.parquet", tmp_path / "drifted.parquet", tmp_path / "bad.parquet"
+    pq.write_table(valid, ok)
+    pq.write_table(with_scores(valid, "shoes", lambda s: np.clip(s + 0.4, 0, 1)), drifted)
+    args = ["--reference", str(reference), "--out", str(tmp_path / "o"), "monitoring.bootstrap_rounds=20"]
+    assert main(["--scored", str(ok), *args]) == EXIT_OK
+    assert main(["--scored", str(drifted), *args]) == EXIT_BREACH
+    assert "BREACH: scenario 'shoes'" in capsys.readouterr().err
+    pq.write_table(with_scores(valid, "watches", lambda s: s + 2), bad)
+    assert main(["--scored", str(bad), *args]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert str(bad) in err and "column score" in err and "row" in err
+    quarantine = tmp_path / "quarantine.parquet"
+    pq.write_table(valid.slice(0, len(valid) // 10), quarantine)  # ~9% of all rows > 5%
+    assert main(["--scored", str(ok), "--quarantine", str(quarantine), *args]) == EXIT_BREACH
+    assert main(["--scored", str(ok), *args, "monitoring.no_such_key=1"]) == EXIT_INPUT
+
+
+def test_report_is_logged_to_the_mlflow_run(valid, reference, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("ads-relevance", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    pq.write_table(valid, tmp_path / "scored.parquet")
+    rc = main(["--scored", str(tmp_path / "scored.parquet"), "--reference", str(reference), "--out",
+               str(tmp_path / "o"), "--tracking-uri", uri, "--run-id", run_id, "monitoring.bootstrap_rounds=20"])
+    assert rc == EXIT_OK
+    logged = {f.path for f in client.list_artifacts(run_id, "monitoring")}
+    assert {"monitoring/report.html", "monitoring/summary.json", "monitoring/plots"} <= logged
+    assert len(client.list_artifacts(run_id, "monitoring/plots")) == len(CATEGORIES)
+    run = client.get_run(run_id)
+    assert run.data.metrics["monitoring.breaches"] == 0
+    assert 0.5 < run.data.metrics["monitoring.auc_macro"] <= 1 and run.info.status == "FINISHED"
