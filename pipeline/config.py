@@ -107,7 +107,8 @@ class AdapterConfig:
     tau: float = 0.1  # softmax temperature of the mixing weights
     dropout: float = 0.05
     lambda_type: Literal["full", "diagonal"] = "full"
-    # Module-name suffixes or regular expressions (a pattern with any of .*+?[]( is a regex).
+    # Module-name suffixes at dot boundaries, presets (training.inject.TARGET_PRESETS), or regular
+    # expressions (a target holding any of *+?[](){}|^$\ is searched as a regex in the full name).
     targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "attention.output.dense"])
 
 

@@ -2,9 +2,12 @@
 
     router, replaced = inject_adapters(model, AdapterConfig(targets=["q_proj", "v_proj"]), num_tasks=4)
 
-A target is a module-name suffix (``query`` matches ``encoder.layer.0.attention.self.query``) or, when
-it holds any of ``.*+?[](|``, a regular expression searched in the full name. A target that matches no
-``nn.Linear`` raises an error listing the linear layers the model has.
+A target is either a module-name suffix taken at dot boundaries (``query`` and ``self.query`` match
+``encoder.layer.0.attention.self.query``; ``layer.1.attention.self.query`` does not match layer 11), or,
+when it holds any of ``*+?[](){}|^$\``, a regular expression searched in the full name
+(``r"layer\.[0-5]\..*query$"``). Presets (``TARGET_PRESETS``) expand to lists. A target that matches no
+``nn.Linear`` raises ``ConfigError`` listing the linear layers the model has. Base layers are frozen,
+keep their own bias (none is added) and are not re-initialised.
 """
 from __future__ import annotations
 
@@ -24,13 +27,25 @@ TARGET_PRESETS = {
     "llama_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
-_REGEX_CHARS = set(".*+?[](|$^")
+_REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
 def _matches(name: str, target: str) -> bool:
     if _REGEX_CHARS & set(target):
         return re.search(target, name) is not None
     return name == target or name.endswith("." + target)
+
+
+def _check_patterns(targets: list[str]) -> None:
+    bad = []
+    for t in targets:
+        if _REGEX_CHARS & set(t):
+            try:
+                re.compile(t)
+            except re.error as e:
+                bad.append(f"{t!r} ({e})")
+    if bad:
+        raise ConfigError(f"adapter.targets: invalid regular expressions {', '.join(bad)}")
 
 
 def expand_targets(targets: list[str]) -> list[str]:
@@ -41,7 +56,9 @@ def expand_targets(targets: list[str]) -> list[str]:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of the model's ``nn.Linear`` layers, leaving out those already wrapped by an adapter."""
+    wrapped = {n + ".base_layer" for n, m in model.named_modules() if isinstance(m, MTLLoRALinear)}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped]
 
 
 def inject_adapters(
@@ -51,8 +68,11 @@ def inject_adapters(
 
     Every other parameter of ``model`` is left as it is (callers freeze the base themselves).
     """
-    router = router or TaskRouter()
+    router = router or TaskRouter(num_tasks)
+    if router.num_tasks is None:
+        router.num_tasks = num_tasks
     targets = expand_targets(cfg.targets)
+    _check_patterns(targets)
     linear = _linear_names(model)
     unmatched = [t for t in targets if not any(_matches(n, t) for n in linear)]
     if unmatched:

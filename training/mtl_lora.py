@@ -1,32 +1,35 @@
 """The MTL-LoRA linear layer (Yang et al., AAAI 2025) and its two baselines behind one interface.
 
-For a row of task ``t`` a frozen linear layer ``W`` (out × in) becomes::
+For a row of task ``t`` a frozen linear layer ``W`` (out × in, optional bias) becomes::
 
-    y = W x + s · B̃_t · Λ_t · A · dropout(x)
-    B̃_t = Σ_i p_{t,i} · B_i,    p_t = softmax(w_t / τ)  (fp32),    s = alpha / r
+    y = W x + b + s · B̃_t · Λ_t · A · dropout(x)
+    B̃_t = Σ_i p_{t,i} · B_i,    p_t = softmax(w_t / τ)  (in fp32),    s = alpha / r
 
 Parameters, all owned by this module (DeepSpeed ZeRO-3 gathers a module's own parameters around its
 forward, so nothing is shared across layers):
 
-    A       (r, in)          Kaiming-uniform(a=√5)   shared by all tasks
-    lam     (T, r, r) | (T, r)  identity | ones      Λ_t, full or diagonal
-    B       (n, out, r)      zeros                   shared up-projections
-    w       (T, n)           Kaiming-uniform(a=√5)   mixing logits; random on purpose: with uniform w and
-                                                     B = 0 every B_i gets the same gradient forever
+    A       (r, in)             Kaiming-uniform(a=√5)   shared by all tasks
+    lam     (T, r, r) | (T, r)  identity | ones         Λ_t, "full" or "diagonal"
+    B       (n, out, r)         zeros                   shared up-projections B_i
+    w       (T, n)              Kaiming-uniform(a=√5)   mixing logits; random on purpose: with uniform w
+                                                        and B = 0 every B_i gets the same gradient forever
+The base layer keeps its own bias (or its lack of one); nothing here adds or re-initialises a bias.
 
 Baselines share the forward (``method``):
-    lora           one A (r, in) and one B (out, r) for every row; task ids are ignored
+    lora           one A (r, in) and one B (1, out, r) for every row; task ids are ignored
     per_task_lora  A (T·r, in) and B (T, out, r): an independent adapter per task
 
-How the mixed-task forward stays as cheap as one LoRA (no per-row copies of A or of B̃):
-    h   = dropout(x) @ A.T                                 (M, r)       one shared down-projection
-    U   = stack_t s·(B̃_t Λ_t).T                            (T·r, out)   tiny, once per forward
-    hm  = h placed in the r-slot of its row's task, zeros elsewhere     (M, T·r)
-    y   = addmm(W x + b, hm, U)                            one GEMM whose K is T·r, fused with the add
-A GEMM this thin is bound by writing its (M, out) output, so K = T·r costs about what PEFT's K = r does.
+How the mixed-task forward stays as cheap as one LoRA (no per-row copies of A, Λ or B̃):
+    h   = dropout(x) @ A.T                              (M, r)      one shared down-projection
+    Uᵀ  = stack_t (B̃_t Λ_t)ᵀ                            (T·r, out)  tiny, once per forward
+    hm  = h placed in the r-slot of its row's task, zeros elsewhere    (M, T·r)
+    y   = (W x + b).addmm_(hm, Uᵀ, alpha=s)              one GEMM with K = T·r, accumulated in place
+A GEMM this thin is bound by reading/writing its (M, out) output, so K = T·r costs about what LoRA's
+K = r does, and the in-place accumulation saves the extra (M, out) pass that ``base + lora`` makes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -34,34 +37,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import UnknownScenario
+
 Method = Literal["mtl_lora", "lora", "per_task_lora"]
+METHODS = ("mtl_lora", "lora", "per_task_lora")
 
 
 class TaskRouter:
     """Carries the current batch's per-row task ids to every adapted layer, without forward hooks.
 
-    One router per model; the model sets ``task_ids`` (LongTensor, shape (batch,)) before each forward.
+    One router per model; the model sets ``router.task_ids`` (integer tensor, shape (batch,)) before
+    each forward. Ids on the CPU are checked against ``num_tasks`` here (on an accelerator the check
+    would stall the device; ids are built by ``TaskMap``, which rejects unknown scenarios).
     Under non-reentrant activation checkpointing the ids of the forward pass are restored for the
-    recomputation (``checkpoint_context``), so a later forward cannot leak into an earlier backward.
+    recomputation (``checkpoint_context``), so an interleaved forward cannot leak into a backward.
     """
 
-    def __init__(self) -> None:
-        self.task_ids: torch.Tensor | None = None
+    def __init__(self, num_tasks: int | None = None) -> None:
+        self.num_tasks = num_tasks
+        self._task_ids: torch.Tensor | None = None
+
+    @property
+    def task_ids(self) -> torch.Tensor | None:
+        return self._task_ids
+
+    @task_ids.setter
+    def task_ids(self, ids: torch.Tensor | None) -> None:
+        if ids is not None and not torch.compiler.is_compiling():
+            self._validate(ids)
+        self._task_ids = ids
+
+    def _validate(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"task ids must be a 1-D integer tensor (one id per row), got {ids.dtype} {tuple(ids.shape)}")
+        if self.num_tasks is None or ids.device.type != "cpu" or ids.numel() == 0:
+            return
+        bad = ((ids < 0) | (ids >= self.num_tasks)).nonzero()
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise UnknownScenario(
+                f"task id {int(ids[row])} at row {row} is outside [0, {self.num_tasks}) "
+                f"({bad.numel()} rows out of range)"
+            )
 
     def checkpoint_context(self):
         """``context_fn`` for ``torch.utils.checkpoint``: replays this forward's task ids on recompute."""
-        import contextlib
-
-        captured = self.task_ids
+        captured = self._task_ids
 
         @contextlib.contextmanager
         def replay():
-            saved = self.task_ids
-            self.task_ids = captured
+            saved = self._task_ids
+            self._task_ids = captured  # already validated when it was set
             try:
                 yield
             finally:
-                self.task_ids = saved
+                self._task_ids = saved
 
         return contextlib.nullcontext(), replay()
 
@@ -76,7 +106,7 @@ class MTLLoRALinear(nn.Module):
         method: "mtl_lora", "lora" or "per_task_lora".
         r, alpha, n_up, tau, dropout, lambda_type: as in the paper; s = alpha / r.
 
-    Input ``x`` is (batch, ..., in); row ``b`` uses task ``router.task_ids[b]``.
+    Input ``x`` is (batch, ..., in); row ``b`` (all of its tokens) uses task ``router.task_ids[b]``.
     Raises ValueError when task ids are missing (for a multi-task method) or do not match the batch.
     """
 
@@ -94,11 +124,14 @@ class MTLLoRALinear(nn.Module):
         lambda_type: Literal["full", "diagonal"] = "full",
     ) -> None:
         super().__init__()
-        if method not in ("mtl_lora", "lora", "per_task_lora"):
-            raise ValueError(f"unknown adapter method {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"unknown adapter method {method!r}; expected one of {METHODS}")
+        if lambda_type not in ("full", "diagonal"):
+            raise ValueError(f"unknown lambda_type {lambda_type!r}; expected 'full' or 'diagonal'")
+        if num_tasks < 1 or r < 1 or n_up < 1 or tau <= 0:
+            raise ValueError(f"need num_tasks, r, n_up >= 1 and tau > 0; got {num_tasks}, {r}, {n_up}, {tau}")
         self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
+        base_layer.requires_grad_(False)
         self.router = router
         self.method = method
         self.num_tasks = num_tasks
@@ -109,17 +142,16 @@ class MTLLoRALinear(nn.Module):
         self.n_up = n_up if method == "mtl_lora" else 1
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         in_f, out_f = base_layer.in_features, base_layer.out_features
-        dev, dt = base_layer.weight.device, base_layer.weight.dtype
+        kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         a_groups = num_tasks if method == "per_task_lora" else 1
-        self.A = nn.Parameter(torch.empty(a_groups * r, in_f, device=dev, dtype=dt))
+        self.A = nn.Parameter(torch.empty(a_groups * r, in_f, **kw))
         if method == "mtl_lora":
-            self.B = nn.Parameter(torch.zeros(self.n_up, out_f, r, device=dev, dtype=dt))
+            self.B = nn.Parameter(torch.zeros(self.n_up, out_f, r, **kw))
             shape = (num_tasks, r, r) if lambda_type == "full" else (num_tasks, r)
-            self.lam = nn.Parameter(torch.empty(shape, device=dev, dtype=dt))
-            self.w = nn.Parameter(torch.empty(num_tasks, self.n_up, device=dev, dtype=dt))
+            self.lam = nn.Parameter(torch.empty(shape, **kw))
+            self.w = nn.Parameter(torch.empty(num_tasks, self.n_up, **kw))
         else:
-            groups = num_tasks if method == "per_task_lora" else 1
-            self.B = nn.Parameter(torch.zeros(groups, out_f, r, device=dev, dtype=dt))
+            self.B = nn.Parameter(torch.zeros(self.num_routes, out_f, r, **kw))
         self.reset_adapter_parameters()
 
     @property
@@ -129,7 +161,7 @@ class MTLLoRALinear(nn.Module):
 
     def reset_adapter_parameters(self) -> None:
         with torch.no_grad():
-            # Each task's A block gets the Kaiming-uniform init of an (r, in) matrix.
+            # Each task's A block gets the Kaiming-uniform init of an (r, in) matrix: U(±1/√in).
             for block in self.A.view(-1, self.r, self.A.shape[-1]):
                 nn.init.kaiming_uniform_(block, a=math.sqrt(5))
             self.B.zero_()
@@ -138,72 +170,88 @@ class MTLLoRALinear(nn.Module):
                     self.lam.copy_(torch.eye(self.r).expand_as(self.lam))
                 else:
                     self.lam.fill_(1.0)
-                nn.init.kaiming_uniform_(self.w, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.w, a=math.sqrt(5))  # fan_in = n: U(±1/√n)
 
     # --- the per-task update as LoRA pairs ------------------------------------------------------------
 
     def mixing_weights(self) -> torch.Tensor:
-        """p, (T, n): softmax(w / τ) computed in fp32."""
+        """p, (T, n): softmax(w / τ), always computed in fp32."""
         return torch.softmax(self.w.float() / self.tau, dim=-1)
 
-    def up_factors(self) -> torch.Tensor:
-        """U_t = s · B̃_t · Λ_t for every route, (routes, out, r), in the parameters' dtype."""
+    def _stacked_up_t(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Uᵀ without the scaling s: rows t·r..t·r+r-1 hold (B̃_t Λ_t)ᵀ, shape (routes·r, out)."""
+        dtype = dtype or self.B.dtype
+        b = self.B.to(dtype)  # (routes | n, out, r)
+        routes, out_f = self.num_routes, b.shape[1]
         if self.method != "mtl_lora":
-            return self.B * self.scaling
-        b_mix = torch.einsum("tn,nor->tor", self.mixing_weights().to(self.B.dtype), self.B)  # (T, out, r)
+            if routes == 1:
+                return b[0].t()  # (r, out), a transposed view: the GEMM reads it as is
+            return b.transpose(1, 2).reshape(routes * self.r, out_f)
+        p = self.mixing_weights().to(dtype)  # (T, n)
+        b_mix = (p @ b.reshape(self.n_up, -1)).view(routes, out_f, self.r)  # B̃_t, (T, out, r)
+        lam = self.lam.to(dtype)
         if self.lambda_type == "full":
-            return torch.matmul(b_mix, self.lam) * self.scaling  # (T, out, r) @ (T, r, r)
-        return b_mix * self.lam[:, None, :] * self.scaling
+            up_t = torch.bmm(lam.transpose(1, 2), b_mix.transpose(1, 2))  # Λ_tᵀ B̃_tᵀ, (T, r, out)
+        else:
+            up_t = lam.unsqueeze(-1) * b_mix.transpose(1, 2)  # diag(λ_t) B̃_tᵀ, (T, r, out)
+        return up_t.reshape(routes * self.r, out_f)
 
-    def down_factors(self) -> torch.Tensor:
-        """A for every route, (routes, r, in): shared A is broadcast, never copied."""
-        a = self.A.view(-1, self.r, self.A.shape[-1])
+    def up_factors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """U_t = s · B̃_t · Λ_t for every route, (routes, out, r), in ``dtype`` (default: the parameters')."""
+        up_t = self._stacked_up_t(dtype)
+        return (up_t * self.scaling).view(self.num_routes, self.r, -1).transpose(1, 2)
+
+    def down_factors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A for every route, (routes, r, in): a shared A is broadcast, never copied."""
+        a = self.A.view(-1, self.r, self.A.shape[-1]).to(dtype or self.A.dtype)
         return a.expand(self.num_routes, -1, -1)
 
-    def delta_weight(self, task: int | None = None) -> torch.Tensor:
-        """ΔW_t = U_t A (out × in) for one task; for shared LoRA ``task`` may be None."""
-        route = 0 if self.method == "lora" else self._check_task(task)
-        return self.up_factors()[route] @ self.down_factors()[route]
+    def delta_weight(self, task: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW_t = U_t A_t, (out, in), for one task; for shared LoRA ``task`` may be None."""
+        route = self._route(task)
+        return self.up_factors(dtype)[route] @ self.down_factors(dtype)[route]
 
-    def lora_pair(self, task: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_t (r, in), U_t (out, r)): an ordinary LoRA pair with scaling 1 for one task."""
-        route = 0 if self.method == "lora" else self._check_task(task)
-        return self.down_factors()[route].detach().clone(), self.up_factors()[route].detach().clone()
+    def lora_pair(self, task: int | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_t (r, in), U_t (out, r)): an ordinary LoRA pair with scaling 1 for one task (detached copies)."""
+        route = self._route(task)
+        with torch.no_grad():
+            return self.down_factors(dtype)[route].clone(), self.up_factors(dtype)[route].contiguous()
 
-    def _check_task(self, task: int | None) -> int:
+    def _route(self, task: int | None) -> int:
+        if self.method == "lora" and task is None:
+            return 0
         if task is None or not 0 <= task < self.num_tasks:
-            raise ValueError(f"task must be in [0, {self.num_tasks}), got {task}")
-        return task
+            raise UnknownScenario(f"task must be in [0, {self.num_tasks}), got {task}")
+        return 0 if self.method == "lora" else task
 
     # --- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
+        out = self.base_layer(x)  # (..., out): W x + b, exactly the frozen layer
         h = F.linear(self.dropout(x), self.A)  # (..., a_groups·r)
-        up = self.up_factors()  # (routes, out, r)
-        if self.method == "lora":
-            hm = h
+        if self.method == "mtl_lora":
+            # Place h in its task's r-slot: (b, ..., 1, r) * (b, ..., T, 1) -> (b, ..., T·r).
+            hm = (h.unsqueeze(-2) * self._row_mask(x)).flatten(-2)
+        elif self.method == "per_task_lora":
+            # h already holds every task's r columns; keep only the row's own task.
+            hm = (h.unflatten(-1, (self.num_tasks, self.r)) * self._row_mask(x)).flatten(-2)
         else:
-            onehot = self._row_onehot(x)  # (batch, T), dtype of h
-            if self.method == "mtl_lora":
-                # Place h in its task's slot: (b, ..., T, r) -> (b, ..., T·r).
-                hm = h.unsqueeze(-2) * onehot.view(onehot.shape[0], *([1] * (h.dim() - 2)), -1, 1)
-            else:  # per_task_lora: h already holds every task's r columns; zero the other tasks'.
-                hm = h.unflatten(-1, (self.num_tasks, self.r)) * onehot.view(
-                    onehot.shape[0], *([1] * (h.dim() - 2)), -1, 1
-                )
-            hm = hm.flatten(-2)
-        u = up.transpose(1, 2).reshape(-1, up.shape[1])  # (routes·r, out)
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), hm.reshape(-1, hm.shape[-1]).to(u.dtype), u)
-        return out.view_as(base)
+            hm = h
+        up_t = self._stacked_up_t().to(out.dtype)  # (routes·r, out); built in the parameters' dtype
+        flat = out.view(-1, out.shape[-1])  # a view: the in-place add lands in ``out``
+        flat.addmm_(hm.reshape(-1, hm.shape[-1]).to(out.dtype), up_t, alpha=self.scaling)
+        return out
 
-    def _row_onehot(self, x: torch.Tensor) -> torch.Tensor:
+    def _row_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, ..., 1, T, 1) in x's dtype: 1 in each row's task slot, 0 elsewhere."""
         ids = self.router.task_ids
         if ids is None:
             raise ValueError(f"{self.method}: no task ids were set for this batch (set router.task_ids)")
         if ids.shape[0] != x.shape[0]:
-            raise ValueError(f"task ids cover {ids.shape[0]} rows but the input batch has {x.shape[0]}")
-        return F.one_hot(ids.to(x.device), self.num_tasks).to(x.dtype)
+            raise ValueError(f"{self.method}: task ids cover {ids.shape[0]} rows but the input batch has {x.shape[0]}")
+        ids = ids.to(x.device)
+        mask = ids.unsqueeze(-1) == torch.arange(self.num_tasks, device=x.device)  # (batch, T) bool
+        return mask.to(x.dtype).view(ids.shape[0], *([1] * (x.dim() - 2)), self.num_tasks, 1)
 
     def extra_repr(self) -> str:
         return (
@@ -215,7 +263,10 @@ class MTLLoRALinear(nn.Module):
 def expected_trainable_params(
     in_f: int, out_f: int, r: int, num_tasks: int, n_up: int, method: Method, lambda_type: str = "full"
 ) -> int:
-    """The spec's count for one adapted layer (and the baselines' analogues)."""
+    """The spec's count for one adapted layer: r·in + T·r·r (T·r diagonal) + n·out·r + T·n.
+
+    Baselines: lora r·in + out·r; per_task_lora T·(r·in + out·r).
+    """
     if method == "lora":
         return r * in_f + out_f * r
     if method == "per_task_lora":

@@ -1,0 +1,376 @@
+"""Properties of the MTL-LoRA layer and of models built with it, on a tiny BERT and a tiny LLaMA.
+
+B = 0 gives the base output; the fused forward equals the spec's per-row formula; a mixed-scenario
+batch equals each scenario alone; gradients reach only A, Λ, B, w and the head; diagonal and full Λ;
+bf16; parameter count; no added bias; task ids under non-reentrant checkpointing; ZeRO-3 ownership.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import config_from_dict
+from pipeline.errors import UnknownScenario
+from training.inject import adapter_layers, adapter_param_count
+from training.model import build_model, is_adapter_param
+from training.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
+
+T = 3
+ARCHS = {
+    "bert": {
+        "random_config": {
+            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "vocab_size": 1000, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        "pooling": "mean",
+        "targets": ["query", "key", "value", "attention.output.dense"],
+    },
+    "llama": {
+        "random_config": {
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+        },
+        "pooling": "last",
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+}
+METHODS = ["mtl_lora", "lora", "per_task_lora"]
+
+
+def make_model(arch: str, method: str = "mtl_lora", lambda_type: str = "full", dtype=torch.float32,
+               dropout: float = 0.0, num_tasks: int = T):
+    a = ARCHS[arch]
+    cfg = config_from_dict({
+        "model": {"init": "random", "pooling": a["pooling"], "random_config": a["random_config"]},
+        "adapter": {"method": method, "lambda_type": lambda_type, "targets": a["targets"], "r": 4,
+                    "n_up": 3, "dropout": dropout},
+    })
+    return build_model(cfg, num_tasks, dtype=dtype)
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, zero_b: bool = False) -> None:
+    """Move every adapter parameter off its init, so each task's update is distinct and non-zero.
+
+    A keeps its (random) init; B gets N(0, 0.2²), Λ and w a random perturbation: updates of a size a
+    trained adapter has, so the tiny models stay well conditioned (bf16 comparisons stay meaningful).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for name, p in layer.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g).to(p.dtype)
+                if name == "B" and not zero_b:
+                    p.copy_(0.2 * noise)
+                elif name in ("lam", "w"):
+                    p.add_(0.5 * noise)
+
+
+def make_batch(model, batch: int = 6, length: int = 7, seed: int = 0):
+    """Right-padded token ids (pad = the model's pad id), mask and per-row task ids cycling 0..T-1."""
+    g = torch.Generator().manual_seed(seed)
+    pad = model.backbone.config.pad_token_id
+    ids = torch.randint(3, 1000, (batch, length), generator=g)
+    lengths = torch.randint(2, length + 1, (batch,), generator=g)
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    tasks = torch.arange(batch) % T
+    return ids, mask, tasks
+
+
+def strip_adapters(model):
+    """The same model with every adapted layer replaced by its frozen base layer."""
+    base = copy.deepcopy(model)
+    for name, layer in adapter_layers(base).items():
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, layer.base_layer)
+    return base
+
+
+# --- the layer alone --------------------------------------------------------------------------------
+
+
+def spec_forward(layer: MTLLoRALinear, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """y = W x + b + s·B̃_t·Λ_t·A·x written row by row in float64, straight from the spec."""
+    W = layer.base_layer.weight.double()
+    b = layer.base_layer.bias
+    rows = []
+    for row, t in zip(x.double(), ids.tolist()):
+        y = row @ W.T + (b.double() if b is not None else 0)
+        r = layer.r
+        if layer.method == "mtl_lora":
+            p = torch.softmax(layer.w[t].double() / layer.tau, dim=-1)
+            b_mix = sum(p[i] * layer.B[i].double() for i in range(layer.n_up))
+            lam = layer.lam[t].double()
+            lam = lam if layer.lambda_type == "full" else torch.diag(lam)
+            delta = layer.scaling * b_mix @ lam @ layer.A.double()
+        elif layer.method == "lora":
+            delta = layer.scaling * layer.B[0].double() @ layer.A.double()
+        else:
+            delta = layer.scaling * layer.B[t].double() @ layer.A[t * r:(t + 1) * r].double()
+        rows.append(y + row @ delta.T)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 4), (5,)])
+def test_fused_forward_equals_spec_formula(method, lambda_type, bias, shape):
+    torch.manual_seed(0)
+    router = TaskRouter(4)
+    layer = MTLLoRALinear(nn.Linear(12, 10, bias=bias), 4, router, method, r=3, alpha=6.0, n_up=2,
+                          tau=0.5, dropout=0.0, lambda_type=lambda_type)
+    randomize_adapters(nn.ModuleDict({"l": layer}))
+    x = torch.randn(*shape, 12)
+    router.task_ids = torch.tensor([2, 0, 3, 1, 2])
+    y = layer(x)
+    assert y.shape == (*shape, 10)
+    flat = x.reshape(5, -1, 12)
+    expected = torch.stack([spec_forward(layer, flat[:, j], router.task_ids) for j in range(flat.shape[1])], 1)
+    torch.testing.assert_close(y.reshape(5, -1, 10).double(), expected, atol=1e-5, rtol=1e-5)
+    # delta_weight / lora_pair describe the same update.
+    for t in range(4):
+        a, up = layer.lora_pair(t)
+        torch.testing.assert_close(up @ a, layer.delta_weight(t), atol=1e-6, rtol=1e-6)
+
+
+def test_initialisation_follows_the_spec():
+    torch.manual_seed(0)
+    in_f, out_f, r, n = 256, 48, 8, 3
+    layer = MTLLoRALinear(nn.Linear(in_f, out_f), 5, TaskRouter(5), r=r, n_up=n)
+    bound = 1 / math.sqrt(in_f)
+    assert layer.A.abs().max() <= bound and layer.A.abs().max() > 0.9 * bound  # U(±1/√in)
+    assert torch.equal(layer.lam, torch.eye(r).expand(5, r, r))
+    assert torch.count_nonzero(layer.B) == 0 and layer.B.shape == (n, out_f, r)
+    assert layer.w.shape == (5, n) and layer.w.abs().max() <= 1 / math.sqrt(n)
+    assert layer.w.std() > 0.1  # random on purpose, not uniform
+    diag = MTLLoRALinear(nn.Linear(in_f, out_f), 5, TaskRouter(5), r=r, lambda_type="diagonal")
+    assert torch.equal(diag.lam, torch.ones(5, r))
+
+
+def test_random_mixing_logits_separate_the_up_projections():
+    """With B = 0 the first gradients of B_i differ iff the mixing logits w differ across i."""
+    torch.manual_seed(0)
+    router = TaskRouter(4)
+    layer = MTLLoRALinear(nn.Linear(16, 8), 4, router, n_up=3, dropout=0.0)
+    router.task_ids = torch.tensor([0, 1, 2, 3, 0, 1])
+    layer(torch.randn(6, 16)).pow(2).sum().backward()
+    g = layer.B.grad
+    assert not torch.allclose(g[0], g[1]) and not torch.allclose(g[1], g[2])
+    # The flaw the random init avoids: uniform logits give identical gradients to every B_i.
+    layer.B.grad = None
+    with torch.no_grad():
+        layer.w.zero_()
+    layer(torch.randn(6, 16)).pow(2).sum().backward()
+    assert torch.allclose(layer.B.grad[0], layer.B.grad[1]) and torch.allclose(layer.B.grad[1], layer.B.grad[2])
+
+
+def test_diagonal_lambda_equals_full_lambda_with_that_diagonal():
+    torch.manual_seed(0)
+    router = TaskRouter(3)
+    base = nn.Linear(12, 9)
+    diag = MTLLoRALinear(base, 3, router, r=4, dropout=0.0, lambda_type="diagonal")
+    randomize_adapters(nn.ModuleDict({"d": diag}))
+    full = MTLLoRALinear(base, 3, router, r=4, dropout=0.0, lambda_type="full")
+    with torch.no_grad():
+        for name in ("A", "B", "w"):
+            getattr(full, name).copy_(getattr(diag, name))
+        full.lam.copy_(torch.diag_embed(diag.lam))
+    router.task_ids = torch.tensor([0, 1, 2, 2])
+    x = torch.randn(4, 5, 12)
+    torch.testing.assert_close(diag(x), full(x), atol=1e-6, rtol=1e-6)
+
+
+def test_softmax_runs_in_fp32_for_bf16_parameters():
+    layer = MTLLoRALinear(nn.Linear(16, 8).to(torch.bfloat16), 4, TaskRouter(4), tau=0.1)
+    p = layer.mixing_weights()
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, torch.softmax(layer.w.float() / 0.1, -1))
+
+
+def test_bad_task_ids_raise_clear_errors():
+    router = TaskRouter(3)
+    layer = MTLLoRALinear(nn.Linear(8, 8), 3, router)
+    with pytest.raises(ValueError, match="no task ids"):
+        layer(torch.randn(2, 8))
+    router.task_ids = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="3 rows but the input batch has 2"):
+        layer(torch.randn(2, 8))
+    with pytest.raises(UnknownScenario, match="task id 3 at row 1"):
+        router.task_ids = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="1-D integer"):
+        router.task_ids = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="unknown adapter method"):
+        MTLLoRALinear(nn.Linear(8, 8), 3, router, method="dora")
+    with pytest.raises(UnknownScenario):
+        layer.delta_weight(3)
+
+
+# --- whole models: tiny BERT and tiny LLaMA -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_up_projections_give_the_base_output(arch, method):
+    model = make_model(arch, method, dropout=0.5)
+    randomize_adapters(model, zero_b=True)  # A, Λ, w random: only B = 0 must matter
+    base = strip_adapters(model)
+    ids, mask, tasks = make_batch(model)
+    model.train()  # adapter dropout active: the base path must stay untouched
+    base.train()
+    torch.testing.assert_close(model(ids, mask, tasks), base(ids, mask, tasks), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
+def test_mixed_batch_equals_each_scenario_alone(arch, method, lambda_type):
+    model = make_model(arch, method, lambda_type).eval()
+    randomize_adapters(model)
+    ids, mask, tasks = make_batch(model)
+    with torch.no_grad():
+        mixed = model(ids, mask, tasks)
+        for t in range(T):
+            rows = tasks == t
+            alone = model(ids[rows], mask[rows], tasks[rows])
+            torch.testing.assert_close(mixed[rows], alone, atol=1e-5, rtol=1e-5)
+        # Routing matters (except for shared LoRA, which ignores task ids).
+        other = model(ids, mask, (tasks + 1) % T)
+    assert torch.equal(other, mixed) == (method == "lora")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
+def test_gradients_reach_only_adapters_and_head(arch, lambda_type):
+    model = make_model(arch, "mtl_lora", lambda_type)
+    randomize_adapters(model)
+    ids, mask, tasks = make_batch(model)
+    model(ids, mask, tasks).pow(2).sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if is_adapter_param(name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif name in trainable:  # the head
+            assert "head." in name or "score." in name or "classifier." in name or "pooler." in name, name
+        else:
+            assert p.grad is None, name
+    suffixes = {n.rsplit(".", 1)[1] for n in trainable if is_adapter_param(n)}
+    assert suffixes == {"A", "B", "lam", "w"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_model_trains_and_tracks_fp32(arch):
+    ref = make_model(arch).eval()
+    randomize_adapters(ref)
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    ids, mask, tasks = make_batch(ref)
+    out = low(ids, mask, tasks)
+    out.float().pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in low.parameters() if p.grad is not None)
+    scale = ref(ids, mask, tasks).abs().max().item() + 1
+    torch.testing.assert_close(out.float(), ref(ids, mask, tasks), atol=0.05 * scale, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 parameters under autocast
+        auto = ref(ids, mask, tasks)
+    torch.testing.assert_close(auto.float(), ref(ids, mask, tasks), atol=0.05 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
+def test_trainable_parameter_count_matches_the_formula(arch, method, lambda_type):
+    model = make_model(arch, method, lambda_type)
+    actual, expected = adapter_param_count(model)
+    assert actual == expected
+    r, n = 4, (3 if method == "mtl_lora" else 1)
+    by_hand = 0
+    for layer in adapter_layers(model).values():
+        i, o = layer.base_layer.in_features, layer.base_layer.out_features
+        lam = T * r * r if lambda_type == "full" else T * r
+        by_hand += {"mtl_lora": r * i + lam + n * o * r + T * n, "lora": r * (i + o),
+                    "per_task_lora": T * r * (i + o)}[method]
+    assert actual == by_hand
+    adapter_total = sum(p.numel() for name, p in model.named_parameters() if is_adapter_param(name))
+    assert adapter_total == actual
+
+
+def test_spec_example_count_llama2_7b():
+    per_layer = expected_trainable_params(4096, 4096, r=8, num_tasks=8, n_up=3, method="mtl_lora")
+    assert 32 * 4 * per_layer == 16_845_824
+
+
+def test_no_bias_is_added_or_reinitialised():
+    llama = make_model("llama")
+    for name, layer in adapter_layers(llama).items():
+        assert layer.base_layer.bias is None, name
+        assert not any(n.endswith("bias") for n, _ in layer.named_parameters()), name
+    bert = make_model("bert")
+    torch.manual_seed(0)
+    from transformers import AutoConfig, AutoModel
+
+    cfg = dict(ARCHS["bert"]["random_config"])
+    plain = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    plain_state = plain.state_dict()
+    for name, layer in adapter_layers(bert.backbone).items():
+        assert torch.equal(layer.base_layer.bias, plain_state[f"{name}.bias"]), name
+        assert torch.equal(layer.base_layer.weight, plain_state[f"{name}.weight"]), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_task_ids_survive_non_reentrant_checkpointing(arch):
+    ref = make_model(arch).train()
+    randomize_adapters(ref)
+    ids, mask, tasks = make_batch(ref)
+    ref(ids, mask, tasks).pow(2).sum().backward()
+    expected = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+
+    def checkpointed_grads(context: bool):
+        model = copy.deepcopy(ref)
+        model.zero_grad(set_to_none=True)
+        kwargs = {"use_reentrant": False}
+        if context:
+            kwargs["context_fn"] = model.router.checkpoint_context
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        loss = model(ids, mask, tasks).pow(2).sum()
+        model.router.task_ids = (tasks + 1) % T  # an interleaved forward set other ids before backward
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    got = checkpointed_grads(context=True)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    # Without the context the recomputation uses the wrong ids: the check above is not vacuous.
+    wrong = checkpointed_grads(context=False)
+    assert any(not torch.allclose(wrong[n], expected[n], atol=1e-6) for n in expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_layer_owns_its_parameters(method):
+    """ZeRO-3 gathers a module's own parameters around its forward: nothing may be shared."""
+    model = make_model("llama", method)
+    owner: dict[int, str] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            assert id(p) not in owner, f"{mod_name}.{p_name} is also {owner[id(p)]}"
+            owner[id(p)] = f"{mod_name}.{p_name}"
+    for name, layer in adapter_layers(model).items():
+        direct = {n for n, _ in layer.named_parameters(recurse=False)}
+        assert direct == ({"A", "B", "lam", "w"} if method == "mtl_lora" else {"A", "B"}), name
+
+
+def test_per_task_lora_tasks_are_independent():
+    model = make_model("bert", "per_task_lora")
+    randomize_adapters(model)
+    ids, mask, _ = make_batch(model)
+    model(ids, mask, torch.ones(ids.shape[0], dtype=torch.long)).sum().backward()
+    for layer in adapter_layers(model).values():
+        r = layer.r
+        a_grad = layer.A.grad.view(T, r, -1).abs().sum((1, 2))
+        b_grad = layer.B.grad.abs().sum((1, 2))
+        assert a_grad[1] > 0 and b_grad[1] > 0
+        assert a_grad[0] == 0 and a_grad[2] == 0 and b_grad[0] == 0 and b_grad[2] == 0
