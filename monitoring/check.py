@@ -6,7 +6,8 @@
 
 Input: the Parquet file or directory (hive partitions allowed) written by batch scoring, with columns
 ``scenario`` (string), ``score`` (probability), optionally ``label`` (0/1, nulls allowed: those rows only
-count for drift), ``query``, ``title`` (their lengths in characters are profiled) and ``fallback``.
+count for drift) and ``query``, ``title`` (their lengths in characters are profiled; ``query_len`` and
+``title_len`` columns are used instead when present).
 ``--quarantine``: the rows rejected before scoring; quarantine rate = quarantined / (quarantined + scored).
 
 Output: ``out/report.html`` (+ ``out/plots/*.png``) and ``out/summary.json``; both are logged to the MLflow run
@@ -69,7 +70,9 @@ def read_scored(path: str | Path) -> dict[str, np.ndarray | None]:
     if "label" in names:
         proj["label"] = pc.field("label").cast(pa.float64())
     for col in ("query", "title"):
-        if col in names:
+        if f"{col}_len" in names:  # lengths already computed by the scorer
+            proj[f"{col}_len"] = pc.field(f"{col}_len").cast(pa.int64())
+        elif col in names:
             proj[f"{col}_len"] = pc.utf8_length(pc.field(col).cast(pa.string()))
     parts = []
     for frag in dset.get_fragments():

@@ -20,12 +20,18 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_pro
 CATEGORIES = ("cameras", "computers", "shoes", "watches")
 
 
-def jaccard_scores(left: list[str], right: list[str]) -> np.ndarray:
-    """A real (weak) relevance model: token Jaccard similarity of the two offer texts, in [0, 1]."""
+def overlap_scores(left: list[str], right: list[str]) -> np.ndarray:
+    """A real, weak relevance model in [0, 1]: the mean of two Jaccard overlaps of the offer texts, over
+    alphanumeric tokens and over model-code tokens (those holding a digit, e.g. "a2300")."""
+    def jaccard(a: set, b: set) -> float:
+        return len(a & b) / max(len(a | b), 1)
+
     out = np.empty(len(left))
     for i, (a, b) in enumerate(zip(left, right)):
-        sa, sb = set(a.lower().split()), set(b.lower().split())
-        out[i] = len(sa & sb) / max(len(sa | sb), 1)
+        ta, tb = set(re.findall(r"[a-z0-9]+", a.lower())), set(re.findall(r"[a-z0-9]+", b.lower()))
+        codes_a = {t for t in ta if any(c.isdigit() for c in t)}
+        codes_b = {t for t in tb if any(c.isdigit() for c in t)}
+        out[i] = 0.5 * jaccard(ta, tb) + 0.5 * jaccard(codes_a, codes_b)
     return out
 
 
@@ -35,7 +41,7 @@ def scored_split(split: str) -> pa.Table:
     for cat in CATEGORIES:
         t = pq.read_table(DATA / cat / f"{split}.parquet")
         parts.append(pa.table({
-            "scenario": t["category"], "score": pa.array(jaccard_scores(t["left"].to_pylist(), t["right"].to_pylist()),
+            "scenario": t["category"], "score": pa.array(overlap_scores(t["left"].to_pylist(), t["right"].to_pylist()),
                                                          pa.float32()),
             "label": t["label"], "query": t["left"], "title": t["right"],
             "model_version": pa.array(["1"] * len(t)), "fallback": pa.array([False] * len(t)),

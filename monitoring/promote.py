@@ -1,0 +1,217 @@
+"""Promotion gate of the MLflow model registry: a candidate replaces ``champion`` only if it is no worse.
+
+    python -m monitoring.promote --name ads-relevance --candidate 7 --eval data/pinned_eval.parquet
+    python -m monitoring.promote --name ads-relevance --candidate challenger --eval ... --tracking-uri URI
+    python -m monitoring.promote --name ads-relevance --rollback
+
+The candidate (a version number or an alias) and the current ``champion`` are scored on the same pinned,
+labelled evaluation set. Per scenario the AUC change gets a paired bootstrap CI (both models see the same
+resamples, see ``monitoring.metrics``). The gate passes when:
+  * no scenario's AUC falls by more than ``monitoring.auc_tolerance`` *and* significantly (the upper end of
+    the 95% CI of the change is below zero): a drop inside the noise is not a regression;
+  * the macro AUC over the scenarios both models score does not fall;
+  * no scenario's metric is missing for the candidate (no rows scored, non-finite scores, a single class);
+  * with no champion yet: every scenario's AUC is at least ``monitoring.min_auc``.
+Pass: ``previous`` -> the old champion, ``champion`` -> the candidate. Fail: no alias moves. Either way the
+candidate is tagged with the decision (who, when, metrics, reasons; see ``monitoring.registry``).
+``--rollback`` points ``champion`` back at ``previous`` and clears ``previous``. Aliases only: no stages.
+
+Exit codes: 0 promoted / rolled back; 2 bad input (unknown model, version, alias, unreadable eval set);
+3 the gate failed (nothing moved; the reasons are printed and tagged).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from monitoring import registry
+from monitoring.metrics import scenario_metrics, summarize
+from pipeline.config import Config, add_config_args, load_config
+from pipeline.errors import DataError, RelevanceError
+
+EXIT_OK, EXIT_INPUT, EXIT_REJECTED = 0, 2, 3
+ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
+
+
+def default_score_fn(model_uri: str, eval_path: str) -> pa.Table:
+    """Score the evaluation Parquet with the batch scorer (imported here: serving is optional to import)."""
+    from pathlib import Path
+
+    import pyarrow.dataset as ds
+
+    from serving.score import score_table
+
+    if not Path(eval_path).exists():
+        raise DataError(f"{eval_path}: evaluation set does not exist")
+    return score_table(model_uri, ds.dataset(eval_path, format="parquet").to_table())
+
+
+def as_arrays(result, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scenarios str, labels int8, scores float64) from a table with scenario/label/score or a 3-tuple."""
+    if isinstance(result, pa.Table):
+        missing = {"scenario", "label", "score"} - set(result.column_names)
+        if missing:
+            raise DataError(f"scores of {who}: columns {sorted(missing)} missing (has {result.column_names})")
+        if result["label"].null_count:
+            raise DataError(f"scores of {who}: column label has {result['label'].null_count} nulls; "
+                            "the evaluation set must be fully labelled")
+        result = (result["scenario"].to_numpy(zero_copy_only=False), result["label"].to_numpy(),
+                  result["score"].to_numpy(zero_copy_only=False))
+    s, y, p = (np.asarray(a) for a in result)
+    if not len(s) == len(y) == len(p):
+        raise DataError(f"scores of {who}: lengths differ (scenarios {len(s)}, labels {len(y)}, scores {len(p)})")
+    return s.astype(str), y.astype(np.int8), np.asarray(p, dtype=np.float64)
+
+
+def evaluate(scenarios, labels, scores, cfg: Config) -> tuple[dict, dict]:
+    """Per-scenario metrics (+ ``auc_samples``, the bootstrap draws) and the reasons some are missing.
+
+    Scenarios with non-finite or out-of-range scores get no metrics; that is a reason, not an exception.
+    """
+    mon = cfg.monitoring
+    bad = ~np.isfinite(scores) | (scores < 0) | (scores > 1)
+    invalid = {}
+    for name in sorted(set(scenarios[bad].tolist())):
+        m = scenarios == name
+        invalid[name] = f"{int(bad[m].sum())} of {int(m.sum())} scores are not probabilities in [0, 1]"
+    keep = ~np.isin(scenarios, list(invalid))
+    per = scenario_metrics(scenarios[keep], labels[keep], scores[keep], bootstrap_rounds=mon.bootstrap_rounds,
+                           seed=mon.seed, bins=mon.calibration_bins, keep_samples=True)
+    for name, m in per.items():
+        if m["auc"] is None:
+            invalid[name] = m["reason"]
+    return per, invalid
+
+
+def gate(cand: dict, cand_invalid: dict, champ: dict | None, cfg: Config) -> tuple[list[str], dict]:
+    """Reasons to reject (empty: pass) and the comparison record. ``champ`` None: first champion."""
+    mon = cfg.monitoring
+    reasons, delta = [], {}
+    names = sorted(set(cand) | set(cand_invalid) | set(champ or {}))
+    for name in names:
+        c = cand.get(name)
+        if name in cand_invalid or c is None:
+            why = cand_invalid.get(name, "no rows scored")
+            reasons.append(f"scenario {name!r}: candidate AUC missing ({why})")
+            continue
+        if champ is None:
+            if c["auc"] < mon.min_auc:
+                reasons.append(f"scenario {name!r}: AUC {c['auc']:.4f} < monitoring.min_auc {mon.min_auc} "
+                               "(no champion yet)")
+            continue
+        h = champ.get(name)
+        if h is None or h["auc"] is None:
+            continue  # nothing to compare against
+        d = c["auc"] - h["auc"]
+        lo = hi = d
+        if len(c["auc_samples"]) and len(c["auc_samples"]) == len(h["auc_samples"]):
+            lo, hi = (float(v) for v in np.percentile(c["auc_samples"] - h["auc_samples"], [2.5, 97.5]))
+        delta[name] = {"delta": d, "ci_low": lo, "ci_high": hi}
+        if d < -mon.auc_tolerance and hi < 0:
+            reasons.append(f"scenario {name!r}: AUC fell {-d:.4f} ({h['auc']:.4f} -> {c['auc']:.4f}; 95% CI of the "
+                           f"change [{lo:.4f}, {hi:.4f}]), more than monitoring.auc_tolerance {mon.auc_tolerance}")
+    macro = {"candidate": None, "champion": None}
+    if champ is not None and delta:
+        common = sorted(delta)
+        macro = {"candidate": float(np.mean([cand[n]["auc"] for n in common])),
+                 "champion": float(np.mean([champ[n]["auc"] for n in common]))}
+        if macro["candidate"] < macro["champion"] - 1e-12:
+            reasons.append(f"macro AUC fell: {macro['champion']:.4f} -> {macro['candidate']:.4f} "
+                           f"over scenarios {common}")
+    return reasons, {"delta": delta, "auc_macro": macro}
+
+
+def _compact(per: dict | None) -> dict | None:
+    if per is None:
+        return None
+    keys = ("n", "positives", "auc", "auc_ci_low", "auc_ci_high", "pr_auc", "log_loss", "ece")
+    return {name: {k: m[k] for k in keys} for name, m in per.items()}
+
+
+def promote(name: str, candidate: str, eval_path: str, cfg: Config, tracking_uri: str,
+            score_fn: ScoreFn | None = None) -> dict:
+    """Run the gate; move the aliases on a pass; tag the candidate either way. See the module docstring."""
+    score_fn = score_fn or default_score_fn
+    client = registry.registry_client(tracking_uri)
+    cand_version = str(registry.resolve_version(client, name, candidate).version)
+    champ_mv = registry.alias_version(client, name, registry.CHAMPION)
+    champ_version = str(champ_mv.version) if champ_mv else None
+    cand_per, cand_invalid = evaluate(*as_arrays(score_fn(registry.model_uri(name, cand_version), eval_path),
+                                                 f"version {cand_version}"), cfg)
+    champ_per = None
+    if champ_version == cand_version:
+        reasons, comparison = [f"version {cand_version} is already the champion"], {}
+    else:
+        if champ_version is not None:
+            champ_per, _ = evaluate(*as_arrays(score_fn(registry.model_uri(name, champ_version), eval_path),
+                                               f"version {champ_version}"), cfg)
+        reasons, comparison = gate(cand_per, cand_invalid, champ_per, cfg)
+    passed = not reasons
+    metrics = {"candidate": _compact(cand_per), "champion": _compact(champ_per), **comparison,
+               "candidate_summary": summarize(cand_per)}
+    if passed:
+        if champ_version is not None:  # previous first: a failure in between leaves champion untouched
+            registry.set_alias(client, name, registry.PREVIOUS, champ_version)
+            registry.record_decision(client, name, champ_version, "demotion",
+                                     {"decision": "previous", "replaced_by": cand_version})
+        registry.set_alias(client, name, registry.CHAMPION, cand_version)
+    registry.record_decision(client, name, cand_version, "promotion", {
+        "decision": "promoted" if passed else "rejected", "reasons": reasons, "metrics": metrics,
+        "champion_version": champ_version or "", "eval_path": str(eval_path)})
+    return {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
+            "champion_version": champ_version, "metrics": metrics}
+
+
+def rollback(name: str, tracking_uri: str) -> dict:
+    """``champion`` -> the version under ``previous``; ``previous`` is cleared. Both versions are tagged."""
+    client = registry.registry_client(tracking_uri)
+    prev = registry.alias_version(client, name, registry.PREVIOUS)
+    if prev is None:
+        raise RelevanceError(f"registered model {name!r}: no {registry.PREVIOUS!r} alias to roll back to")
+    cur = registry.alias_version(client, name, registry.CHAMPION)
+    registry.set_alias(client, name, registry.CHAMPION, prev.version)
+    registry.delete_alias(client, name, registry.PREVIOUS)
+    restored, rolled_back = str(prev.version), (str(cur.version) if cur else None)
+    if rolled_back is not None:
+        registry.record_decision(client, name, rolled_back, "rollback",
+                                 {"decision": "removed from champion", "restored": restored})
+    registry.record_decision(client, name, restored, "rollback",
+                             {"decision": "restored as champion", "replaced": rolled_back or ""})
+    return {"champion_version": restored, "rolled_back_version": rolled_back}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m monitoring.promote", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--candidate", help="version number or alias of the candidate")
+    p.add_argument("--eval", dest="eval_path", help="pinned, labelled evaluation Parquet (default data.score_input)")
+    p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the config's)")
+    add_config_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        uri = args.tracking_uri or cfg.tracking_uri
+        if args.rollback:
+            print(json.dumps(rollback(args.name, uri), indent=1))
+            return EXIT_OK
+        eval_path = args.eval_path or cfg.data.score_input
+        if not args.candidate or not eval_path:
+            p.error("--candidate and --eval (or data.score_input) are required unless --rollback")
+        result = promote(args.name, args.candidate, eval_path, cfg, uri)
+    except RelevanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    print(json.dumps({k: result[k] for k in ("passed", "reasons", "candidate_version", "champion_version")},
+                     indent=1))
+    return EXIT_OK if result["passed"] else EXIT_REJECTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
