@@ -69,6 +69,10 @@ class DataConfig:
     max_chars: int = 1000
     overlong: Literal["truncate", "reject"] = "truncate"
     max_reject_rate: float = 0.05
+    # Pushed-down row filter: column or hive-partition key -> allowed values ({"market": ["us", "uk"]});
+    # partitions and row groups that cannot match are never read. Partition values are strings.
+    filters: dict[str, list] = field(default_factory=dict)
+    batch_rows: int = 65536  # rows per record batch while streaming
     split: SplitConfig = field(default_factory=SplitConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -1,0 +1,243 @@
+"""Ingest: read a user's Parquet through the column mapping, validate, dedupe, split, write.
+
+    python -m pipeline.ingest --config configs/demo.yaml --input data/ads/ --out runs/demo/data
+    python -m pipeline.ingest --input synthetic --out runs/demo/data tracking.enabled=false
+    python -m pipeline.ingest --help
+
+``--input`` is a Parquet file, a directory, or a hive-partitioned dataset (``market=us/...``); "synthetic"
+generates the demo data (``data.synthetic``) first. Written into ``--out``, each file whole or not at all
+(built in a staging folder, then renamed; ``stats.json`` last):
+
+    train.parquet valid.parquet test.parquet   accepted canonical rows, split by a hash of data.split.key
+    quarantine.parquet                          rejected rows, raw values as strings, with a reason code
+    task_map.json                               scenario -> task id (data.scenarios, or sorted accepted scenarios)
+    stats.json                                  per scenario: rows, positive rate, text-length quantiles, rejects
+
+Two streaming passes keep memory flat as the input grows: (1) record batches are validated, bad rows go
+to the quarantine, accepted rows are spilled into buckets by query hash; (2) each bucket is deduplicated,
+split and written. The run fails (writing nothing) when the reject rate exceeds data.max_reject_rate.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from features.task_map import TaskMap
+from pipeline.atomic import publish, staging_dir, write_json_atomic
+from pipeline.config import Config, add_config_args, load_config
+from pipeline.dedupe import Spill, bucket_count, find_duplicates
+from pipeline.errors import ConfigError, DataError, RejectRateExceeded, RelevanceError
+from pipeline.reader import ParquetSource, build_filter
+from pipeline.split import SPLITS, assign_splits, stable_hash
+from pipeline.stats import IngestStats
+from pipeline.validate import REASON_NAMES, ColumnMapping, accepted_schema, empty_batch, quarantine_schema
+
+OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", "task_map.json", "stats.json"]
+
+
+@dataclass
+class IngestReport:
+    rows_in: int
+    rows_accepted: int
+    rows_quarantined: int
+    by_reason: dict[str, int]
+    by_scenario: dict[str, dict]  # scenario -> rows, positive_rate, splits, quarantined, text_chars, ...
+    out_dir: Path
+    splits: dict[str, int] = field(default_factory=dict)
+    scenarios: list[str] = field(default_factory=list)  # the task map's order
+    stats: dict = field(default_factory=dict)  # the full stats.json
+
+    @property
+    def reject_rate(self) -> float:
+        return self.rows_quarantined / self.rows_in if self.rows_in else 0.0
+
+
+class _Stream:
+    """Pass 1 over a source: open, check every file's columns, then yield validated batches."""
+
+    def __init__(self, cfg: Config, source: str | Path, scenarios: list[str] | None, require_label: bool):
+        self.source = ParquetSource.open(source)
+        self.filter = build_filter(cfg.data.filters)
+        self.parts = self.source.parts(self.filter)
+        self.mapping = ColumnMapping(cfg.data, scenarios, require_label)
+        self.mapping.check_parts(self.parts)
+        self.batch_rows = cfg.data.batch_rows
+        self.accepted_schema = accepted_schema(self.mapping.key_types)
+        self.quarantine_schema = quarantine_schema(self.mapping.keys)
+
+    def __iter__(self) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch, int]]:
+        """(accepted, quarantined, rows read) per record batch."""
+        cols = self.mapping.read_columns()
+        for part in self.parts:
+            for batch, rows in part.batches(cols, self.batch_rows, self.filter):
+                accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
+                yield accepted, quarantined, batch.num_rows
+
+
+def _split_key(cfg: Config, schema: pa.Schema) -> str:
+    key = cfg.data.split.key
+    if key not in schema.names or key in ("source_row", "truncated"):
+        raise ConfigError(f"data.split.key: {key!r} is not a canonical column or pass-through key "
+                          f"(choose from {schema.names[:7] + list(cfg.data.columns.keys)})")
+    return key
+
+
+def _to_quarantine(table: pa.Table, codes: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Accepted-schema rows rejected by dedupe -> quarantine rows (values as strings)."""
+    cols = [pc.cast(table.column(f.name), pa.string()) for f in schema if f.name not in ("reason", "source_file",
+                                                                                       "source_row")]
+    cols += [REASON_NAMES.take(pa.array(codes)), table.column("source_file"), table.column("source_row")]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _check_reject_rate(stats: IngestStats, limit: float, source: str | Path) -> None:
+    n, q = stats.rows_in, sum(stats.by_reason.values())
+    if n and q / n > limit:
+        top = ", ".join(f"{r} {c}" for r, c in stats.by_reason.most_common(5))
+        eg = "; ".join(f"{e['file']} row {e['row']}: {e['reason']}" for e in stats.examples[:3])
+        raise RejectRateExceeded(
+            f"{source}: reject rate {q / n:.2%} ({q} of {n} rows) exceeds data.max_reject_rate={limit:.2%}; "
+            f"top reasons: {top}; e.g. {eg}. Nothing was written."
+        )
+
+
+def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> IngestReport:
+    """Validate, dedupe and split ``source`` into ``out_dir``. Raises DataError / RejectRateExceeded."""
+    out_dir, d = Path(out_dir), cfg.data
+    stream = _Stream(cfg, source, None, require_label=True)
+    split_key = _split_key(cfg, stream.accepted_schema)
+    stats = IngestStats(d.max_chars)
+    with staging_dir(out_dir) as stage, ExitStack() as files:
+        quarantine = files.enter_context(pq.ParquetWriter(stage / "quarantine.parquet", stream.quarantine_schema))
+        spill = Spill(stage / "spill", bucket_count(stream.source.num_rows), stream.accepted_schema)
+        files.callback(spill.close)
+        for accepted, rejected, n in stream:  # pass 1
+            stats.rows_in += n
+            if rejected.num_rows:
+                quarantine.write_batch(rejected)
+                stats.add_quarantined(rejected)
+            if accepted.num_rows:
+                qhash = stable_hash(accepted.column("query"))
+                khash = qhash if split_key == "query" else stable_hash(accepted.column(split_key))
+                spill.write(accepted, qhash, khash)
+        spill.close()
+        if stats.rows_in == 0:
+            raise DataError(f"{source}: no rows to ingest" + (" after data.filters" if d.filters else ""))
+        _check_reject_rate(stats, d.max_reject_rate, source)  # fail before the second pass if already over
+        writers = {s: files.enter_context(pq.ParquetWriter(stage / f"{s}.parquet", stream.accepted_schema))
+                   for s in SPLITS}
+        for table in spill.buckets():  # pass 2
+            codes = find_duplicates(table)
+            keep = codes == 0
+            if not keep.all():
+                dup = _to_quarantine(table.filter(pa.array(~keep)), codes[~keep], stream.quarantine_schema)
+                quarantine.write_table(dup)
+                stats.add_quarantined(dup)
+                table = table.filter(pa.array(keep))
+            split = assign_splits(table.column("_khash").to_numpy(), d.split.valid_fraction, d.split.test_fraction,
+                                  d.split.seed)
+            table = table.drop_columns(["_khash"])
+            stats.add_accepted(table, split)
+            for i, s in enumerate(SPLITS):
+                writers[s].write_table(table.filter(pa.array(split == i)))
+        files.close()  # flush every Parquet footer before publishing
+        _check_reject_rate(stats, d.max_reject_rate, source)
+        result = stats.to_dict()
+        scenarios = list(d.scenarios) or sorted(s for s, v in result["by_scenario"].items() if v["rows"])
+        TaskMap(scenarios).save(stage / "task_map.json")
+        write_json_atomic(stage / "stats.json", result)
+        publish(stage, out_dir, OUTPUT_FILES)
+    if tracker is not None:
+        tracker.log_dict(result, "ingest/stats.json")
+        tracker.log_metrics(stats.metrics())
+    return IngestReport(
+        rows_in=result["rows_in"], rows_accepted=result["rows_accepted"], rows_quarantined=result["rows_quarantined"],
+        by_reason=result["by_reason"], by_scenario=result["by_scenario"], out_dir=out_dir,
+        splits=result["splits"], scenarios=scenarios, stats=result,
+    )
+
+
+def read_validated(
+    cfg: Config, source: str | Path, scenarios: list[str] | None = None, dedupe: bool = False,
+) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+    """Stream (accepted canonical batch, quarantined batch) with ingest's mapping and checks (scoring).
+
+    ``scenarios`` (default ``data.scenarios``): rows of other scenarios are quarantined as
+    unknown_scenario. Without a label column, ``label`` is null. Every input row comes out exactly once,
+    in one of the two. ``dedupe=True`` also applies the cross-file duplicate checks (two passes; accepted
+    rows then come grouped by query-hash bucket rather than in input order).
+    """
+    stream = _Stream(cfg, source, scenarios, require_label=False)
+    if not dedupe:
+        for accepted, quarantined, _ in stream:
+            yield accepted, quarantined
+        return
+    with tempfile.TemporaryDirectory(prefix="read-validated-") as tmp:
+        spill = Spill(Path(tmp), bucket_count(stream.source.num_rows), stream.accepted_schema)
+        try:
+            for accepted, quarantined, _ in stream:
+                if quarantined.num_rows:
+                    yield empty_batch(stream.accepted_schema), quarantined
+                qhash = stable_hash(accepted.column("query"))
+                spill.write(accepted, qhash, qhash)
+        finally:
+            spill.close()
+        for table in spill.buckets():
+            codes = find_duplicates(table)
+            keep = codes == 0
+            table = table.drop_columns(["_khash"])
+            rejected = _to_quarantine(table.filter(pa.array(~keep)), codes[~keep], stream.quarantine_schema)
+            yield _one_batch(table.filter(pa.array(keep))), _one_batch(rejected)
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    table = table.combine_chunks()
+    return table.to_batches()[0] if table.num_rows else empty_batch(table.schema)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.ingest", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    add_config_args(parser)
+    parser.add_argument("--input", help="Parquet file, directory or hive dataset; 'synthetic' (default: data.source)")
+    parser.add_argument("--out", help="output folder (default: <work_dir>/data)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        source = args.input or cfg.data.source
+        out = Path(args.out) if args.out else Path(cfg.work_dir) / "data"
+        if source == "synthetic":
+            from pipeline.synthetic import generate
+
+            source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
+        from training.tracking import open_tracker
+
+        tracker = open_tracker(cfg)
+        tracker.start(run_name="ingest")
+        try:
+            report = run_ingest(cfg, source, out, tracker=tracker)
+        except BaseException:
+            tracker.end(status="FAILED")
+            raise
+        tracker.end()
+    except RelevanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{report.rows_in} rows in: {report.rows_accepted} accepted {report.splits}, "
+          f"{report.rows_quarantined} quarantined {report.by_reason} -> {report.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Stream Parquet files, directories and hive-partitioned datasets (``market=us/part-0.parquet``).
+
+    src = ParquetSource.open("data/")                      # every file's footer is checked up front
+    flt = build_filter({"market": ["us", "uk"]})           # an expression built in code, never parsed text
+    for part in src.parts(flt):                            # partitions pruned, then row groups by statistics
+        for batch, rows in part.batches(["query", "title", "market"], batch_rows=65536, row_filter=flt):
+            ...   # batch: pa.RecordBatch; rows: int64 row numbers of those rows inside part.path
+
+Nothing holds more than one record batch: files are read row group by row group. Partition values come
+from the path as strings and are appended to a batch when asked for by name. A file that is not Parquet,
+is corrupt, or lacks a filtered column raises DataError / ConfigError naming the file (all at once).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A pushed-down row filter: the expression and the column names it reads."""
+
+    expression: ds.Expression
+    columns: tuple[str, ...]
+
+
+def build_filter(filters: dict[str, list]) -> RowFilter | None:
+    """``{"market": ["us", "uk"], "lang": ["en"]}`` -> market in (us, uk) AND lang in (en)."""
+    if not filters:
+        return None
+    expr = None
+    for name, values in sorted(filters.items()):
+        values = values if isinstance(values, list) else [values]
+        term = ds.field(name).isin(values)
+        expr = term if expr is None else expr & term
+    return RowFilter(expr, tuple(sorted(filters)))
+
+
+@dataclass
+class FilePart:
+    """One Parquet file of the source, with its hive partition values and surviving row groups."""
+
+    path: str
+    schema: pa.Schema  # the file's own (physical) schema
+    partition: dict[str, str]
+    num_rows: int
+    row_groups: list[int]
+    _row_starts: np.ndarray = field(repr=False)  # first row number of each row group in the file
+
+    def batches(
+        self,
+        columns: list[str],
+        batch_rows: int = 65536,
+        row_filter: RowFilter | None = None,
+        use_threads: bool = True,
+    ) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+        """Yield (batch, row numbers). ``columns`` may name file columns and partition keys."""
+        wanted = list(dict.fromkeys(list(columns) + list(row_filter.columns if row_filter else ())))
+        file_cols = [c for c in wanted if c in self.schema.names]
+        part_cols = [c for c in wanted if c not in self.schema.names and c in self.partition]
+        try:
+            pf = pq.ParquetFile(self.path)
+            for rg in self.row_groups:
+                first = int(self._row_starts[rg])
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=file_cols,
+                                             use_threads=use_threads):
+                    rows = np.arange(first, first + batch.num_rows, dtype=np.int64)
+                    first += batch.num_rows
+                    for name in part_cols:
+                        batch = batch.append_column(name, pa.repeat(self.partition[name], batch.num_rows))
+                    if row_filter is not None:
+                        batch, rows = _apply_filter(batch, rows, row_filter)
+                    if batch.num_rows:
+                        yield batch, rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.path}: cannot read Parquet data ({e})") from e
+
+
+def _apply_filter(batch: pa.RecordBatch, rows: np.ndarray, row_filter: RowFilter) -> tuple[pa.RecordBatch, np.ndarray]:
+    # Carry the row numbers through the filter as a column, so positions survive.
+    table = pa.Table.from_batches([batch.append_column("__row", pa.array(rows))]).filter(row_filter.expression)
+    kept = table.column("__row").to_numpy()
+    table = table.drop_columns(["__row"]).combine_chunks()
+    out = table.to_batches()[0] if table.num_rows else batch.slice(0, 0)
+    return out, kept
+
+
+class ParquetSource:
+    """The Parquet files under a path, opened with ``pyarrow.dataset`` and hive partitioning."""
+
+    def __init__(self, root: Path, files: list[Path], dataset: ds.FileSystemDataset, metadata: dict[str, object]):
+        self.root = root
+        self.files = files
+        self.dataset = dataset
+        self._metadata = metadata
+
+    @classmethod
+    def open(cls, source: str | Path) -> "ParquetSource":
+        root = Path(source)
+        if not root.exists():
+            raise DataError(f"input {root} does not exist")
+        if root.is_file():
+            files = [root]
+        else:  # like pyarrow: names starting with "_" or "." (e.g. _SUCCESS, .crc) are not data
+            files = sorted(
+                p for p in root.rglob("*")
+                if p.is_file() and not any(s.startswith(("_", ".")) for s in p.relative_to(root).parts)
+            )
+            if not files:
+                raise DataError(f"input directory {root} holds no Parquet files")
+        metadata, problems = {}, []
+        for f in files:
+            try:
+                metadata[str(f)] = pq.read_metadata(f)
+            except Exception as e:  # noqa: BLE001 - any failure here means "not readable Parquet"
+                problems.append(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})")
+        if problems:
+            raise DataError("unreadable input:\n  - " + "\n  - ".join(problems))
+        keys = _partition_keys(root, files) if root.is_dir() else []
+        partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive") if keys else None
+        try:
+            dataset = ds.dataset([str(f) for f in files], format="parquet", partitioning=partitioning,
+                                 partition_base_dir=str(root) if root.is_dir() else None)
+        except pa.ArrowException as e:
+            raise DataError(f"input {root}: cannot open as a Parquet dataset ({e})") from e
+        return cls(root, files, dataset, metadata)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in all files (from the footers), before any filter."""
+        return sum(m.num_rows for m in self._metadata.values())
+
+    def parts(self, row_filter: RowFilter | None = None) -> list[FilePart]:
+        """The files whose partitions pass the filter, with row groups pruned by column statistics."""
+        expr = row_filter.expression if row_filter else None
+        try:
+            fragments = list(self.dataset.get_fragments(filter=expr) if expr is not None
+                             else self.dataset.get_fragments())
+            out = []
+            for frag in fragments:
+                meta = self._metadata[frag.path]
+                sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+                starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+                if expr is None:
+                    groups = list(range(meta.num_row_groups))
+                else:
+                    groups = sorted(g.id for f in frag.split_by_row_group(filter=expr, schema=self.dataset.schema)
+                                    for g in f.row_groups)
+                out.append(FilePart(
+                    path=frag.path, schema=meta.schema.to_arrow_schema(),
+                    partition={k: str(v) for k, v in ds.get_partition_keys(frag.partition_expression).items()},
+                    num_rows=meta.num_rows, row_groups=groups, _row_starts=starts,
+                ))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ConfigError(f"data.filters: cannot apply {expr} to {self.root} ({e})") from e
+        return sorted(out, key=lambda p: p.path)
+
+
+def _partition_keys(root: Path, files: list[Path]) -> list[str]:
+    """Hive keys in path order (``market=us/day=1/x.parquet`` -> [market, day])."""
+    keys: list[str] = []
+    for f in files:
+        for part in f.relative_to(root).parts[:-1]:
+            if "=" in part:
+                k = part.split("=", 1)[0]
+                if k not in keys:
+                    keys.append(k)
+    return keys
