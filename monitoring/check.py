@@ -8,7 +8,9 @@ Input: the Parquet file or directory (hive partitions allowed) written by batch 
 ``scenario`` (string), ``score`` (probability), optionally ``label`` (0/1, nulls allowed: those rows only
 count for drift) and ``query``, ``title`` (their lengths in characters are profiled; ``query_len`` and
 ``title_len`` columns are used instead when present).
-``--quarantine``: the rows rejected before scoring; quarantine rate = quarantined / (quarantined + scored).
+``--quarantine``: the rows rejected before scoring (default: ``<scored>/_quarantine`` when the scored input
+is a batch-scoring output folder); quarantine rate = quarantined / (quarantined + scored). Folders and
+files whose names start with "_" or "." are not read as scores.
 
 Output: ``out/report.html`` (+ ``out/plots/*.png``) and ``out/summary.json``; both are logged to the MLflow run
 (artifact path ``monitoring``) when a tracking URI is given, with the headline numbers as metrics.
@@ -39,6 +41,7 @@ from pipeline.config import Config, add_config_args, load_config
 from pipeline.errors import DataError, RelevanceError
 
 EXIT_OK, EXIT_INPUT, EXIT_BREACH = 0, 2, 3
+QUARANTINE_DIR = "_quarantine"  # batch scoring writes its rejected rows here, inside the output folder
 
 
 class Tracker(Protocol):
@@ -141,6 +144,8 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
     cols = read_scored(scored_path)
     n = len(cols["score"])
     quarantine_rate = None
+    if quarantine_path is None and (Path(scored_path) / QUARANTINE_DIR).is_dir():
+        quarantine_path = Path(scored_path) / QUARANTINE_DIR  # batch scoring's own rejects
     if quarantine_path is not None:
         q = count_rows(quarantine_path)
         quarantine_rate = q / (q + n) if q + n else 0.0

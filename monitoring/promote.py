@@ -22,6 +22,7 @@ Exit codes: 0 promoted / rolled back; 2 bad input (unknown model, version, alias
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -38,8 +39,12 @@ EXIT_OK, EXIT_INPUT, EXIT_REJECTED = 0, 2, 3
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 
-def default_score_fn(model_uri: str, eval_path: str) -> pa.Table:
-    """Score the evaluation Parquet with the batch scorer (imported here: serving is optional to import)."""
+def default_score_fn(model_uri: str, eval_path: str, tracking_uri: str | None = None) -> pa.Table:
+    """Score the evaluation Parquet (canonical columns) with the batch scorer, ``serving.score.score_table``.
+
+    Imported here so that this module imports without serving. Rows of a scenario the model does not know
+    come back with a null score, which the gate reports as that scenario's missing metric.
+    """
     from pathlib import Path
 
     import pyarrow.dataset as ds
@@ -48,7 +53,7 @@ def default_score_fn(model_uri: str, eval_path: str) -> pa.Table:
 
     if not Path(eval_path).exists():
         raise DataError(f"{eval_path}: evaluation set does not exist")
-    return score_table(model_uri, ds.dataset(eval_path, format="parquet").to_table())
+    return score_table(model_uri, ds.dataset(eval_path, format="parquet").to_table(), tracking_uri=tracking_uri)
 
 
 def as_arrays(result, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,7 +83,7 @@ def evaluate(scenarios, labels, scores, cfg: Config) -> tuple[dict, dict]:
     invalid = {}
     for name in sorted(set(scenarios[bad].tolist())):
         m = scenarios == name
-        invalid[name] = f"{int(bad[m].sum())} of {int(m.sum())} scores are not probabilities in [0, 1]"
+        invalid[name] = f"{int(bad[m].sum())} of {int(m.sum())} scores are missing or not probabilities in [0, 1]"
     keep = ~np.isin(scenarios, list(invalid))
     per = scenario_metrics(scenarios[keep], labels[keep], scores[keep], bootstrap_rounds=mon.bootstrap_rounds,
                            seed=mon.seed, bins=mon.calibration_bins, keep_samples=True)
@@ -136,7 +141,7 @@ def _compact(per: dict | None) -> dict | None:
 def promote(name: str, candidate: str, eval_path: str, cfg: Config, tracking_uri: str,
             score_fn: ScoreFn | None = None) -> dict:
     """Run the gate; move the aliases on a pass; tag the candidate either way. See the module docstring."""
-    score_fn = score_fn or default_score_fn
+    score_fn = score_fn or functools.partial(default_score_fn, tracking_uri=tracking_uri)
     client = registry.registry_client(tracking_uri)
     cand_version = str(registry.resolve_version(client, name, candidate).version)
     champ_mv = registry.alias_version(client, name, registry.CHAMPION)

@@ -140,6 +140,16 @@ def test_run_check_reads_partitioned_files_and_reports_every_row(valid, cfg, ref
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == len(valid)
 
 
+def test_quarantine_folder_of_batch_scoring_output_is_found(valid, cfg, reference, tmp_path):
+    scored = tmp_path / "scores"
+    (scored / "_quarantine").mkdir(parents=True)
+    pq.write_table(valid.slice(100), scored / "part-00000-a.parquet")
+    pq.write_table(valid.slice(0, 100).drop_columns(["score"]), scored / "_quarantine" / "part-00000-a.parquet")
+    summary = run_check(scored, reference, tmp_path / "out", cfg)
+    assert summary["rows"] == len(valid) - 100
+    assert summary["drift"]["quarantine_rate"] == pytest.approx(100 / len(valid))
+
+
 def test_report_embeds_existing_plots_and_highlights_breaches(valid, cfg, reference, tmp_path):
     path = tmp_path / "scored.parquet"
     pq.write_table(with_scores(valid, "cameras", lambda s: 1 - s), path)
