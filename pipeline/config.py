@@ -154,6 +154,9 @@ class ServingConfig:
     unknown_scenario: Literal["fallback", "quarantine"] = "quarantine"
     fallback_scenario: str = ""
     calibrate: bool = False
+    # Rows grouped by scenario and sorted by length together (bounds memory; fewer weight switches).
+    chunk_rows: int = 4096
+    dtype: Literal["fp32", "bf16"] = "fp32"  # scoring precision (bf16: probabilities within 2e-2 of fp32)
 
 
 @dataclass

@@ -1,0 +1,282 @@
+"""Export a trained MTL-LoRA model for serving: merged per-scenario checkpoints, a compact multi-scenario
+artifact with standard PEFT adapters, and a manifest; optionally registered in the MLflow model registry.
+
+    python -m serving.export --run <run id | training out dir | model dir> --out runs/demo/export
+    python -m serving.export --run runs/demo/train --out runs/demo/export \\
+        --valid runs/demo/data/valid.parquet --name ads-relevance --alias champion \\
+        --tracking-uri sqlite:///runs/demo/mlflow.db
+
+``--run`` takes an MLflow run id (its artifact ``model`` is downloaded), a training output folder (holding
+``model/``) or a trained-model folder itself (config.yaml, task_map.json, trainable.safetensors). ZeRO-3
+partitions are gathered by the trainer when it writes ``model/`` (``deepspeed.zero.GatheredParameters``
+over every trainable parameter), so the folder read here always holds full tensors.
+
+The layout written is described in ``serving.layout``; in short, per scenario ``scenarios/<s>/`` is a
+plain checkpoint with ΔW_s merged in:
+
+    AutoModelForSequenceClassification.from_pretrained("export/scenarios/cameras")   # pooling cls, last
+    AutoModel.from_pretrained("export/scenarios/cameras") + head.safetensors          # pooling mean
+
+(a masked mean over token states is not expressible by a transformers class, so mean pooling ships the
+head beside the backbone and spells the formula out in manifest["head"]). ``base/`` + ``factors.safetensors``
+hold the base once and every scenario's LoRA pair; ``adapters/<s>/`` is the same pair for PEFT:
+``PeftModel.from_pretrained(AutoModel*.from_pretrained("export/base"), "export/adapters/cameras")``.
+
+With ``--valid`` (a canonical Parquet, e.g. <work_dir>/data/valid.parquet) the export scores it, fits
+per-scenario calibration (calibration.json), an F1-maximising threshold per scenario, and the drift
+reference profile (reference.json). With ``--name`` the folder is logged as artifact ``model`` of a new
+run (tagged with the source run) and registered, so ``models:/<name>@<alias>`` resolves to it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import Config, to_dict
+from pipeline.errors import DataError, RelevanceError
+from serving.layout import (ADAPTERS_DIR, BASE_DIR, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
+                            SCENARIOS_DIR, atomic_write_json, factor_key, scenario_dirname)
+
+HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
+                "max(sum_i mask_i, 1) over AutoModel last_hidden_state h (batch, tokens, hidden)")
+
+
+def resolve_source(run: str, tracking_uri: str | None, scratch: Path) -> tuple[Path, str | None]:
+    """(trained-model folder, source run id or None) for a run id, a training out dir or a model dir."""
+    p = Path(run)
+    if p.is_dir():
+        for candidate in (p, p / "model"):
+            if (candidate / "trainable.safetensors").is_file():
+                return candidate, None
+        raise DataError(f"--run {run}: neither {p} nor {p / 'model'} is a trained-model folder "
+                        "(config.yaml, task_map.json, trainable.safetensors)")
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run}/model", tracking_uri=tracking_uri,
+                                                    dst_path=str(scratch))
+    except Exception as e:  # MLflow raises its own exception types for unknown runs and artifacts
+        raise DataError(f"--run {run}: not a folder, and no MLflow run with artifact 'model' at {tracking_uri} "
+                        f"({type(e).__name__}: {e})") from e
+    return Path(local), run
+
+
+def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
+    if not run_id:
+        return {}
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags)
+    except MlflowException as e:
+        raise DataError(f"source run {run_id}: not found at {tracking_uri} ({e.message})") from e
+
+
+def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str], dict]:
+    """base/, factors.safetensors, scenarios/<s>/ and adapters/<s>/ under ``out``; returns (layers, entries)."""
+    from training.inject import adapter_layers
+    from training.merge import base_backbone, merged_backbone, save_head, save_peft_adapter
+
+    layers = adapter_layers(model.backbone)  # names relative to the backbone, as in the plain checkpoints
+    base = out / BASE_DIR
+    base_backbone(model).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    save_head(model, base)
+    factors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for name in task_map.names:
+        tid = task_map.id_of(name)
+        for layer_name, layer in layers.items():
+            a, u = layer.lora_pair(tid, dtype=torch.float32)  # (r, in), (out, r); ΔW = u @ a
+            factors[factor_key(tid, layer_name, "A")] = a.contiguous().cpu()
+            factors[factor_key(tid, layer_name, "U")] = u.contiguous().cpu()
+        sub = scenario_dirname(name, tid)
+        merged = out / SCENARIOS_DIR / sub
+        merged_backbone(model, tid).save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        save_head(model, merged)
+        save_peft_adapter(model, tid, out / ADAPTERS_DIR / sub)
+        entries[name] = {"task_id": tid, "merged": f"{SCENARIOS_DIR}/{sub}", "adapter": f"{ADAPTERS_DIR}/{sub}"}
+    save_file(factors, str(out / FACTORS_FILE))
+    return sorted(layers), entries
+
+
+def best_f1_thresholds(scenarios: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Per scenario, the score threshold that maximises F1 on the given rows (both classes needed)."""
+    from sklearn.metrics import precision_recall_curve
+
+    out = {}
+    for name in sorted(set(scenarios.tolist())):
+        m = scenarios == name
+        if labels[m].min() == labels[m].max():
+            continue
+        prec, rec, thr = precision_recall_curve(labels[m], scores[m])
+        f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+        out[name] = float(thr[int(np.argmax(f1))])
+    return out
+
+
+def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict) -> None:
+    """Score ``valid`` with the staged export; write calibration.json, reference.json and thresholds."""
+    import pyarrow.parquet as pq
+
+    from monitoring.calibration import CALIBRATION_FILE, ScenarioCalibrator
+    from monitoring.drift import reference_profile, save_reference
+    from serving.score import score_table
+
+    if not valid.is_file():
+        raise DataError(f"--valid {valid}: no such Parquet file")
+    table = pq.read_table(valid)
+    for col in ("query", "title", "scenario", "label"):
+        if col not in table.column_names:
+            raise DataError(f"--valid {valid}: column {col!r} is missing (canonical columns expected)")
+    known = set(manifest["scenarios"])
+    scored = score_table(out, table, calibrate=False)
+    keep = np.array([s in known for s in scored["scenario"].to_pylist()])  # unknown scenarios: no fit
+    scen = np.asarray(scored["scenario"].to_pylist(), dtype=object)[keep].astype(str)
+    labels = scored["label"].to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+    raw = scored["score"].to_numpy(zero_copy_only=False)[keep].astype(np.float64)
+    cal = ScenarioCalibrator.fit(scen, labels, raw, method="isotonic")
+    cal.save(out / CALIBRATION_FILE)
+    calibrated = cal.apply(scen, raw)
+    q_len = scored["query_len"].to_numpy(zero_copy_only=False)[keep]
+    t_len = scored["title_len"].to_numpy(zero_copy_only=False)[keep]
+    save_reference(reference_profile(scen, calibrated, q_len, t_len), out / REFERENCE_FILE)
+    manifest["calibration"] = {"file": CALIBRATION_FILE, "method": cal.method, "fitted_on": valid.name,
+                               "skipped": cal.skipped}
+    manifest["reference"] = {"file": REFERENCE_FILE}
+    manifest["thresholds"] = {"f1_max_calibrated": best_f1_thresholds(scen, labels, calibrated)}
+
+
+def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None, tracking_uri: str | None = None,
+                 name: str | None = None, alias: str | None = None, source_run_id: str | None = None) -> dict:
+    """Write the export folder and optionally register it; return the manifest.
+
+    The folder is built beside ``out_dir`` and renamed into place, so readers see the old export or the
+    new one, never a mix. An existing export there is replaced; any other non-empty folder is an error.
+    ``source_run_id`` names the training run when ``run`` is a folder (recorded, tags read from it).
+    """
+    from training.artifact import load_trained
+    from training.tracking import fingerprint_files
+    from training.trainer import load_tokenizer
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise DataError(f"--out {out} exists and is not an export folder (no {MANIFEST_FILE}); not replacing it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as scratch:
+        model_dir, source_run = resolve_source(run, tracking_uri, Path(scratch))
+        source_run = source_run or source_run_id
+        cfg, task_map, model = load_trained(model_dir)
+        tracking_uri = tracking_uri or cfg.tracking_uri
+        tags = _run_tags(source_run, tracking_uri)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            layers, entries = write_checkpoints(model, load_tokenizer(cfg), task_map, stage)
+            metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
+            digest = hashlib.sha256((stage / FACTORS_FILE).read_bytes()).hexdigest()[:12]
+            fingerprint = tags.get("data_fingerprint") or (fingerprint_files([Path(valid)]) if valid else None)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "model_version": f"export-{digest}",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "pooling": cfg.model.pooling,
+                "adapter_method": cfg.adapter.method,
+                "max_length": cfg.features.max_length,
+                "input": {"text_pair": ["query", "ad_text"], "truncation": "longest_first", "padding_side": "right"},
+                "score": "sigmoid(logit), then per-scenario calibration when serving.calibrate and calibration.json",
+                "head": ({"file": "head.safetensors", "formula": HEAD_FORMULA, "backbone_class": "AutoModel"}
+                         if cfg.model.pooling == "mean" else
+                         {"backbone_class": "AutoModelForSequenceClassification", "formula": "sigmoid(logits[:, 0])"}),
+                "base": BASE_DIR, "factors": FACTORS_FILE, "adapted_layers": layers,
+                "task_map": task_map.names, "scenarios": entries,
+                "calibration": None, "reference": None, "thresholds": None,
+                "metrics": metrics,
+                "source": {"run_id": source_run, "model_dir": str(model_dir) if source_run is None else f"runs:/{source_run}/model",
+                           "git_commit": tags.get("git_commit")},
+                "data_fingerprint": fingerprint,
+                "config": to_dict(cfg),
+            }
+            atomic_write_json(stage / MANIFEST_FILE, manifest)
+            (stage / "config.yaml").write_text((model_dir / "config.yaml").read_text())
+            task_map.save(stage / "task_map.json")
+            if valid:
+                fit_on_validation(stage, Path(valid), cfg, manifest)
+                atomic_write_json(stage / MANIFEST_FILE, manifest)
+            old = out.with_name(f".{out.name}.old-{stage.name[-8:]}")
+            if out.exists():
+                out.rename(old)  # swap: the old export stays whole until the new one is in place
+            stage.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    if name:
+        manifest["registered"] = register_export(out, tracking_uri, cfg.tracking.experiment, name, alias, source_run)
+    return manifest
+
+
+def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None,
+                    source_run: str | None) -> dict:
+    """Log ``out`` as artifact ``model`` of a new run and register it as a new version of ``name``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name="export", tags={"stage": "export", "source_run": source_run or ""})
+    run_id = run.info.run_id
+    client.log_artifacts(run_id, str(out), "model")
+    client.set_terminated(run_id)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return {"name": name, "version": str(mv.version), "alias": alias, "run_id": run_id,
+            "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="MLflow run id, training output dir (with model/) or model dir")
+    p.add_argument("--out", required=True, type=Path, help="export folder to write")
+    p.add_argument("--valid", type=Path, help="canonical validation Parquet: fit calibration, thresholds, drift reference")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the trained config's tracking URI)")
+    p.add_argument("--name", help="register the export under this model name")
+    p.add_argument("--alias", help="alias for the new version, e.g. champion or challenger")
+    p.add_argument("--source-run-id", help="training run id to record when --run is a folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = export_model(args.run, args.out, args.valid, args.tracking_uri, args.name, args.alias,
+                                args.source_run_id)
+    except RelevanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {len(manifest['scenarios'])} scenarios ({manifest['pooling']} pooling) to {args.out}")
+    if "registered" in manifest:
+        print(f"registered {manifest['registered']['uri']} (version {manifest['registered']['version']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

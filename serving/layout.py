@@ -1,0 +1,85 @@
+"""The export folder: file names, the manifest, and atomic writes shared by export and scoring.
+
+    <export>/
+        manifest.json              scenario -> task id, directories, pooling, metrics, source run, data
+                                   fingerprint, calibration/thresholds when present, model version
+        config.yaml                the resolved training Config
+        base/                      compact artifact, part 1: the frozen base weights once (plus the shared
+                                   trained head), a plain transformers checkpoint + tokenizer
+        factors.safetensors        compact artifact, part 2: per scenario and adapted layer the LoRA pair
+                                   "<task>.<layer>.A" (r, in) and "<task>.<layer>.U" (out, r), fp32
+        adapters/<scenario>/       the same pair as a standard PEFT LoRA adapter (scaling 1) over base/
+        scenarios/<scenario>/      a plain checkpoint with that scenario's ΔW merged into the weights
+        calibration.json           per-scenario calibration (optional, fitted on --valid)
+        reference.json             score/length reference profile for drift monitoring (optional)
+
+Pooling "cls"/"last": base/ and scenarios/<s>/ load with ``AutoModelForSequenceClassification`` and the
+score is ``sigmoid(logits[:, 0])``. Pooling "mean": a plain transformers class cannot express a masked mean
+over token states, so they load with ``AutoModel`` and carry ``head.safetensors`` (``weight`` (1, hidden),
+``bias`` (1,)); the manifest's ``head`` entry spells the formula out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+
+MANIFEST_FILE = "manifest.json"
+BASE_DIR = "base"
+FACTORS_FILE = "factors.safetensors"
+ADAPTERS_DIR = "adapters"
+SCENARIOS_DIR = "scenarios"
+HEAD_FILE = "head.safetensors"
+REFERENCE_FILE = "reference.json"
+FORMAT_VERSION = 1
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+def scenario_dirname(name: str, task_id: int) -> str:
+    """A file-system-safe directory name for a scenario: the name itself when safe, else ``task<id>``."""
+    return name if _SAFE_NAME.match(name) else f"task{task_id}"
+
+
+def factor_key(task_id: int, layer: str, which: str) -> str:
+    """Key of one factor in factors.safetensors, e.g. ``0.encoder.layer.0.attention.self.query.A``."""
+    return f"{task_id}.{layer}.{which}"
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def read_manifest(export_dir: str | Path) -> dict:
+    """Load and check manifest.json; DataError names the folder and the missing key."""
+    d = Path(export_dir)
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(f"{d} is not an exported model folder: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("scenarios", "pooling", "adapted_layers", "model_version", "max_length"):
+        if key not in manifest:
+            raise DataError(f"{path}: key {key!r} is missing")
+    for name, entry in manifest["scenarios"].items():
+        for key in ("task_id", "merged", "adapter"):
+            if key not in entry:
+                raise DataError(f"{path}: scenarios.{name}.{key} is missing")
+    return manifest

@@ -1,0 +1,302 @@
+"""Batch scoring: stream Parquet shards through an exported model, one scored Parquet per input shard.
+
+    python -m serving.score --model runs/demo/export --input data/traffic/ --output runs/demo/scores
+    python -m serving.score --model models:/ads-relevance@champion --tracking-uri sqlite:///runs/demo/mlflow.db \\
+        --input a.parquet b.parquet --output scores/ --resume serving.unknown_scenario=fallback \\
+        serving.fallback_scenario=computers
+    python -m serving.score ... --workers 4          # 4 local processes (one GPU each when present)
+    python -m serving.score ... --engine ray --workers 8 [--ray-address auto]    # pip install '.[ray]'
+
+Inputs are read with ingestion's column mapping and validation (``data.columns``, ``data.filters``; from
+``--config`` or, by default, the config the model was trained with, plus ``key=value`` overrides). Each
+input file (hive partitions allowed) is one shard; memory stays bounded by ``data.batch_rows`` and
+``serving.chunk_rows`` however large the input. Rows are grouped by scenario per chunk and scored with that
+scenario's merged weights (serving.scorer). Output layout and ``--resume`` semantics: serving.shards.
+Output columns: pass-through keys, source_file, source_row, scenario, scored_as, fallback, score (float32
+probability), label (null when absent), model_version, query_len, title_len.
+
+Shards are spread over workers by index (shard i goes to worker i % N); ``--rank/--world-size`` run one
+worker by hand (e.g. one per machine). Exit codes: 0 done, 2 bad input or configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Config, add_config_args, dump_config, load_config
+from pipeline.errors import RelevanceError
+from serving import shards as sh
+from serving.scorer import BatchScorer
+
+OUTPUT_FIXED = ["source_file", "source_row", "scenario", "scored_as", "fallback", "score", "label",
+                "model_version", "query_len", "title_len"]
+
+
+def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
+    fixed = [("source_file", pa.string()), ("source_row", pa.int64()), ("scenario", pa.string()),
+             ("scored_as", pa.string()), ("fallback", pa.bool_()), ("score", pa.float32()), ("label", pa.int8()),
+             ("model_version", pa.string()), ("query_len", pa.int32()), ("title_len", pa.int32())]
+    return pa.schema(list(key_types.items()) + fixed)
+
+
+class Inputs:
+    """The input files as shards, with ingestion's column mapping checked against every file up front."""
+
+    def __init__(self, cfg: Config, inputs: list[str]):
+        from pipeline.reader import ParquetSource, build_filter
+        from pipeline.validate import ColumnMapping, quarantine_schema
+
+        self.filter = build_filter(cfg.data.filters)
+        parts = []
+        for item in inputs:
+            parts.extend(ParquetSource.open(Path(item).resolve()).parts(self.filter))
+        # scenarios=[]: ingestion accepts every scenario; unknown ones are routed here (fallback/quarantine).
+        self.mapping = ColumnMapping(cfg.data, scenarios=[], require_label=False)
+        self.mapping.check_parts(parts)
+        self.parts = parts
+        self.shards = [sh.Shard(i, Path(p.path)) for i, p in enumerate(parts)]
+        self.batch_rows = cfg.data.batch_rows
+        self.schema = output_schema(self.mapping.key_types)
+        self.quarantine_schema = quarantine_schema(self.mapping.keys)
+
+    def rows(self, shard: sh.Shard) -> int:
+        return self.parts[shard.index].num_rows
+
+    def batches(self, shard: sh.Shard):
+        """(accepted canonical batch, quarantined batch, rows read) of one shard, streamed."""
+        part = self.parts[shard.index]
+        for batch, rows in part.batches(self.mapping.read_columns(), self.batch_rows, self.filter):
+            accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
+            yield accepted, quarantined, batch.num_rows
+
+    def to_quarantine(self, table: pa.Table, reason: str) -> pa.Table:
+        """Accepted-schema rows -> quarantine rows (values as strings) with ``reason``."""
+        cols = {}
+        for f in self.quarantine_schema:
+            if f.name == "reason":
+                cols[f.name] = pa.repeat(pa.scalar(reason, pa.string()), table.num_rows)
+            else:
+                cols[f.name] = pc.cast(table.column(f.name), f.type)
+        return pa.table(cols, schema=self.quarantine_schema)
+
+
+def score_shard(scorer: BatchScorer, inputs: Inputs, shard: sh.Shard, out: Path, progress=None) -> dict:
+    """Score one shard into its output + quarantine files (atomically), then write its marker."""
+    t0 = time.time()
+    sh.clear_shard(out, shard)
+    writer = sh.ShardWriter(sh.output_path(out, shard), inputs.schema)
+    quarantine = sh.ShardWriter(sh.quarantine_path(out, shard), inputs.quarantine_schema)
+    counts = Counter()
+    reasons = Counter()
+    pending: list[pa.RecordBatch] = []
+
+    def flush() -> None:
+        table = pa.Table.from_batches(pending).combine_chunks()
+        pending.clear()
+        for start in range(0, table.num_rows, scorer.serving.chunk_rows):
+            scored, unknown = scorer.score(table.slice(start, scorer.serving.chunk_rows))
+            writer.write(scored)
+            counts["scored"] += scored.num_rows
+            counts["fallback"] += int(pc.sum(scored.column("fallback")).as_py() or 0)
+            if unknown.num_rows:
+                quarantine.write(inputs.to_quarantine(unknown, "unknown_scenario"))
+                reasons["unknown_scenario"] += unknown.num_rows
+            if progress is not None:
+                progress.update(scored.num_rows + unknown.num_rows)
+
+    try:
+        buffered = 0
+        for accepted, rejected, n in inputs.batches(shard):
+            counts["rows_in"] += n
+            if rejected.num_rows:
+                quarantine.write(pa.Table.from_batches([rejected]))
+                reasons.update(rejected.column("reason").to_pylist())
+                if progress is not None:
+                    progress.update(rejected.num_rows)
+            if accepted.num_rows:
+                pending.append(accepted)
+                buffered += accepted.num_rows
+            if buffered >= scorer.serving.chunk_rows:
+                flush()
+                buffered = 0
+        if pending:
+            flush()
+    except BaseException:
+        writer.abort()
+        quarantine.abort()
+        raise
+    quarantine.commit()
+    writer.commit()
+    summary = {"rows_in": counts["rows_in"], "scored": counts["scored"], "fallback": counts["fallback"],
+               "quarantined": sum(reasons.values()), "by_reason": dict(reasons),
+               "model_version": scorer.model_version, "seconds": round(time.time() - t0, 3)}
+    sh.mark_done(out, shard, summary)
+    return summary
+
+
+def _progress(total: int, rank: int, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, disable=quiet, position=rank,
+                desc=f"scoring[{rank}]" if rank else "scoring", mininterval=1.0, dynamic_ncols=True)
+
+
+def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
+               rank: int = 0, world: int = 1, quiet: bool = False) -> list[dict]:
+    """Score this worker's shards (index % world == rank); finished ones are skipped with ``resume``."""
+    data = Inputs(cfg, inputs)
+    mine = sh.shards_for_rank(data.shards, rank, world)
+    todo = [s for s in mine if not (resume and sh.is_done(out, s))]
+    if not todo:
+        return []
+    scorer = BatchScorer(export_dir, cfg.serving, model_version)
+    results = []
+    with _progress(sum(data.rows(s) for s in todo), rank, quiet) as bar:
+        for shard in todo:
+            results.append(score_shard(scorer, data, shard, out, bar))
+    return results
+
+
+def _launch_local(args: argparse.Namespace, cfg: Config, export_dir: Path, model_version: str, out: Path) -> None:
+    """``--workers N``: N child processes of this module, each with --rank i; one GPU each if present."""
+    job = out / "_job"
+    job.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, job / "config.yaml")  # children read the resolved config: one source of truth
+    import torch
+
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    procs = []
+    for rank in range(args.workers):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+        cmd = [sys.executable, "-m", "serving.score", "--model", str(export_dir), "--model-version", model_version,
+               "--output", str(out), "--config", str(job / "config.yaml"), "--rank", str(rank),
+               "--world-size", str(args.workers), "--input", *args.input, "--resume"]
+        if args.quiet:
+            cmd.append("--quiet")
+        procs.append(subprocess.Popen(cmd, env=env))
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"scoring workers {failed} failed (see their messages above); rerun with --resume")
+
+
+def summarize(out: Path, shards: list[sh.Shard], seconds: float, skipped: int) -> dict:
+    """Totals over every shard's marker (this run's and earlier resumed ones)."""
+    total = Counter()
+    reasons = Counter()
+    for s in shards:
+        if sh.is_done(out, s):
+            m = sh.read_marker(out, s)
+            total.update({k: m[k] for k in ("rows_in", "scored", "fallback", "quarantined")})
+            reasons.update(m.get("by_reason", {}))
+    done = sum(sh.is_done(out, s) for s in shards)
+    return {**{k: total[k] for k in ("rows_in", "scored", "fallback", "quarantined")}, "by_reason": dict(reasons),
+            "shards": len(shards), "shards_done": done, "shards_skipped": skipped, "seconds": round(seconds, 2),
+            "rows_per_s": round(total["rows_in"] / seconds, 1) if seconds > 0 else None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.score", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", required=True, help="export folder, models:/<name>@<alias> or models:/<name>/<version>")
+    p.add_argument("--input", required=True, nargs="+", help="Parquet files or directories (hive partitions allowed)")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--resume", action="store_true", help="skip shards already finished in --output")
+    p.add_argument("--workers", type=int, default=1, help="local processes (or Ray actors with --engine ray)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", default="local", help="Ray cluster address ('auto' joins a running cluster)")
+    p.add_argument("--rank", type=int, default=0, help="this worker's index when started by hand")
+    p.add_argument("--world-size", type=int, default=1, help="number of workers started by hand")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--cache-dir", type=Path, help="where registry downloads are cached")
+    p.add_argument("--model-version", help=argparse.SUPPRESS)  # set by the parent for its child workers
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from serving.scoring_model import resolve_model
+
+    export_dir, version = resolve_model(args.model, args.tracking_uri, args.cache_dir)
+    version = args.model_version or version
+    cfg = load_config(args.config or export_dir / "config.yaml", args.overrides)
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    data = Inputs(cfg, args.input)  # fails fast on a bad input or column mapping, before any worker starts
+    skipped = sum(sh.is_done(out, s) for s in data.shards) if args.resume else 0
+    t0 = time.time()
+    if args.engine == "ray":
+        from serving.ray_engine import run_on_ray
+
+        sh.remove_stale_temporaries(out)
+        run_on_ray(cfg, export_dir, version, args.input, out, args.resume, args.workers, args.ray_address)
+    elif args.workers > 1:
+        sh.remove_stale_temporaries(out)
+        _launch_local(args, cfg, export_dir, version, out)
+    else:
+        if args.world_size == 1:
+            sh.remove_stale_temporaries(out)  # only a lone worker may: others could be writing
+        run_worker(cfg, export_dir, version, args.input, out, args.resume, args.rank, args.world_size, args.quiet)
+    mine = data.shards if args.world_size == 1 else sh.shards_for_rank(data.shards, args.rank, args.world_size)
+    return summarize(out, mine, time.time() - t0, skipped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except RelevanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.rank == 0 or args.world_size == 1:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items())) or "none"
+        print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['fallback']} via fallback, "
+              f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
+              f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process scoring of a canonical table (monitoring, export validation).
+
+_SCORERS: dict[tuple, BatchScorer] = {}
+
+
+def score_table(model: str | Path, table: pa.Table, tracking_uri: str | None = None,
+                calibrate: bool | None = None) -> pa.Table:
+    """``table`` (canonical columns: query, title, ..., scenario) with scored_as, fallback, score (float32
+    probability), model_version, query_len and title_len appended; row order and count are kept. Rows of an
+    unknown scenario get a null score unless the model's config routes them to a fallback scenario.
+    ``calibrate`` overrides serving.calibrate. The loaded model is cached per (folder, version, options)."""
+    from serving.scoring_model import resolve_model
+
+    export_dir, version = resolve_model(model, tracking_uri)
+    cfg = load_config(export_dir / "config.yaml")
+    if calibrate is not None:
+        cfg.serving.calibrate = calibrate
+    key = (str(Path(export_dir).resolve()), version, cfg.serving.calibrate, cfg.serving.dtype,
+           cfg.serving.unknown_scenario, cfg.serving.fallback_scenario)
+    if key not in _SCORERS:
+        _SCORERS.clear()  # keep one model in memory
+        _SCORERS[key] = BatchScorer(export_dir, cfg.serving, version)
+    scorer = _SCORERS[key]
+    parts = [scorer.score_all(table.slice(i, cfg.serving.chunk_rows))
+             for i in range(0, table.num_rows, cfg.serving.chunk_rows)]
+    return pa.concat_tables(parts) if parts else scorer.score_all(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

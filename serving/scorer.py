@@ -1,0 +1,153 @@
+"""Score canonical rows with an exported model: route scenarios, tokenize, group, merged forward, calibrate.
+
+    scorer = BatchScorer(export_dir, cfg.serving, model_version="ads-relevance/3")
+    scored, unknown = scorer.score(table)      # canonical rows in (pipeline.validate's accepted schema)
+
+How one chunk (``serving.chunk_rows`` rows) is scored:
+    1. routing: a known scenario scores as itself; an unknown one as ``serving.fallback_scenario``
+       (``fallback`` = True) or, with ``serving.unknown_scenario = quarantine``, is returned in ``unknown``
+    2. pairs (query, ad text) are tokenized and padded exactly as for training (features.tokenize)
+    3. rows are grouped by the scenario they score as; within a group sorted by token length (less padding);
+       the model switches to that scenario's merged weights once per group and runs batches of
+       ``serving.batch_size``
+    4. probability = sigmoid(logit), then the scenario's calibration when ``serving.calibrate``;
+       results are put back in the input order
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.config import ServingConfig
+from pipeline.errors import ConfigError, DataError
+from serving.layout import BASE_DIR
+from serving.scoring_model import ScoringModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def route_scenarios(scenarios: pa.Array | pa.ChunkedArray, known: list[str],
+                    serving: ServingConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scored_as (n,) object array, fallback (n,) bool, unknown (n,) bool) for a scenario column.
+
+    ``scored_as`` is None for rows that are quarantined (unknown scenario, no fallback configured).
+    """
+    names = np.asarray(scenarios.to_pylist() if len(scenarios) else [], dtype=object)
+    is_known = pc.is_in(scenarios, value_set=pa.array(known, pa.string()))
+    is_known = pc.fill_null(is_known, False).to_numpy(zero_copy_only=False).astype(bool)
+    unknown = ~is_known
+    scored_as = names.copy()
+    if serving.unknown_scenario == "fallback":
+        scored_as[unknown] = serving.fallback_scenario
+        return scored_as, unknown, np.zeros(len(names), dtype=bool)
+    scored_as[unknown] = None
+    return scored_as, np.zeros(len(names), dtype=bool), unknown
+
+
+def check_serving(serving: ServingConfig, known: list[str], export_dir: Path) -> None:
+    if serving.unknown_scenario == "fallback" and serving.fallback_scenario not in known:
+        raise ConfigError(f"serving.fallback_scenario: {serving.fallback_scenario!r} is not a scenario of the "
+                          f"model in {export_dir} ({known})")
+    for name in ("batch_size", "chunk_rows"):
+        if getattr(serving, name) < 1:
+            raise ConfigError(f"serving.{name}: must be >= 1, got {getattr(serving, name)}")
+
+
+class BatchScorer:
+    """One ScoringModel + its tokenizer (+ calibration); turns canonical tables into scores."""
+
+    def __init__(self, export_dir: str | Path, serving: ServingConfig, model_version: str,
+                 device: str | None = None):
+        from transformers import AutoTokenizer
+
+        self.export_dir = Path(export_dir)
+        self.serving = serving
+        self.model_version = model_version
+        self.model = ScoringModel.load(self.export_dir, dtype=DTYPES[serving.dtype], device=device)
+        self.max_length = int(self.model.manifest["max_length"])
+        check_serving(serving, self.model.scenarios, self.export_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.export_dir / BASE_DIR)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.calibrator = None
+        if serving.calibrate:
+            from monitoring.calibration import CALIBRATION_FILE, ScenarioCalibrator
+
+            path = self.export_dir / CALIBRATION_FILE
+            if not path.is_file():
+                raise DataError(f"serving.calibrate is on but {path} does not exist (export with --valid)")
+            self.calibrator = ScenarioCalibrator.load(path)
+
+    @property
+    def scenarios(self) -> list[str]:
+        return self.model.scenarios
+
+    def logits(self, table: pa.Table, scored_as: np.ndarray) -> np.ndarray:
+        """(n,) float32 logits in input order; row i uses scenario ``scored_as[i]`` (all non-None).
+
+        Tokenisation and padding are training's own (features.tokenize.build_features / collate).
+        """
+        from features.task_map import TaskMap
+        from features.tokenize import build_features
+
+        out = np.empty(table.num_rows, dtype=np.float32)
+        if table.num_rows == 0:
+            return out
+        routed = table.set_column(table.schema.get_field_index("scenario"), "scenario",
+                                  pa.array(scored_as.tolist(), pa.string()))
+        feats = build_features(routed, self.tokenizer, TaskMap(self.scenarios), self.max_length, cache_dir=None,
+                               batch_size=self.serving.chunk_rows)
+        pad_id, bs = self.tokenizer.pad_token_id, self.serving.batch_size
+        for task in np.unique(feats.task_ids):
+            rows = np.flatnonzero(feats.task_ids == task)
+            rows = rows[np.argsort(feats.lengths[rows], kind="stable")]  # similar lengths share a batch
+            self.model.use(self.scenarios[task])
+            for start in range(0, len(rows), bs):
+                idx = rows[start : start + bs]
+                batch = feats.collate(idx, pad_id)
+                out[idx] = self.model.logits(batch["input_ids"], batch["attention_mask"],
+                                             batch.get("token_type_ids")).cpu().numpy()
+        return out
+
+    def probabilities(self, logits: np.ndarray, scored_as: np.ndarray) -> np.ndarray:
+        p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        if self.calibrator is not None:
+            p = self.calibrator.apply(scored_as.astype(str), p)
+        return p.astype(np.float32)
+
+    def _annotate(self, table: pa.Table, scored_as: np.ndarray, fallback: np.ndarray,
+                  probs: pa.Array) -> pa.Table:
+        n = table.num_rows
+        table = table.append_column("scored_as", pa.array(scored_as.tolist(), pa.string()))
+        table = table.append_column("fallback", pa.array(fallback, pa.bool_()))
+        table = table.append_column("score", probs)
+        table = table.append_column("model_version", pa.repeat(pa.scalar(self.model_version, pa.string()), n))
+        table = table.append_column("query_len", pc.cast(pc.utf8_length(table.column("query")), pa.int32()))
+        return table.append_column("title_len", pc.cast(pc.utf8_length(table.column("title")), pa.int32()))
+
+    def score(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """(scored rows, rows of unknown scenarios to quarantine); both keep the input's columns.
+
+        Added columns: scored_as (str), fallback (bool), score (float32 probability), model_version (str),
+        query_len and title_len (int32, characters: for drift monitoring).
+        """
+        scored_as, fallback, unknown = route_scenarios(table.column("scenario"), self.scenarios, self.serving)
+        rejected = table.filter(pa.array(unknown)) if unknown.any() else table.slice(0, 0)
+        if unknown.any():
+            table, scored_as, fallback = table.filter(pa.array(~unknown)), scored_as[~unknown], fallback[~unknown]
+        probs = self.probabilities(self.logits(table, scored_as), scored_as)
+        return self._annotate(table, scored_as, fallback, pa.array(probs, pa.float32())), rejected
+
+    def score_all(self, table: pa.Table) -> pa.Table:
+        """Every input row, in order; rows of unknown scenarios (quarantine mode) get a null score."""
+        scored_as, fallback, unknown = route_scenarios(table.column("scenario"), self.scenarios, self.serving)
+        keep = ~unknown
+        probs = np.zeros(table.num_rows, dtype=np.float32)
+        if keep.any():
+            sub = table.filter(pa.array(keep)) if unknown.any() else table
+            probs[keep] = self.probabilities(self.logits(sub, scored_as[keep]), scored_as[keep])
+        return self._annotate(table, scored_as, fallback, pa.array(probs, pa.float32(), mask=unknown))

@@ -1,0 +1,181 @@
+"""One model in memory that scores every scenario with that scenario's merged weights.
+
+    sm = ScoringModel.load(export_dir, dtype=torch.float32)
+    sm.use("computers")                       # adapted weights become W0 + U_t A_t
+    logits = sm.logits(input_ids, attention_mask, token_type_ids)    # (batch,) float32
+
+The compact artifact keeps the base weights once and per scenario a LoRA pair per adapted layer, so
+holding T scenarios costs one model plus T·Σ r·(in+out) numbers, not T models. ``use`` folds one scenario's
+update into the live weights: ΔW = U @ A is computed in fp32 from the stored factors and added to a kept
+copy of W0 (never to the previous merged weight, so switching many times accumulates no rounding), then
+cast to the run dtype. A switch costs one (out, r) @ (r, in) product per adapted layer; callers group a
+chunk of rows by scenario so switches stay rare.
+
+``resolve_model`` turns ``<dir>`` or ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) into a
+local export folder and a model-version string; registry downloads are cached per version.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pipeline.errors import DataError, UnknownScenario
+from serving.layout import BASE_DIR, FACTORS_FILE, HEAD_FILE, factor_key, read_manifest
+
+
+def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The relevance logit (batch,) float32 of a plain backbone, pooled exactly as at training time."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    if pooling == "mean":
+        hidden = backbone(**kwargs).last_hidden_state  # (b, L, d)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, d)
+        return head(pooled).squeeze(-1).float()
+    return backbone(**kwargs).logits.squeeze(-1).float()
+
+
+def load_head(path: Path, dtype: torch.dtype) -> nn.Linear:
+    """The mean-pooling head written as head.safetensors: weight (1, hidden), bias (1,)."""
+    state = load_file(str(path))
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
+    return head.to(dtype)
+
+
+def load_plain(model_dir: str | Path, pooling: str, dtype: torch.dtype = torch.float32):
+    """(backbone, head) of a plain checkpoint (base/ or scenarios/<s>/) with transformers classes only."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    d = Path(model_dir)
+    cls = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
+    backbone = cls.from_pretrained(d, dtype=dtype).eval()
+    head = load_head(d / HEAD_FILE, dtype).eval() if pooling == "mean" else None
+    return backbone, head
+
+
+class ScoringModel:
+    """Base weights once + each scenario's low-rank factors; switches merged weights per scenario."""
+
+    def __init__(self, export_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir)
+        self.pooling: str = self.manifest["pooling"]
+        self.dtype = dtype
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backbone, self.head = load_plain(self.export_dir / BASE_DIR, self.pooling, dtype)
+        self.backbone.to(self.device)
+        if self.head is not None:
+            self.head.to(self.device)
+        self.task_ids = {name: e["task_id"] for name, e in self.manifest["scenarios"].items()}
+        factors = load_file(str(self.export_dir / FACTORS_FILE))
+        self._layers: dict[str, nn.Linear] = {}
+        self._w0: dict[str, torch.Tensor] = {}  # the unmerged weights, kept once in the run dtype
+        self._pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # scenario -> layer -> (A, U)
+        for layer in self.manifest["adapted_layers"]:
+            module = self.backbone.get_submodule(layer)
+            if not isinstance(module, nn.Linear):
+                raise DataError(f"{self.export_dir}: adapted layer {layer} is not a linear layer of base/")
+            self._layers[layer] = module
+            self._w0[layer] = module.weight.detach().clone()
+        for name, tid in self.task_ids.items():
+            pairs = {}
+            for layer in self._layers:
+                a, u = factor_key(tid, layer, "A"), factor_key(tid, layer, "U")
+                if a not in factors or u not in factors:
+                    raise DataError(f"{self.export_dir / FACTORS_FILE}: factors of scenario {name!r}, layer {layer} are missing")
+                pairs[layer] = (factors[a].float().to(self.device), factors[u].float().to(self.device))
+            self._pairs[name] = pairs
+        self.current: str | None = None
+
+    @classmethod
+    def load(cls, export_dir: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | None = None) -> "ScoringModel":
+        return cls(export_dir, dtype, device)
+
+    @property
+    def scenarios(self) -> list[str]:
+        return sorted(self.task_ids, key=self.task_ids.get)
+
+    @torch.no_grad()
+    def use(self, scenario: str) -> None:
+        """Make every adapted layer hold W0 + U_t A_t for ``scenario`` (no-op if already current)."""
+        if scenario == self.current:
+            return
+        if scenario not in self._pairs:
+            raise UnknownScenario(f"scenario {scenario!r} is not one of the exported scenarios {self.scenarios}")
+        for layer, module in self._layers.items():
+            a, u = self._pairs[scenario][layer]
+            merged = self._w0[layer].float() + u @ a  # (out, in) in fp32
+            module.weight.copy_(merged.to(self.dtype))
+        self.current = scenario
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch,) float32 of the current scenario's merged model."""
+        if self.current is None:
+            raise RuntimeError("call use(scenario) before logits()")
+        dev = self.device
+        tt = token_type_ids.to(dev) if token_type_ids is not None else None
+        return pooled_logits(self.backbone, self.pooling, self.head, input_ids.to(dev), attention_mask.to(dev), tt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the model comes from: a folder, or the MLflow model registry.
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "ads-relevance" / "models"
+
+
+def resolve_model(model: str | Path, tracking_uri: str | None = None,
+                  cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """(local export folder, model version) for a folder or ``models:/name@alias`` / ``models:/name/3``.
+
+    Registry versions are downloaded once into ``cache_dir/<name>/v<version>`` (temporary folder, then
+    rename), so a second scoring job on the same version reads the local copy.
+    """
+    text = str(model)
+    if not text.startswith("models:/"):
+        d = Path(text)
+        manifest = read_manifest(d)
+        return d, str(manifest["model_version"])
+    import mlflow
+
+    ref = text[len("models:/"):]
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    elif "/" in ref:
+        name, version = ref.split("/", 1)
+    else:
+        raise DataError(f"--model {text}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    target = Path(cache_dir or default_cache_dir()) / name / f"v{version}"
+    if not (target / "manifest.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=target.parent))
+        # The registry may live behind the same URI as tracking; ask this client, not the global one.
+        source = client.get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=source, tracking_uri=tracking_uri, dst_path=str(tmp)))
+        if not (local / "manifest.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{text} (version {version}) holds no exported model: manifest.json is missing")
+        if target.exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(local, target)
+            shutil.rmtree(tmp, ignore_errors=True)
+    read_manifest(target)
+    return target, f"{name}/{version}"

@@ -1,0 +1,148 @@
+"""Export: every artifact reproduces the training-time model's scores, per scenario and pooling.
+
+Properties checked (fp32, |Δlogit| ≤ 1e-5; bf16 scoring: |Δprobability| ≤ 2e-2):
+  plain per-scenario checkpoint (transformers only)  == training model with that scenario's task id
+  base + PEFT adapter                                 == training model
+  ScoringModel switching scenarios in any order       == training model
+and the scenarios really differ (the deltas are not trivially zero).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from pipeline.config import ServingConfig
+from serving.export import export_model, main
+from serving.layout import read_manifest
+from serving.scorer import BatchScorer
+from serving.scoring_model import ScoringModel, resolve_model
+from serving_testkit import SCENARIOS, canonical, sigmoid, training_logits, trained_folder, wdc_raw
+
+ATOL = 1e-5
+
+
+def plain_logits(folder, pooling: str, queries: list[str], titles: list[str], max_length: int) -> np.ndarray:
+    """Score with transformers classes only, as a consumer of the checkpoint would (manifest formula)."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(queries, titles, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        if pooling != "mean":
+            model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+            return model(**enc).logits[:, 0].numpy()
+        model = AutoModel.from_pretrained(folder).eval()
+        head = load_file(str(folder / "head.safetensors"))
+        hidden = model(**enc).last_hidden_state  # (b, L, d)
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return (pooled @ head["weight"].T + head["bias"])[:, 0].numpy()
+
+
+@pytest.mark.parametrize("pooling,arch", [("cls", "bert"), ("mean", "bert"), ("last", "llama")])
+def test_exported_artifacts_reproduce_training_scores(tmp_path, pooling, arch):
+    model_dir = trained_folder(tmp_path, pooling, arch)
+    out = tmp_path / "export"
+    manifest = export_model(str(model_dir), out)
+    assert read_manifest(out) == json.loads((out / "manifest.json").read_text())
+    assert manifest["task_map"] == SCENARIOS and manifest["pooling"] == pooling
+    assert manifest["config"]["model"]["pooling"] == pooling
+
+    table = canonical(wdc_raw(per_category=6))
+    ref = training_logits(model_dir, table)
+    scenario = np.asarray(table["scenario"].to_pylist())
+    queries, titles = table["query"].to_pylist(), table["title"].to_pylist()
+    sm = ScoringModel.load(out)
+    tok = AutoTokenizer.from_pretrained(out / "base")
+    enc = tok(queries, titles, truncation=True, max_length=manifest["max_length"], padding=True, return_tensors="pt")
+    if pooling == "mean":
+        base, _ = AutoModel.from_pretrained(out / "base").eval(), None
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(out / "base").eval()
+    as_each = {}
+    for name in SCENARIOS + SCENARIOS[:1]:  # switch back to the first: no drift from repeated merges
+        entry = manifest["scenarios"][name]
+        rows = scenario == name
+        sub_q = [q for q, r in zip(queries, rows) if r]
+        sub_t = [t for t, r in zip(titles, rows) if r]
+        plain = plain_logits(out / entry["merged"], pooling, sub_q, sub_t, manifest["max_length"])
+        np.testing.assert_allclose(plain, ref[rows], atol=ATOL, rtol=0)
+
+        sm.use(name)
+        as_each[name] = sm.logits(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")).numpy()
+        np.testing.assert_allclose(as_each[name][rows], ref[rows], atol=ATOL, rtol=0)
+
+        peft = PeftModel.from_pretrained(base, out / entry["adapter"]).eval()
+        with torch.no_grad():
+            if pooling == "mean":
+                head = load_file(str(out / "base" / "head.safetensors"))
+                hidden = peft(**enc).last_hidden_state
+                m = enc["attention_mask"].unsqueeze(-1).float()
+                got = (((hidden * m).sum(1) / m.sum(1)) @ head["weight"].T + head["bias"])[:, 0].numpy()
+            else:
+                got = peft(**enc).logits[:, 0].numpy()
+        base = peft.unload()  # the same base module, adapters removed, for the next scenario
+        np.testing.assert_allclose(got[rows], ref[rows], atol=ATOL, rtol=0)
+    # Each scenario's delta changes the scores: the equalities above are not trivially true.
+    assert np.abs(as_each["cameras"] - as_each["computers"]).max() > 1e-3
+
+
+def test_bf16_scoring_within_stated_tolerance(tmp_path):
+    model_dir = trained_folder(tmp_path, "mean")
+    export_model(str(model_dir), tmp_path / "export")
+    table = canonical(wdc_raw(per_category=8))
+    ref = sigmoid(training_logits(model_dir, table))
+    for dtype, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
+        scorer = BatchScorer(tmp_path / "export", ServingConfig(dtype=dtype, batch_size=4), "test")
+        scored, unknown = scorer.score(table)
+        assert unknown.num_rows == 0
+        np.testing.assert_allclose(scored["score"].to_numpy(), ref, atol=tol, rtol=0)
+
+
+def test_export_from_run_id_with_validation_registers_a_resolvable_model(tmp_path, capsys):
+    import mlflow
+
+    model_dir = trained_folder(tmp_path, "cls")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("train"), tags={"data_fingerprint": "abc123"})
+    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    valid = tmp_path / "valid.parquet"
+    pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
+
+    argv = ["--run", run.info.run_id, "--out", str(tmp_path / "export"), "--valid", str(valid),
+            "--name", "relevance", "--alias", "champion", "--tracking-uri", uri]
+    assert main(argv) == 0
+    manifest = read_manifest(tmp_path / "export")
+    assert manifest["source"]["run_id"] == run.info.run_id
+    assert manifest["data_fingerprint"] == "abc123"
+    assert manifest["calibration"]["file"] == "calibration.json"
+    assert set(manifest["thresholds"]["f1_max_calibrated"]) <= set(SCENARIOS)
+    for name in ("calibration.json", "reference.json", "config.yaml", "task_map.json"):
+        assert (tmp_path / "export" / name).is_file()
+
+    local, version = resolve_model("models:/relevance@champion", uri, tmp_path / "cache")
+    assert version == "relevance/1"
+    assert read_manifest(local)["model_version"] == manifest["model_version"]
+    assert (local / "base" / "config.json").is_file() and (local / "factors.safetensors").is_file()
+    # A second export of the same run replaces the folder and becomes version 2.
+    assert main(argv) == 0
+    assert resolve_model("models:/relevance@champion", uri, tmp_path / "cache")[1] == "relevance/2"
+    assert "registered models:/relevance@champion (version 2)" in capsys.readouterr().out
+
+
+def test_export_errors_name_the_source(tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    assert main(["--run", str(empty), "--out", str(tmp_path / "x")]) == 2
+    assert str(empty) in capsys.readouterr().err
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["--run", "0123456789abcdef0123456789abcdef", "--out", str(tmp_path / "x"),
+                 "--tracking-uri", uri]) == 2
+    assert "0123456789abcdef0123456789abcdef" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
