@@ -49,7 +49,7 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
             "params": {
                 "warmup_min_lr": [0.0, 0.0],
                 "warmup_max_lr": lrs,
-                "warmup_num_steps": min(t.warmup_steps, t.max_steps),
+                "warmup_num_steps": max(1, min(t.warmup_steps, t.max_steps)),  # DeepSpeed needs >= 1
                 "warmup_type": "linear",
                 "total_num_steps": t.max_steps,
             },

@@ -115,7 +115,9 @@ def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32)
     router, _ = inject_adapters(backbone, cfg.adapter, num_tasks)
     model = RelevanceModel(backbone, pooling, router, head)
     for name, p in model.named_parameters():
-        p.requires_grad_(is_adapter_param(name) or name.startswith("head.") or _is_hf_head(name))
+        # With mean pooling the backbone's own pooler is unused, so only the adapters and model.head train.
+        own_head = name.startswith("head.") if pooling == "mean" else _is_hf_head(name)
+        p.requires_grad_(is_adapter_param(name) or own_head)
     return model
 
 

@@ -1,0 +1,151 @@
+"""Training through real DeepSpeed on CPU: 1 process, 2 processes (ZeRO-2/3) via the launcher, resume, NaN."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.errors import TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Synthetic multi-market data, ingested for real: train/valid/test Parquet."""
+    from pipeline.ingest import run_ingest
+    from pipeline.synthetic import generate
+
+    work = tmp_path_factory.mktemp("data")
+    cfg = load_config(TINY, [f"work_dir={work}"])
+    raw = generate(work / "raw.parquet", cfg.data.synthetic)
+    run_ingest(cfg, raw, work / "data")
+    return work / "data"
+
+
+def _env(port: int) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", MASTER_PORT=str(port))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _launch(args: list[str], port: int, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training.launch", "--config", str(TINY), *args],
+                            cwd=ROOT, env=_env(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _run(args: list[str], port: int, timeout: int = 240) -> str:
+    proc = _launch(args, port)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_one_process_trains_tracks_and_freezes_base(tmp_path, data_dir):
+    work = tmp_path / "w"
+    _run([f"work_dir={work}", "--data", str(data_dir)], port=29601)
+    model_dir = work / "train" / "model"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    scenarios = json.loads((model_dir / "task_map.json").read_text())["scenarios"]
+    assert set(metrics["scenarios"]) == set(scenarios) and len(scenarios) >= 4
+    # Only adapter and head parameters are saved (and trained).
+    state = load_file(str(model_dir / "trainable.safetensors"))
+    assert state and all(k.endswith((".A", ".B", ".lam", ".w")) or k.startswith("head.") for k in state)
+    # B starts at zero: a trained B is non-zero, i.e. the adapter learned something.
+    assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in state.items())
+    # MLflow: per-scenario AUC, macro AUC, params, config artifacts, commit and data fingerprint.
+    client = MlflowClient(tracking_uri=f"sqlite:///{work.resolve() / 'mlflow.db'}")
+    run_id = (work / "train" / "mlflow_run_id").read_text().strip()
+    run = client.get_run(run_id)
+    for s in scenarios:
+        assert f"val/auc/{s}" in run.data.metrics
+    assert "val/auc_macro" in run.data.metrics
+    assert run.data.params["adapter.method"] == "mtl_lora"
+    assert run.data.metrics["params/adapter"] == run.data.metrics["params/adapter_expected"]
+    assert run.data.tags["git_commit"] and len(run.data.tags["data_fingerprint"]) == 16
+    artifacts = {a.path for a in client.list_artifacts(run_id, "config")}
+    assert {"config/config.yaml", "config/ds_config.json"} <= artifacts
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir, stage):
+    """2 CPU processes (gloo) via the real launcher; the gathered model reproduces its own metrics."""
+    work = tmp_path / "w"
+    out = _run(["--num_gpus", "2", "--master_port", str(29610 + stage), f"work_dir={work}", "--data", str(data_dir),
+                f"train.zero_stage={stage}", "tracking.enabled=false", "train.max_steps=10", "train.eval_every=5"],
+               port=29610 + stage)
+    model_dir = work / "train" / "model"
+    saved = json.loads((model_dir / "metrics.json").read_text())
+    # Reload the (ZeRO-gathered) folder in one plain process and evaluate: the same per-scenario AUCs.
+    from features.tokenize import build_features
+    import pyarrow.parquet as pq
+    from training.artifact import load_trained
+    from training.evaluate import evaluate
+    from training.trainer import load_tokenizer
+
+    cfg, task_map, model = load_trained(model_dir)
+    tok = load_tokenizer(cfg)
+    valid = build_features(pq.read_table(data_dir / "valid.parquet"), tok, task_map, cfg.features.max_length)
+    again = evaluate(model, valid, task_map, 64, tok.pad_token_id, torch.device("cpu"))
+    assert again["n"] == saved["n"] == len(valid)  # every example counted exactly once across ranks
+    for s, m in saved["scenarios"].items():
+        assert again["scenarios"][s]["auc"] == pytest.approx(m["auc"], abs=1e-5)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
+    common = ["--data", str(data_dir), "tracking.enabled=false", "train.max_steps=24", "train.checkpoint_every=4",
+              "train.eval_every=8", "train.keep_checkpoints=3"]
+    _run([f"work_dir={tmp_path / 'a'}", *common], port=29621)
+    # Interrupted run: SIGKILL once step 12 is checkpointed, then resume in a fresh process.
+    b = tmp_path / "b"
+    proc = _launch([f"work_dir={b}", *common], port=29622)
+    deadline = time.time() + 240
+    while _latest_step(b) < 12:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = _run([f"work_dir={b}", *common, "--resume"], port=29623)
+    assert "resumed from" in out
+    ma = json.loads((tmp_path / "a" / "train" / "model" / "metrics.json").read_text())
+    mb = json.loads((b / "train" / "model" / "metrics.json").read_text())
+    assert ma["step"] == mb["step"]
+    for s in ma["scenarios"]:
+        assert mb["scenarios"][s]["auc"] == pytest.approx(ma["scenarios"][s]["auc"], abs=1e-4)
+    # Same data in the same order ⇒ the same trained weights (fp32 on CPU: tight tolerance).
+    sa = load_file(str(tmp_path / "a" / "train" / "model" / "trainable.safetensors"))
+    sb = load_file(str(b / "train" / "model" / "trainable.safetensors"))
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
+
+
+def _latest_step(work: Path) -> int:
+    """The step of the newest complete checkpoint (DeepSpeed writes ``latest`` after the files)."""
+    latest = work / "train" / "checkpoints" / "latest"
+    return int(latest.read_text().strip()[4:]) if latest.is_file() else -1
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, data_dir, monkeypatch):
+    from training.trainer import train
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29631"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", "train.lr=1e30",
+                             "train.grad_clip=0.0", "train.warmup_steps=0", "train.checkpoint_every=1",
+                             "train.max_steps=50", "train.eval_every=100"])
+    with pytest.raises(TrainingDiverged, match="last good checkpoint: step"):
+        train(cfg, data_dir, tmp_path / "train")
+    assert (tmp_path / "train" / "checkpoints" / "latest").is_file()
