@@ -119,12 +119,14 @@ def spec_forward(layer: MTLLoRALinear, x: torch.Tensor, ids: torch.Tensor) -> to
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(5, 4), (5,)])
-def test_fused_forward_equals_spec_formula(method, lambda_type, bias, shape):
+@pytest.mark.parametrize("shape", [(5, 4), (5,), (5, 2, 3)])
+@pytest.mark.parametrize("path", ["auto", "fused", "gather"])
+def test_forward_equals_spec_formula(method, lambda_type, bias, shape, path):
     torch.manual_seed(0)
     router = TaskRouter(4)
     layer = MTLLoRALinear(nn.Linear(12, 10, bias=bias), 4, router, method, r=3, alpha=6.0, n_up=2,
                           tau=0.5, dropout=0.0, lambda_type=lambda_type)
+    layer.update_path = path
     randomize_adapters(nn.ModuleDict({"l": layer}))
     x = torch.randn(*shape, 12)
     router.task_ids = torch.tensor([2, 0, 3, 1, 2])
@@ -242,6 +244,26 @@ def test_mixed_batch_equals_each_scenario_alone(arch, method, lambda_type):
         # Routing matters (except for shared LoRA, which ignores task ids).
         other = model(ids, mask, (tasks + 1) % T)
     assert torch.equal(other, mixed) == (method == "lora")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_update_paths_agree_in_scores_and_gradients(arch):
+    """The fused (K = T·r) and gather (per-row U_t) layouts compute the same function and gradients."""
+    fused = make_model(arch)
+    randomize_adapters(fused)
+    gather = copy.deepcopy(fused)
+    for model, path in ((fused, "fused"), (gather, "gather")):
+        for layer in adapter_layers(model).values():
+            layer.update_path = path
+    ids, mask, tasks = make_batch(fused)
+    a, b = fused(ids, mask, tasks), gather(ids, mask, tasks)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    a.pow(2).sum().backward()
+    b.pow(2).sum().backward()
+    grads = {n: p.grad for n, p in gather.named_parameters() if p.grad is not None}
+    for name, p in fused.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -226,30 +226,55 @@ class MTLLoRALinear(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------
 
+    # How rows get their task's update (mtl_lora only; the baselines always use "fused"):
+    #   fused   one GEMM with K = T·r over h placed in its task's slot (FLOPs T× a LoRA's up-projection)
+    #   gather  each row's U_tᵀ (r, out) gathered, one batched GEMM with K = r (FLOPs equal to a LoRA's;
+    #           the gathered copy, b·r·out, is small against the (b·L, out) output when L >= r)
+    #   auto    gather when every row holds at least r tokens, else fused
+    update_path: str = "auto"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., out): W x + b, exactly the frozen layer
         h = F.linear(self.dropout(x), self.A)  # (..., a_groups·r)
-        if self.method == "mtl_lora":
+        up_t = self._stacked_up_t().to(out.dtype)  # (routes·r, out); built in the parameters' dtype
+        if self.method == "lora":
+            hm = h
+        elif self.method == "mtl_lora" and self._gathers(x):
+            rows = x.shape[0]
+            u_rows = up_t.view(self.num_tasks, self.r, -1).index_select(0, self._row_ids(x))  # (b, r, out)
+            out.view(rows, -1, out.shape[-1]).baddbmm_(  # (b, L, out) += s · (b, L, r) @ (b, r, out)
+                h.reshape(rows, -1, self.r).to(out.dtype), u_rows, alpha=self.scaling
+            )
+            return out
+        elif self.method == "mtl_lora":
             # Place h in its task's r-slot: (b, ..., 1, r) * (b, ..., T, 1) -> (b, ..., T·r).
             hm = (h.unsqueeze(-2) * self._row_mask(x)).flatten(-2)
-        elif self.method == "per_task_lora":
-            # h already holds every task's r columns; keep only the row's own task.
-            hm = (h.unflatten(-1, (self.num_tasks, self.r)) * self._row_mask(x)).flatten(-2)
         else:
-            hm = h
-        up_t = self._stacked_up_t().to(out.dtype)  # (routes·r, out); built in the parameters' dtype
+            # per_task_lora: h already holds every task's r columns; keep only the row's own task.
+            hm = (h.unflatten(-1, (self.num_tasks, self.r)) * self._row_mask(x)).flatten(-2)
         flat = out.view(-1, out.shape[-1])  # a view: the in-place add lands in ``out``
         flat.addmm_(hm.reshape(-1, hm.shape[-1]).to(out.dtype), up_t, alpha=self.scaling)
         return out
 
-    def _row_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, ..., 1, T, 1) in x's dtype: 1 in each row's task slot, 0 elsewhere."""
+    def _gathers(self, x: torch.Tensor) -> bool:
+        if self.update_path == "auto":
+            return x.dim() >= 3 and math.prod(x.shape[1:-1]) >= self.r
+        if self.update_path not in ("fused", "gather"):
+            raise ValueError(f"update_path must be 'auto', 'fused' or 'gather', got {self.update_path!r}")
+        return self.update_path == "gather"
+
+    def _row_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch's task ids, (batch,), on x's device; checks that they exist and cover the batch."""
         ids = self.router.task_ids
         if ids is None:
             raise ValueError(f"{self.method}: no task ids were set for this batch (set router.task_ids)")
         if ids.shape[0] != x.shape[0]:
             raise ValueError(f"{self.method}: task ids cover {ids.shape[0]} rows but the input batch has {x.shape[0]}")
-        ids = ids.to(x.device)
+        return ids.to(x.device)
+
+    def _row_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, ..., 1, T, 1) in x's dtype: 1 in each row's task slot, 0 elsewhere."""
+        ids = self._row_ids(x)
         mask = ids.unsqueeze(-1) == torch.arange(self.num_tasks, device=x.device)  # (batch, T) bool
         return mask.to(x.dtype).view(ids.shape[0], *([1] * (x.dim() - 2)), self.num_tasks, 1)
 

@@ -1,0 +1,314 @@
+"""MTL-LoRA adapter speed: a training step against PEFT LoRA and the reference approach; scoring cost.
+
+    python benchmarks/adapter_speed.py                                 # CPU: small LLaMA-shaped model
+    python benchmarks/adapter_speed.py --device cpu --preset tiny --iters 3 --compile   # smoke, all paths
+    python benchmarks/adapter_speed.py --device cuda --dtype bf16 --preset llama-0.5b \
+        --batch 128 --seq 128 --tasks 8 --rank 8 --compile                # the GPU run (gpu_adapter.sh)
+
+Training cases, one step = forward + backward + AdamW on one mixed-scenario batch, same random base
+model, rank, targets (q, k, v, o), dropout and optimizer:
+    peft_lora   PEFT's LoRA (one shared adapter; adapter weights kept in the model dtype)
+    mtl_lora    training.mtl_lora (fused: one shared down-projection, one K = T·r GEMM into the base output)
+    reference   the reference code's approach (benchmarks/reference_mtl_lora.py): per-row copies of A,
+                per-row Λ_t and pre-mixed B̃_t gathered per row, three batched matmuls
+Scoring cases (inference mode, the same mixed batch):
+    merged      a merged checkpoint for one scenario (training.merge): exactly the base model's cost
+    unmerged    the MTL-LoRA model scoring the mixed batch per row
+With --compile each case also runs with every transformer block compiled (torch.compile, regional:
+one compiled block is reused by all layers). Cases are interleaved in rounds (A B C A B C ...) so machine
+noise hits all alike; medians are printed, with the ratios the targets are stated in.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS = {  # LLaMA-shaped; speed does not depend on the (random) weights
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1000},
+    "llama-small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32000},
+    # Qwen2-0.5B's shape as a LLaMA (hidden 896, 24 layers, GQA 14/2): ~0.49B parameters.
+    "llama-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                   "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936},
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python benchmarks/adapter_speed.py", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--preset", choices=PRESETS, default="llama-small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--n-up", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--iters", type=int, default=15, help="timed rounds (each runs every case once)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case before the rounds")
+    p.add_argument("--compile", action="store_true", help="also time every case with compiled blocks")
+    p.add_argument("--compile-cases", default="mtl_lora,peft_lora,reference,unmerged,merged",
+                   help="which cases to compile, in order (compiling stops when --time-budget is spent)")
+    p.add_argument("--paths", default="", help="also time the layer's update paths forced, e.g. fused,gather")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--time-budget", type=float, default=0, help="seconds; 0 = no limit on compiled cases")
+    return p.parse_args(argv)
+
+
+def build_base(args) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(**PRESETS[args.preset], num_labels=1, pad_token_id=0, use_cache=False,
+                      max_position_embeddings=max(2048, args.seq))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForSequenceClassification(cfg)
+    return model.to(DTYPES[args.dtype]).requires_grad_(False)
+
+
+def with_peft(base: nn.Module, args):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules=TARGETS)
+    model = get_peft_model(copy.deepcopy(base), lcfg, autocast_adapter_dtype=False)  # adapters in bf16 too
+    return model, lambda ids: None
+
+
+def _mtl_lora_model(base: nn.Module, args):
+    from pipeline.config import AdapterConfig
+    from training.inject import inject_adapters
+
+    model = copy.deepcopy(base)
+    acfg = AdapterConfig(r=args.rank, alpha=2 * args.rank, n_up=args.n_up, dropout=args.dropout, targets=TARGETS)
+    router, _ = inject_adapters(model, acfg, args.tasks)
+    return model, router
+
+
+def with_mtl_lora(base: nn.Module, args, path: str = "auto"):
+    from training.inject import adapter_layers
+
+    model, router = _mtl_lora_model(base, args)
+    for layer in adapter_layers(model).values():
+        layer.update_path = path
+    return model, lambda ids: setattr(router, "task_ids", ids)
+
+
+def with_reference(base: nn.Module, args):
+    from reference_mtl_lora import inject_gather_adapters
+
+    model = copy.deepcopy(base)
+    router = inject_gather_adapters(model, TARGETS, args.tasks, args.rank, 2 * args.rank, args.n_up, 0.1,
+                                    args.dropout)
+    return model, lambda ids: setattr(router, "task_ids", ids)
+
+
+def with_merged(base: nn.Module, args):
+    from training.merge import merged_backbone
+    from training.model import RelevanceModel
+
+    model, router = _mtl_lora_model(base, args)
+    return merged_backbone(RelevanceModel(model, "last", router), task=0), lambda ids: None
+
+
+def check_agreement(base: nn.Module, args, batch) -> None:
+    """Same adapter values in the fused, gather and reference layouts: the scores must agree."""
+    from training.inject import adapter_layers
+
+    models = {"fused": with_mtl_lora(base, args, "fused"), "gather": with_mtl_lora(base, args, "gather"),
+              "reference": with_reference(base, args), "base": (copy.deepcopy(base), lambda ids: None)}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, layer in adapter_layers(models["fused"][0]).items():
+            layer.B.copy_(0.2 * torch.randn(layer.B.shape, generator=g))
+            layer.lam.add_(0.1 * torch.randn(layer.lam.shape, generator=g))
+            layer.w.copy_(torch.randn(layer.w.shape, generator=g))
+            for other in ("gather", "reference"):
+                twin = models[other][0].get_submodule(name)
+                for p in ("A", "B", "lam", "w"):
+                    getattr(twin, p).copy_(getattr(layer, p).view_as(getattr(twin, p)))
+    ids, mask, tasks, _ = batch
+    scores = {}
+    for key, (model, set_ids) in models.items():
+        model.eval()
+        set_ids(tasks)
+        with torch.inference_mode():
+            scores[key] = model(input_ids=ids, attention_mask=mask).logits.float().squeeze(-1)
+    scale = scores["fused"].abs().max().item()
+    diffs = ", ".join(f"{k} {(scores[k] - scores['fused']).abs().max().item():.2e}" for k in scores if k != "fused")
+    print(f"max |score - fused layout's| (max |score| {scale:.3f}; 'base' shows the adapters' effect): {diffs}")
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the longest ModuleList in the model."""
+    return max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+
+
+class Case:
+    """One model + how to run one timed unit of work with it (a train step or a scoring forward)."""
+
+    def __init__(self, name: str, model: nn.Module, set_ids, train: bool, args):
+        self.name, self.model, self.set_ids, self.train = name, model, set_ids, train
+        self.sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        self.times: list[float] = []
+        self.peak_mib = float("nan")
+        if train:
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(params, lr=1e-4)
+            self.trainable = sum(p.numel() for p in params)
+        else:
+            model.eval()
+            self.trainable = 0
+
+    def run(self, batch) -> None:
+        ids, mask, tasks, labels = batch
+        self.set_ids(tasks)
+        if self.train:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+            F.binary_cross_entropy_with_logits(logits, labels).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode():
+                self.model(input_ids=ids, attention_mask=mask)
+
+    def timed(self, batch) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        self.run(batch)
+        self.sync()
+        return time.perf_counter() - t0
+
+    def warm(self, batch, steps: int) -> float:
+        """Untimed steps (compilation happens here); records peak device memory; returns seconds spent."""
+        t0 = time.perf_counter()
+        cuda = torch.cuda.is_available() and next(self.model.parameters()).is_cuda
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            self.timed(batch)
+        if cuda:
+            self.peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+        return time.perf_counter() - t0
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def make_batch(args, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (args.batch, args.seq), generator=g)
+    tasks = torch.randint(0, args.tasks, (args.batch,), generator=g)
+    labels = torch.randint(0, 2, (args.batch,), generator=g).float()
+    mask = torch.ones_like(ids)
+    return tuple(t.to(args.device) for t in (ids, mask, tasks, labels))
+
+
+def run_rounds(cases: list[Case], batch, args, title: str) -> None:
+    """Interleave the cases for args.iters rounds, then print medians and the target ratios."""
+    for _ in range(args.iters):
+        for case in list(cases):
+            try:
+                case.times.append(case.timed(batch))
+            except Exception:  # one broken case must not lose the others' figures
+                print(f"  {case.name}: failed while timing\n{traceback.format_exc()}")
+                cases.remove(case)
+    med = {c.name: statistics.median(c.times) * 1e3 for c in cases if c.times}
+    print(f"\n== {title}: median ms over {args.iters} interleaved rounds ==")
+    for c in cases:
+        if c.name in med:
+            spread = (max(c.times) - min(c.times)) * 1e3
+            peak = "" if c.peak_mib != c.peak_mib else f"   peak +{c.peak_mib:,.0f} MiB"  # NaN on CPU
+            print(f"  {c.name:26s} {med[c.name]:9.2f} ms   spread {spread:8.2f}   trainable {c.trainable:>10,d}{peak}")
+    sfx = " (compiled)" if "compile" in title else ""
+    for num, den, label, target in (
+        ("mtl_lora", "peft_lora", "MTL-LoRA step / PEFT LoRA step", "<= 1.15 CPU, <= 1.05 GPU"),
+        ("reference", "mtl_lora", "speed-up over the reference approach", ">= 2 GPU"),
+        ("unmerged", "merged", "unmerged mixed-batch scoring / merged forward", "<= 1.10"),
+    ):
+        keys = [k + ("/compile" if sfx else "") for k in (num, den)]
+        if all(k in med for k in keys):
+            print(f"  {label + sfx:58s} {med[keys[0]] / med[keys[1]]:6.3f}   target {target}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_float32_matmul_precision("high")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, preset {args.preset}, "
+          f"batch {args.batch} x {args.seq}, tasks {args.tasks}, r {args.rank}, n {args.n_up}, "
+          f"threads {torch.get_num_threads()}")
+    base = build_base(args)
+    batch = make_batch(args, base.config.vocab_size)
+    builders = {"peft_lora": (with_peft, True), "mtl_lora": (with_mtl_lora, True),
+                "reference": (with_reference, True), "merged": (with_merged, False),
+                "unmerged": (with_mtl_lora, False)}
+    for path in filter(None, args.paths.split(",")):  # the layer's two update paths, forced
+        builders[f"mtl_lora[{path}]"] = (lambda base, args, path=path: with_mtl_lora(base, args, path), True)
+        builders[f"unmerged[{path}]"] = (lambda base, args, path=path: with_mtl_lora(base, args, path), False)
+
+    def make(name: str, compiled: bool) -> Case | None:
+        build, train = builders[name]
+        label = name + ("/compile" if compiled else "")
+        try:
+            model, set_ids = build(base, args)
+            if compiled:
+                for block in blocks(model):
+                    block.compile()
+            case = Case(label, model, set_ids, train, args)
+            graphs = _compiled_graphs()
+            spent = case.warm(batch, args.warmup + (1 if compiled else 0))
+            extra = f", compile included, {_compiled_graphs() - graphs} graphs" if compiled else ""
+            print(f"  {label}: ready ({spent:.1f} s warm-up{extra})")
+            return case
+        except Exception:
+            print(f"  {label}: failed\n{traceback.format_exc()}")
+            return None
+
+    try:
+        check_agreement(base, args, batch)
+    except Exception:
+        print(f"agreement check failed\n{traceback.format_exc()}")
+    print("\n-- eager --")
+    eager = [c for c in (make(n, False) for n in builders) if c is not None]
+    run_rounds(eager, batch, args, "eager")
+    if args.compile:
+        del eager
+        print("\n-- torch.compile (each transformer block) --")
+        compiled: list[Case] = []
+        for name in args.compile_cases.split(","):
+            if args.time_budget and time.perf_counter() - start > args.time_budget:
+                print(f"  {name}/compile: skipped, time budget of {args.time_budget:.0f} s spent")
+                continue
+            case = make(name.strip(), True)
+            if case is not None:
+                compiled.append(case)
+        if compiled:
+            run_rounds(compiled, batch, args, "torch.compile")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
