@@ -25,7 +25,7 @@ import pyarrow.ipc as ipc
 from pipeline.validate import CODE
 
 DEDUPE_KEYS = ["query", "title", "description", "url", "scenario"]
-BUCKET_ROWS = 250_000  # target rows per bucket: what pass 2 holds in memory at once
+BUCKET_ROWS = 100_000  # target rows per bucket: what pass 2 holds in memory at once (~100 MiB)
 MAX_BUCKETS = 1024  # open spill files; beyond MAX_BUCKETS * BUCKET_ROWS rows, buckets grow instead
 
 
@@ -82,26 +82,31 @@ class Spill:
 
 
 def find_duplicates(table: pa.Table) -> np.ndarray:
-    """int8 code per row: 0 keep, CODE['duplicate'], or CODE['conflicting_label']."""
+    """int8 code per row: 0 keep, CODE['duplicate'], or CODE['conflicting_label'].
+
+    The key columns are joined into one binary value per row with the byte 0xFF between them (0xFF never
+    occurs in UTF-8, so the join is unambiguous), then dictionary-encoded: Arrow numbers distinct values in
+    order of first appearance, so the group id of each row and "is the first of its group" come out of
+    one hash pass, and the rest is numpy.
+    """
     n = table.num_rows
-    rows = pa.array(np.arange(n, dtype=np.int64))
-    t = table.select(DEDUPE_KEYS).append_column("_row", rows).append_column("label", table.column("label"))
-    groups = t.group_by(DEDUPE_KEYS, use_threads=False).aggregate(
-        [("_row", "min"), ("label", "min"), ("label", "max")]
-    )
     codes = np.zeros(n, dtype=np.int8)
-    if groups.num_rows == n:  # every row distinct: the common case
+    if n < 2:
         return codes
-    first = groups.column("_row_min").to_numpy()
-    codes[:] = CODE["duplicate"]
-    codes[first] = 0
-    conflict = pc.fill_null(pc.not_equal(groups.column("label_min"), groups.column("label_max")), False)
-    conflict = conflict.to_numpy(zero_copy_only=False)
-    if conflict.any():
-        codes[first[conflict]] = CODE["conflicting_label"]
-        later = np.flatnonzero(codes == CODE["duplicate"])  # non-first rows: usually few
-        if later.size:
-            keys = groups.filter(pa.array(conflict)).select(DEDUPE_KEYS)
-            hit = t.take(pa.array(later)).join(keys, keys=DEDUPE_KEYS, join_type="left semi")
-            codes[hit.column("_row").to_numpy()] = CODE["conflicting_label"]
+    parts = [table.column(k).combine_chunks().view(pa.binary()) for k in DEDUPE_KEYS]
+    encoded = pc.dictionary_encode(pc.binary_join_element_wise(*parts, b"\xff"))
+    if len(encoded.dictionary) == n:  # every row distinct: the common case
+        return codes
+    ids = encoded.indices.to_numpy().astype(np.int64)
+    seen_before = np.maximum.accumulate(np.concatenate([[-1], ids[:-1]]))
+    codes[ids <= seen_before] = CODE["duplicate"]  # ids grow by one at each first appearance
+    label = table.column("label").combine_chunks()
+    groups = len(encoded.dictionary)
+    pos = np.bincount(ids, weights=_np(pc.equal(label, 1)), minlength=groups)
+    neg = np.bincount(ids, weights=_np(pc.equal(label, 0)), minlength=groups)
+    codes[((pos > 0) & (neg > 0))[ids]] = CODE["conflicting_label"]
     return codes
+
+
+def _np(mask: pa.Array) -> np.ndarray:
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False).astype(np.float64)

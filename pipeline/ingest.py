@@ -84,6 +84,14 @@ class _Stream:
                 yield accepted, quarantined, batch.num_rows
 
 
+def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """Dictionary pages and statistics only where they pay: low-cardinality and numeric columns
+    (on free text they cost a third of the write time and help no reader)."""
+    dictionary = [c for c in ("scenario", "source_file", "reason") if c in schema.names]
+    stats = [f.name for f in schema if not pa.types.is_string(f.type)] + ["scenario"]
+    return pq.ParquetWriter(path, schema, use_dictionary=dictionary, write_statistics=stats)
+
+
 def _split_key(cfg: Config, schema: pa.Schema) -> str:
     key = cfg.data.split.key
     if key not in schema.names or key in ("source_row", "truncated"):
@@ -118,7 +126,7 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
     split_key = _split_key(cfg, stream.accepted_schema)
     stats = IngestStats(d.max_chars)
     with staging_dir(out_dir) as stage, ExitStack() as files:
-        quarantine = files.enter_context(pq.ParquetWriter(stage / "quarantine.parquet", stream.quarantine_schema))
+        quarantine = files.enter_context(_parquet_writer(stage / "quarantine.parquet", stream.quarantine_schema))
         spill = Spill(stage / "spill", bucket_count(stream.source.num_rows), stream.accepted_schema)
         files.callback(spill.close)
         for accepted, rejected, n in stream:  # pass 1
@@ -134,7 +142,7 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
         if stats.rows_in == 0:
             raise DataError(f"{source}: no rows to ingest" + (" after data.filters" if d.filters else ""))
         _check_reject_rate(stats, d.max_reject_rate, source)  # fail before the second pass if already over
-        writers = {s: files.enter_context(pq.ParquetWriter(stage / f"{s}.parquet", stream.accepted_schema))
+        writers = {s: files.enter_context(_parquet_writer(stage / f"{s}.parquet", stream.accepted_schema))
                    for s in SPLITS}
         for table in spill.buckets():  # pass 2
             codes = find_duplicates(table)

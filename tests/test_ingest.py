@@ -355,3 +355,17 @@ def test_cli_ingests_synthetic_data(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])
     assert done.value.code == 0 and "python -m pipeline.ingest" in capsys.readouterr().out
+
+
+def test_dedupe_compares_whole_fields_and_keeps_the_first():
+    from pipeline.dedupe import find_duplicates
+    from pipeline.validate import CODE
+
+    t = pa.table({"query": ["a b", "a", "a b", "a b", "q", "q"], "title": ["c", "b c", "c", "c", "t", "t"],
+                  "description": [""] * 6, "url": [""] * 6, "scenario": ["us"] * 5 + ["uk"],
+                  "label": pa.array([1, 1, 1, 0, 0, 1], pa.int8())})
+    # rows 0, 2, 3 share every field but disagree on the label; 4 and 5 differ by scenario only.
+    codes = find_duplicates(t)
+    conflict = CODE["conflicting_label"]
+    assert codes.tolist() == [conflict, 0, conflict, conflict, 0, 0]
+    assert find_duplicates(t.slice(0, 3)).tolist() == [0, 0, CODE["duplicate"]]
