@@ -151,13 +151,17 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
                 dup = _to_quarantine(table.filter(pa.array(~keep)), codes[~keep], stream.quarantine_schema)
                 quarantine.write_table(dup)
                 stats.add_quarantined(dup)
-                table = table.filter(pa.array(keep))
             split = assign_splits(table.column("_khash").to_numpy(), d.split.valid_fraction, d.split.test_fraction,
                                   d.split.seed)
-            table = table.drop_columns(["_khash"])
+            # One gather puts the kept rows in split order (input order within a split); slices are free.
+            rows = np.flatnonzero(keep)
+            rows = rows[np.argsort(split[rows], kind="stable")]
+            table, split = table.drop_columns(["_khash"]).take(pa.array(rows)), split[rows]
             stats.add_accepted(table, split)
+            bounds = np.searchsorted(split, np.arange(len(SPLITS) + 1))
             for i, s in enumerate(SPLITS):
-                writers[s].write_table(table.filter(pa.array(split == i)))
+                if bounds[i + 1] > bounds[i]:
+                    writers[s].write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]))
         files.close()  # flush every Parquet footer before publishing
         _check_reject_rate(stats, d.max_reject_rate, source)
         result = stats.to_dict()
