@@ -13,6 +13,8 @@ values as strings, plus ``reason``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +32,7 @@ CODE = {r: i + 1 for i, r in enumerate(REASONS)}  # 0 = accepted
 REASON_NAMES = pa.array([""] + list(REASONS), pa.string())
 TEXT_FIELDS = ("query", "title", "description", "url")
 CANONICAL = TEXT_FIELDS + ("label", "scenario", "weight")
+Flag = Callable[[str, "np.ndarray | None"], None]  # flag(reason, rows it applies to)
 _NUMBER = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
 
 
@@ -206,20 +209,47 @@ class ColumnMapping:
 
     def canonicalize(self, batch: pa.RecordBatch, rows: np.ndarray, part: FilePart) -> tuple[pa.RecordBatch, pa.RecordBatch]:
         """One batch of a file -> (accepted rows, quarantined rows) in the canonical schemas."""
-        n, c, d = batch.num_rows, self.cols, self.data
-        codes = np.zeros(n, dtype=np.int8)
-        masks: dict[str, np.ndarray] = {}
+        n = batch.num_rows
+        masks: dict[str, np.ndarray] = {}  # reason -> rows it applies to
 
         def flag(reason: str, mask: np.ndarray | None) -> None:
             if mask is not None:
                 masks[reason] = masks[reason] | mask if reason in masks else mask
 
-        # Text fields: UTF-8, nulls, blanks; raw (escaped) values kept for the quarantine.
-        raw: dict[str, pa.Array] = {}
+        raw = self._text_fields(batch, flag)
+        sc = self._scenario(batch, part, flag)
+        lab_raw, label = self._label(batch, part, flag)
+        w_raw, weight = self._weight(batch, flag)
+        text, truncated = self._cut_overlong(raw, flag)
+        codes = np.zeros(n, dtype=np.int8)
+        for reason in REASONS:  # the first applicable reason wins
+            if reason in masks:
+                codes[(codes == 0) & masks[reason]] = CODE[reason]
+        keys = [self._key(batch.column(k), part.path, k) for k in self.keys]
+        source_file = pa.repeat(pa.scalar(part.path, pa.string()), n)
+        ok = codes == 0
+        accepted = pa.RecordBatch.from_arrays(
+            [text[f] for f in TEXT_FIELDS] + [label, sc, weight] + keys
+            + [source_file, pa.array(rows), pa.array(truncated)],
+            schema=accepted_schema(self.key_types),
+        )
+        if ok.all():
+            return accepted, empty_batch(quarantine_schema(self.keys))
+        quarantined = pa.RecordBatch.from_arrays(
+            [raw[f] for f in TEXT_FIELDS] + [_as_string(lab_raw), sc, _as_string(w_raw)]
+            + [_as_string(batch.column(k)) for k in self.keys]
+            + [REASON_NAMES.take(pa.array(codes)), source_file, pa.array(rows)],
+            schema=quarantine_schema(self.keys),
+        ).filter(pa.array(~ok))
+        return accepted.filter(pa.array(ok)), quarantined
+
+    def _text_fields(self, batch: pa.RecordBatch, flag: Flag) -> dict[str, pa.Array]:
+        """Valid-UTF-8 text of each field (absent fields: nulls); flags bad UTF-8, null or blank query/title."""
+        raw = {}
         for fld in TEXT_FIELDS:
-            col = getattr(c, fld)
+            col = getattr(self.cols, fld)
             if not col:
-                raw[fld] = pa.nulls(n, pa.string())
+                raw[fld] = pa.nulls(batch.num_rows, pa.string())
                 continue
             raw[fld], bad = _text(batch.column(col))
             flag("invalid_utf8", bad)
@@ -227,7 +257,11 @@ class ColumnMapping:
                 nulls = _np(pc.is_null(raw[fld]))
                 flag(f"null_{fld}", nulls)
                 flag(f"empty_{fld}", _blank(raw[fld]) & ~nulls)
-        # Scenario: a column, a partition key, or a constant.
+        return raw
+
+    def _scenario(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> pa.Array:
+        """From a column, a hive partition key, or a constant; flags null, blank and unknown scenarios."""
+        c = self.cols
         if c.scenario:
             sc = batch.column(c.scenario)
             if _kind(sc.type) == "text":
@@ -237,74 +271,63 @@ class ColumnMapping:
                 sc = pc.cast(sc, pa.string())
         else:
             value = part.partition[c.scenario_from_partition] if c.scenario_from_partition else c.scenario_constant
-            sc = pa.repeat(pa.scalar(value, pa.string()), n)
-        sc_null = _np(pc.is_null(sc))
-        flag("null_scenario", sc_null)
-        flag("empty_scenario", _blank(sc) & ~sc_null)
+            sc = pa.repeat(pa.scalar(value, pa.string()), batch.num_rows)
+        nulls = _np(pc.is_null(sc))
+        flag("null_scenario", nulls)
+        flag("empty_scenario", _blank(sc) & ~nulls)
         if self.scenarios:
-            flag("unknown_scenario", ~_np(pc.is_in(sc, value_set=pa.array(self.scenarios, pa.string()))) & ~sc_null)
-        # Label: binary 0/1, or graded with a threshold; absent only at scoring time.
-        if self.has_label.get(part.path, True):
-            lab_raw = batch.column(c.label)
-            values, bad_type = _numbers(lab_raw)
-            flag("bad_type", bad_type)
-            lab_null = _np(pc.is_null(lab_raw))
-            flag("null_label", lab_null)
-            if c.label_threshold is None:
-                good = (values == 0) | (values == 1)
-                label = pa.array((values == 1).astype(np.int8))
-            else:
-                good = np.isfinite(values)
-                label = pa.array((values >= c.label_threshold).astype(np.int8))
-            flag("bad_label", ~good & ~lab_null & ~bad_type)
+            flag("unknown_scenario", ~_np(pc.is_in(sc, value_set=pa.array(self.scenarios, pa.string()))) & ~nulls)
+        return sc
+
+    def _label(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> tuple[pa.Array, pa.Array]:
+        """(raw, int8 0/1): binary labels must be 0/1; graded ones are compared with the threshold.
+        Without a label column (scoring only) the label is null."""
+        if not self.has_label.get(part.path, True):
+            nulls = pa.nulls(batch.num_rows, pa.int8())
+            return nulls, nulls
+        raw = batch.column(self.cols.label)
+        values, bad_type = _numbers(raw)
+        nulls = _np(pc.is_null(raw))
+        flag("bad_type", bad_type)
+        flag("null_label", nulls)
+        threshold = self.cols.label_threshold
+        if threshold is None:
+            good, label = (values == 0) | (values == 1), values == 1
         else:
-            lab_raw = label = pa.nulls(n, pa.int8())
-        # Weight: finite and >= 0.
-        if c.weight:
-            w_raw = batch.column(c.weight)
-            wv, bad_type = _numbers(w_raw)
-            flag("bad_type", bad_type)
-            flag("bad_weight", ~(np.isfinite(wv) & (wv >= 0)) & ~bad_type)
-            weight = pa.array(wv.astype(np.float32))
-        else:
-            w_raw, weight = pa.nulls(n, pa.string()), pa.array(np.ones(n, dtype=np.float32))
-        # Overlong text: reject, or cut to max_chars and flag the row.
-        text = dict(raw)
-        truncated = np.zeros(n, dtype=bool)
+            good, label = np.isfinite(values), values >= threshold
+        flag("bad_label", ~good & ~nulls & ~bad_type)
+        return raw, pa.array(label.astype(np.int8))
+
+    def _weight(self, batch: pa.RecordBatch, flag: Flag) -> tuple[pa.Array, pa.Array]:
+        """(raw, float32): a weight must be finite and >= 0; 1.0 when no weight column is mapped."""
+        if not self.cols.weight:
+            return pa.nulls(batch.num_rows, pa.string()), pa.array(np.ones(batch.num_rows, dtype=np.float32))
+        raw = batch.column(self.cols.weight)
+        values, bad_type = _numbers(raw)
+        flag("bad_type", bad_type)
+        flag("bad_weight", ~(np.isfinite(values) & (values >= 0)) & ~bad_type)
+        return raw, pa.array(values.astype(np.float32))
+
+    def _cut_overlong(self, raw: dict[str, pa.Array], flag: Flag) -> tuple[dict[str, pa.Array], np.ndarray]:
+        """Text longer than max_chars: rejected (overlong), or cut and the row flagged as truncated.
+        Absent or null description/url become ""."""
+        n = len(raw["query"])
+        text, truncated = {}, np.zeros(n, dtype=bool)
         for fld in TEXT_FIELDS:
-            if not getattr(c, fld):
+            if not getattr(self.cols, fld):
                 text[fld] = pa.repeat(pa.scalar("", pa.string()), n)
                 continue
-            over = _np(pc.greater(pc.utf8_length(raw[fld]), d.max_chars))
+            text[fld] = raw[fld]
+            over = _np(pc.greater(pc.utf8_length(raw[fld]), self.data.max_chars))
             if over.any():
-                if d.overlong == "reject":
+                if self.data.overlong == "reject":
                     flag("overlong", over)
                 else:
-                    text[fld] = pc.utf8_slice_codeunits(raw[fld], 0, d.max_chars)
+                    text[fld] = pc.utf8_slice_codeunits(raw[fld], 0, self.data.max_chars)
                     truncated |= over
             if fld in ("description", "url"):
                 text[fld] = pc.fill_null(text[fld], "")
-        for reason in REASONS:  # first applicable reason wins
-            if reason in masks:
-                codes[(codes == 0) & masks[reason]] = CODE[reason]
-        keys = {k: self._key(batch.column(k), part.path, k) for k in self.keys}
-        source_file = pa.repeat(pa.scalar(part.path, pa.string()), n)
-        ok = codes == 0
-        accepted = pa.RecordBatch.from_arrays(
-            [text[f] for f in TEXT_FIELDS] + [label, sc, weight] + list(keys.values())
-            + [source_file, pa.array(rows), pa.array(truncated)],
-            schema=accepted_schema(self.key_types),
-        )
-        if ok.all():
-            return accepted, empty_batch(quarantine_schema(self.keys))
-        bad = pa.array(~ok)
-        quarantined = pa.RecordBatch.from_arrays(
-            [raw[f] for f in TEXT_FIELDS] + [_as_string(lab_raw), sc, _as_string(w_raw)]
-            + [_as_string(batch.column(k)) for k in self.keys]
-            + [REASON_NAMES.take(pa.array(codes)), source_file, pa.array(rows)],
-            schema=quarantine_schema(self.keys),
-        ).filter(bad)
-        return accepted.filter(pa.array(ok)), quarantined
+        return text, truncated
 
     def _key(self, arr: pa.Array, path: str, name: str) -> pa.Array:
         try:
