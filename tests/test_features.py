@@ -138,3 +138,12 @@ def test_a_padded_batch_scores_like_each_row_alone(table, tokenizer):
     assert together.shape == (len(idx),)
     assert torch.allclose(together, torch.cat(alone), atol=1e-5)
     assert sorted(set(b["task_ids"].tolist())) == [0, 1, 2, 3]
+
+
+def test_unlabelled_rows_for_scoring_get_nan_labels(tokenizer):
+    t = pa.table({"query": ["a", "b"], "title": ["x", "y"], "scenario": ["us", "de"],
+                  "label": pa.nulls(2, pa.int8())})
+    for table in (t, t.drop_columns(["label"])):
+        fs = build_features(table, tokenizer, TASKS, max_length=16)
+        assert np.isnan(fs.labels).all() and fs.task_ids.tolist() == [3, 0]
+        assert torch.isnan(fs.collate(np.array([1, 0]), tokenizer.pad_token_id)["labels"]).all()

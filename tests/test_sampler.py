@@ -118,3 +118,12 @@ def test_bad_arguments_are_named():
         MixedScenarioSampler(t, lengths, 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="lengths"):
         MixedScenarioSampler(t, lengths[:-1], 8)
+
+
+def test_a_task_without_rows_is_never_drawn():
+    t, lengths = data()
+    t = np.where(t == 1, 3, t)  # task 1 has no rows now; tasks 0, 2, 3 do
+    sampler = MixedScenarioSampler(t, lengths, 16, strategy="uniform")
+    assert sampler.probs[1] == 0 and np.allclose(sampler.probs[[0, 2, 3]], 1 / 3)
+    drawn = np.concatenate(take(sampler, 50))
+    assert set(np.unique(t[drawn])) == {0, 2, 3}
