@@ -1,11 +1,9 @@
 """Tokenised features: exact tokenizer output per row, dynamic padding, cache hits, a tiny model on top."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import features.tokenize as tokenize_mod
 from features.task_map import TaskMap
-from features.tokenize import FeatureSet, ad_text, build_features
+from features.tokenize import ad_text, build_features
 from pipeline.config import SyntheticConfig, config_from_dict
 from pipeline.errors import UnknownScenario
 from pipeline.synthetic import generate
