@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -65,6 +66,8 @@ def parse_args(argv):
     p.add_argument("--compile-cases", default="mtl_lora,peft_lora,reference,unmerged,merged",
                    help="which cases to compile, in order (compiling stops when --time-budget is spent)")
     p.add_argument("--paths", default="", help="also time the layer's update paths forced, e.g. fused,gather")
+    p.add_argument("--profile", default="", help="cases to profile one step of (e.g. peft_lora,mtl_lora); "
+                   "prints the top kernels by device time")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; 0 = no limit on compiled cases")
     return p.parse_args(argv)
@@ -134,9 +137,9 @@ def check_agreement(base: nn.Module, args, batch) -> None:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer in adapter_layers(models["fused"][0]).items():
-            layer.B.copy_(0.2 * torch.randn(layer.B.shape, generator=g))
-            layer.lam.add_(0.1 * torch.randn(layer.lam.shape, generator=g))
-            layer.w.copy_(torch.randn(layer.w.shape, generator=g))
+            layer.B.copy_(0.2 * torch.randn(layer.B.shape, generator=g).to(layer.B.device))
+            layer.lam.add_(0.1 * torch.randn(layer.lam.shape, generator=g).to(layer.lam.device))
+            layer.w.copy_(torch.randn(layer.w.shape, generator=g).to(layer.w.device))
             for other in ("gather", "reference"):
                 twin = models[other][0].get_submodule(name)
                 for p in ("A", "B", "lam", "w"):
@@ -169,7 +172,8 @@ class Case:
         if train:
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(params, lr=1e-4)
+            # The fused AdamW (CPU and CUDA) for every case: its cost barely depends on how many tensors.
+            self.opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
             self.trainable = sum(p.numel() for p in params)
         else:
             model.eval()
@@ -223,6 +227,33 @@ def make_batch(args, vocab: int):
     return tuple(t.to(args.device) for t in (ids, mask, tasks, labels))
 
 
+def profile_cases(cases: list[Case], names: list[str], batch, top: int = 14) -> None:
+    """One profiled step per named case: host time, device busy time, kernel launches, top host ops.
+
+    When the host cannot keep the device fed (many small launches), wall time follows host time and
+    device busy time shows what the kernels themselves cost.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for case in cases:
+        if case.name not in names:
+            continue
+        cuda = next(case.model.parameters()).is_cuda
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            case.timed(batch)
+        events = prof.key_averages()
+        host = sum(e.self_cpu_time_total for e in events) / 1e3
+        device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+        launches = sum(e.count for e in events if "LaunchKernel" in e.key or "launchKernel" in e.key)
+        aten = sum(e.count for e in events if e.key.startswith("aten::"))
+        print(f"\n-- profile of one {case.name} step: host {host:.1f} ms, device busy {device:.1f} ms, "
+              f"{launches} kernel launches, {aten} aten calls --")
+        rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        for e in rows:
+            print(f"  {e.key[:64]:64s} calls {e.count:6d}   host {e.self_cpu_time_total / 1e3:8.2f} ms")
+
+
 def run_rounds(cases: list[Case], batch, args, title: str) -> None:
     """Interleave the cases for args.iters rounds, then print medians and the target ratios."""
     for _ in range(args.iters):
@@ -254,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     torch.set_float32_matmul_precision("high")
+    torch._dynamo.config.recompile_limit = 64  # every case shares the decoder block's code object
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, preset {args.preset}, "
@@ -293,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n-- eager --")
     eager = [c for c in (make(n, False) for n in builders) if c is not None]
     run_rounds(eager, batch, args, "eager")
+    if args.profile:
+        profile_cases(eager, args.profile.split(","), batch)
     if args.compile:
         del eager
         print("\n-- torch.compile (each transformer block) --")
@@ -306,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 compiled.append(case)
         if compiled:
             run_rounds(compiled, batch, args, "torch.compile")
+            if args.profile:
+                profile_cases(compiled, [n + "/compile" for n in args.profile.split(",")], batch)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 

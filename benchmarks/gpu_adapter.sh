@@ -19,7 +19,7 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && log="$OUT/adapter_gpu.txt"; fi
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))"
   timeout 470 python3 benchmarks/adapter_speed.py --device cuda --dtype bf16 --preset llama-0.5b \
-    --batch 128 --seq 128 --tasks 8 --rank 8 --iters 20 --warmup 3 --paths fused,gather \
-    --compile --compile-cases mtl_lora,peft_lora,reference,unmerged,merged,mtl_lora[fused] --time-budget 300
+    --batch 128 --seq 128 --tasks 8 --rank 8 --iters 20 --warmup 3 --paths fused --profile peft_lora,mtl_lora \
+    --compile --compile-cases mtl_lora,peft_lora,reference,unmerged,merged --time-budget 300
   echo "exit status $?"
 } 2>&1 | tee "$log"

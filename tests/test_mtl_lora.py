@@ -141,6 +141,48 @@ def test_forward_equals_spec_formula(method, lambda_type, bias, shape, path):
         torch.testing.assert_close(up @ a, layer.delta_weight(t), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
+def test_compiled_and_eager_contraction_forms_agree(lambda_type):
+    """Under torch.compile the tiny contractions are written elementwise; same numbers as mm/bmm."""
+    layer = MTLLoRALinear(nn.Linear(12, 10), 4, TaskRouter(4), r=3, n_up=2, lambda_type=lambda_type)
+    randomize_adapters(nn.ModuleDict({"l": layer}))
+    torch.testing.assert_close(layer._up_t(elementwise=True), layer._up_t(elementwise=False), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fused", "gather"])
+def test_autocast_with_fp32_parameters(path):
+    router = TaskRouter(3)
+    layer = MTLLoRALinear(nn.Linear(12, 10), 3, router, r=4, dropout=0.0)
+    layer.update_path = path
+    randomize_adapters(nn.ModuleDict({"l": layer}))
+    router.task_ids = torch.tensor([0, 2, 1])
+    x = torch.randn(3, 5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_hand_written_backward_passes_gradcheck(diagonal):
+    from training.mtl_lora import _GatheredUpdate
+
+    g = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    T, n, r, out_f, b, L = 3, 2, 4, 5, 4, 3
+    out0 = torch.randn(b, L, out_f, generator=g, **d)
+    ids = torch.tensor([2, 0, 2, 1])
+    inputs = [torch.randn(b, L, r, generator=g, **d), torch.randn(n, out_f, r, generator=g, **d),
+              torch.randn(*((T, r) if diagonal else (T, r, r)), generator=g, **d), torch.randn(T, n, generator=g, **d)]
+    for t in inputs:
+        t.requires_grad_(True)
+
+    def update(h, B, lam, w):
+        return _GatheredUpdate.apply(out0.clone(), h, B, lam, w, ids, 1.5, 0.7, diagonal)
+
+    assert torch.autograd.gradcheck(update, inputs)
+
+
 def test_initialisation_follows_the_spec():
     torch.manual_seed(0)
     in_f, out_f, r, n = 256, 48, 8, 3

@@ -1,4 +1,4 @@
-"""Put MTL-LoRA layers into any Hugging Face transformer, by target-module names or patterns.
+r"""Put MTL-LoRA layers into any Hugging Face transformer, by target-module names or patterns.
 
     router, replaced = inject_adapters(model, AdapterConfig(targets=["q_proj", "v_proj"]), num_tasks=4)
 

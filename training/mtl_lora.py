@@ -175,31 +175,37 @@ class MTLLoRALinear(nn.Module):
     # --- the per-task update as LoRA pairs ------------------------------------------------------------
 
     def mixing_weights(self) -> torch.Tensor:
-        """p, (T, n): softmax(w / τ), always computed in fp32."""
-        return torch.softmax(self.w.float() / self.tau, dim=-1)
+        """p, (T, n): softmax(w / τ), computed in fp32 (or fp64 for fp64 parameters)."""
+        return _softmax_fp32(self.w, self.tau)
 
-    def _stacked_up_t(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Uᵀ without the scaling s: rows t·r..t·r+r-1 hold (B̃_t Λ_t)ᵀ, shape (routes·r, out)."""
-        dtype = dtype or self.B.dtype
-        b = self.B.to(dtype)  # (routes | n, out, r)
-        routes, out_f = self.num_routes, b.shape[1]
+    def _up_t(self, dtype: torch.dtype | None = None, elementwise: bool | None = None) -> torch.Tensor:
+        """Uᵀ without the scaling s: (B̃_t Λ_t)ᵀ for every route, shape (routes, r, out).
+
+        ``elementwise`` writes the two tiny contractions (mixing over n, Λ over r) as broadcast
+        products and sums, which torch.compile fuses into one kernel; eagerly, one mm and one bmm
+        launch fewer kernels. Both compute the same numbers. Default: elementwise when compiling.
+        """
+        b = self.B if dtype in (None, self.B.dtype) else self.B.to(dtype)  # (routes | n, out, r)
         if self.method != "mtl_lora":
-            if routes == 1:
-                return b[0].t()  # (r, out), a transposed view: the GEMM reads it as is
-            return b.transpose(1, 2).reshape(routes * self.r, out_f)
-        p = self.mixing_weights().to(dtype)  # (T, n)
-        b_mix = (p @ b.reshape(self.n_up, -1)).view(routes, out_f, self.r)  # B̃_t, (T, out, r)
-        lam = self.lam.to(dtype)
+            return b.transpose(1, 2)  # (routes, r, out), a view
+        if elementwise is None:
+            elementwise = torch.compiler.is_compiling()
+        p = self.mixing_weights()  # (T, n) fp32
+        p = p.to(b.dtype)
+        lam = self.lam if self.lam.dtype == b.dtype else self.lam.to(b.dtype)
+        if elementwise:
+            b_mix_t = (p[:, :, None, None] * b.transpose(1, 2)[None]).sum(1)  # B̃_tᵀ, (T, r, out)
+            if self.lambda_type == "full":  # Λ_tᵀ B̃_tᵀ: sum over Λ's row index c
+                return (lam[:, :, :, None] * b_mix_t[:, :, None, :]).sum(1)
+            return lam[:, :, None] * b_mix_t
+        b_mix = torch.mm(p, b.view(self.n_up, -1)).view(-1, b.shape[1], self.r)  # B̃_t, (T, out, r)
         if self.lambda_type == "full":
-            up_t = torch.bmm(lam.transpose(1, 2), b_mix.transpose(1, 2))  # Λ_tᵀ B̃_tᵀ, (T, r, out)
-        else:
-            up_t = lam.unsqueeze(-1) * b_mix.transpose(1, 2)  # diag(λ_t) B̃_tᵀ, (T, r, out)
-        return up_t.reshape(routes * self.r, out_f)
+            return torch.bmm(lam.transpose(1, 2), b_mix.transpose(1, 2))  # Λ_tᵀ B̃_tᵀ, (T, r, out)
+        return lam[:, :, None] * b_mix.transpose(1, 2)  # diag(λ_t) B̃_tᵀ
 
     def up_factors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """U_t = s · B̃_t · Λ_t for every route, (routes, out, r), in ``dtype`` (default: the parameters')."""
-        up_t = self._stacked_up_t(dtype)
-        return (up_t * self.scaling).view(self.num_routes, self.r, -1).transpose(1, 2)
+        return (self._up_t(dtype) * self.scaling).transpose(1, 2)
 
     def down_factors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A for every route, (routes, r, in): a shared A is broadcast, never copied."""
@@ -236,24 +242,30 @@ class MTLLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., out): W x + b, exactly the frozen layer
         h = F.linear(self.dropout(x), self.A)  # (..., a_groups·r)
-        up_t = self._stacked_up_t().to(out.dtype)  # (routes·r, out); built in the parameters' dtype
-        if self.method == "lora":
-            hm = h
-        elif self.method == "mtl_lora" and self._gathers(x):
+        if h.dtype != out.dtype:  # autocast: the base output is in the autocast dtype
+            h = h.to(out.dtype)
+        if self.method == "mtl_lora" and self._gathers(x):
             rows = x.shape[0]
-            u_rows = up_t.view(self.num_tasks, self.r, -1).index_select(0, self._row_ids(x))  # (b, r, out)
-            out.view(rows, -1, out.shape[-1]).baddbmm_(  # (b, L, out) += s · (b, L, r) @ (b, r, out)
-                h.reshape(rows, -1, self.r).to(out.dtype), u_rows, alpha=self.scaling
-            )
+            out3 = out if out.dim() == 3 else out.view(rows, -1, out.shape[-1])  # (b, L, out)
+            h3 = h if h.dim() == 3 else h.view(rows, -1, self.r)  # (b, L, r)
+            ids = self._row_ids(x)
+            if torch.compiler.is_compiling():  # plain ops: the compiler derives and fuses the backward
+                u_rows = self._up_t().to(out.dtype).index_select(0, ids)  # (b, r, out)
+                out3.baddbmm_(h3, u_rows, alpha=self.scaling)
+            else:  # one autograd node with a hand-written backward: far fewer small kernels
+                b, lam = (self.B, self.lam) if self.B.dtype == out.dtype else (self.B.to(out.dtype), self.lam.to(out.dtype))
+                _GatheredUpdate.apply(out3, h3, b, lam, self.w, ids, self.scaling, self.tau, self.lambda_type == "diagonal")
             return out
-        elif self.method == "mtl_lora":
+        up_t = self._up_t().to(out.dtype)  # (routes, r, out)
+        if self.method == "mtl_lora":
             # Place h in its task's r-slot: (b, ..., 1, r) * (b, ..., T, 1) -> (b, ..., T·r).
-            hm = (h.unsqueeze(-2) * self._row_mask(x)).flatten(-2)
-        else:
-            # per_task_lora: h already holds every task's r columns; keep only the row's own task.
-            hm = (h.unflatten(-1, (self.num_tasks, self.r)) * self._row_mask(x)).flatten(-2)
-        flat = out.view(-1, out.shape[-1])  # a view: the in-place add lands in ``out``
-        flat.addmm_(hm.reshape(-1, hm.shape[-1]).to(out.dtype), up_t, alpha=self.scaling)
+            h = (h.unsqueeze(-2) * self._row_mask(x, h.dtype)).flatten(-2)
+        elif self.method == "per_task_lora":
+            # h already holds every task's r columns; keep only the row's own task.
+            h = (h.unflatten(-1, (self.num_tasks, self.r)) * self._row_mask(x, h.dtype)).flatten(-2)
+        # One GEMM with K = routes·r, accumulated in place: out += s · hm @ Uᵀ.
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up_t.reshape(-1, up_t.shape[-1]),
+                                           alpha=self.scaling)
         return out
 
     def _gathers(self, x: torch.Tensor) -> bool:
@@ -272,17 +284,70 @@ class MTLLoRALinear(nn.Module):
             raise ValueError(f"{self.method}: task ids cover {ids.shape[0]} rows but the input batch has {x.shape[0]}")
         return ids.to(x.device)
 
-    def _row_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, ..., 1, T, 1) in x's dtype: 1 in each row's task slot, 0 elsewhere."""
+    def _row_mask(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, ..., 1, T, 1) in ``dtype``: 1 in each row's task slot, 0 elsewhere."""
         ids = self._row_ids(x)
         mask = ids.unsqueeze(-1) == torch.arange(self.num_tasks, device=x.device)  # (batch, T) bool
-        return mask.to(x.dtype).view(ids.shape[0], *([1] * (x.dim() - 2)), self.num_tasks, 1)
+        return mask.to(dtype).view(ids.shape[0], *([1] * (x.dim() - 2)), self.num_tasks, 1)
 
     def extra_repr(self) -> str:
         return (
             f"method={self.method}, tasks={self.num_tasks}, r={self.r}, n_up={self.n_up}, "
             f"scaling={self.scaling}, tau={self.tau}, lambda={self.lambda_type}"
         )
+
+
+def _softmax_fp32(w: torch.Tensor, tau: float) -> torch.Tensor:
+    """softmax(w / τ) over the last dim, with the division and the softmax in at least fp32."""
+    return torch.softmax(w.to(torch.promote_types(w.dtype, torch.float32)) / tau, dim=-1)
+
+
+class _GatheredUpdate(torch.autograd.Function):
+    """out (b, L, out) += s · h (b, L, r) @ U_{t(b)}ᵀ in place, with Uᵀ_t = Λ_tᵀ B̃_tᵀ, B̃ = softmax(w/τ) B.
+
+    The same numbers as the plain ops in ``MTLLoRALinear._up_t`` + ``baddbmm_``, as one autograd node
+    whose backward is written out: about half the kernels of the generic graph, which matters when the
+    host, not the device, sets the pace of eager training. Inputs share one dtype (w may differ).
+    """
+
+    @staticmethod
+    def forward(ctx, out, h, B, lam, w, ids, scaling: float, tau: float, diagonal: bool):
+        n, out_f, r = B.shape
+        p = _softmax_fp32(w, tau)  # (T, n), fp32
+        b_mix = torch.mm(p.to(B.dtype), B.view(n, -1)).view(-1, out_f, r)  # B̃, (T, out, r)
+        if diagonal:
+            up_t = lam.unsqueeze(-1) * b_mix.transpose(1, 2)  # (T, r, out)
+        else:
+            up_t = torch.bmm(lam.transpose(1, 2), b_mix.transpose(1, 2))  # (T, r, out)
+        u_rows = up_t.index_select(0, ids)  # (b, r, out)
+        out.baddbmm_(h, u_rows, alpha=scaling)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(h, B, lam, ids, p, b_mix, u_rows)
+        ctx.scaling, ctx.tau, ctx.diagonal = scaling, tau, diagonal
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # g: (b, L, out)
+        h, B, lam, ids, p, b_mix, u_rows = ctx.saved_tensors
+        s, n, T = ctx.scaling, B.shape[0], lam.shape[0]
+        grad_h = grad_b = grad_lam = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_h = torch.baddbmm(h, g, u_rows.transpose(1, 2), beta=0, alpha=s)  # s · g U_t, (b, L, r)
+        if any(ctx.needs_input_grad[2:5]):
+            grad_rows = torch.bmm(h.transpose(1, 2), g)  # (b, r, out)
+            grad_up = grad_rows.new_zeros(T, *grad_rows.shape[1:]).index_add_(0, ids, grad_rows, alpha=s)
+            b_mix_t = b_mix.transpose(1, 2)  # (T, r, out)
+            if ctx.diagonal:
+                grad_lam = (grad_up * b_mix_t).sum(-1)  # (T, r)
+                grad_mix = grad_up.transpose(1, 2) * lam.unsqueeze(1)  # (T, out, r)
+            else:
+                grad_lam = torch.bmm(b_mix_t, grad_up.transpose(1, 2))  # B̃_tᵀ Gᵀ, (T, r, r)
+                grad_mix = torch.bmm(grad_up.transpose(1, 2), lam.transpose(1, 2))  # Gᵀ Λ_tᵀ, (T, out, r)
+            flat = grad_mix.reshape(T, -1)
+            grad_b = torch.mm(p.t().to(flat.dtype), flat).view_as(B)  # Σ_t p_ti ∂B̃_t
+            grad_p = torch.mm(flat, B.view(n, -1).t()).to(p.dtype)  # (T, n)
+            grad_w = torch._softmax_backward_data(grad_p, p, -1, p.dtype).div_(ctx.tau)
+        return g, grad_h, grad_b, grad_lam, grad_w, None, None, None, None
 
 
 def expected_trainable_params(
