@@ -1,7 +1,6 @@
 """Tokenised features: exact tokenizer output per row, dynamic padding, cache hits, a tiny model on top."""
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
