@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     eager = [c for c in (make(n, False) for n in builders) if c is not None]
     run_rounds(eager, batch, args, "eager")
     if args.profile:
-        profile_cases(eager, args.profile.split(","), batch)
+        try:
+            profile_cases(eager, args.profile.split(","), batch)
+        except Exception:
+            print(f"profiling failed\n{traceback.format_exc()}")
     if args.compile:
         del eager
         print("\n-- torch.compile (each transformer block) --")
@@ -341,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         if compiled:
             run_rounds(compiled, batch, args, "torch.compile")
             if args.profile:
-                profile_cases(compiled, [n + "/compile" for n in args.profile.split(",")], batch)
+                try:
+                    profile_cases(compiled, [n + "/compile" for n in args.profile.split(",")], batch)
+                except Exception:
+                    print(f"profiling failed\n{traceback.format_exc()}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -27,7 +27,8 @@ def hf_model(spec: dict, seq_cls: bool = False, **overrides) -> nn.Module:
 
 def test_bert_attention_names():
     model = hf_model(BERT)
-    router, replaced = inject_adapters(model, AdapterConfig(targets=["query", "key", "value", "attention.output.dense"]), 3)
+    cfg = AdapterConfig(targets=["query", "key", "value", "attention.output.dense"])
+    router, replaced = inject_adapters(model, cfg, 3)
     expected = [f"encoder.layer.{i}.attention.{s}" for i in range(2)
                 for s in ("self.query", "self.key", "self.value", "output.dense")]
     assert sorted(replaced) == sorted(expected)

@@ -19,13 +19,16 @@ Baselines share the forward (``method``):
     lora           one A (r, in) and one B (1, out, r) for every row; task ids are ignored
     per_task_lora  A (T·r, in) and B (T, out, r): an independent adapter per task
 
-How the mixed-task forward stays as cheap as one LoRA (no per-row copies of A, Λ or B̃):
-    h   = dropout(x) @ A.T                              (M, r)      one shared down-projection
-    Uᵀ  = stack_t (B̃_t Λ_t)ᵀ                            (T·r, out)  tiny, once per forward
-    hm  = h placed in the r-slot of its row's task, zeros elsewhere    (M, T·r)
-    y   = (W x + b).addmm_(hm, Uᵀ, alpha=s)              one GEMM with K = T·r, accumulated in place
-A GEMM this thin is bound by reading/writing its (M, out) output, so K = T·r costs about what LoRA's
-K = r does, and the in-place accumulation saves the extra (M, out) pass that ``base + lora`` makes.
+How a mixed-task batch is computed (no per-row copies of A; U_t = s·B̃_t·Λ_t built once per forward):
+    h     = dropout(x) @ Aᵀ                         (b, L, r)    one shared down-projection
+    Uᵀ    = (B̃_t Λ_t)ᵀ for every task               (T, r, out)  tiny
+  gather (rows of >= r tokens, the usual case):
+    y     = (W x + b).baddbmm_(h, Uᵀ[ids], alpha=s) each row's (r, out) factor, one batched GEMM, K = r
+  fused (short rows, and the baselines):
+    y     = (W x + b).addmm_(h in its task's r-slot (M, T·r), Uᵀ (T·r, out), alpha=s)   one GEMM, K = T·r
+Both add into the base output in place (no extra (M, out) pass) and give the same numbers. Eagerly the
+gather path is one autograd node with a hand-written backward (``_GatheredUpdate``): about half the
+small kernels of the generic graph. Under torch.compile plain ops are used and the compiler fuses them.
 """
 from __future__ import annotations
 
@@ -69,7 +72,9 @@ class TaskRouter:
 
     def _validate(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"task ids must be a 1-D integer tensor (one id per row), got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(
+                f"task ids must be a 1-D integer tensor (one id per row), got {ids.dtype} {tuple(ids.shape)}"
+            )
         if self.num_tasks is None or ids.device.type != "cpu" or ids.numel() == 0:
             return
         bad = ((ids < 0) | (ids >= self.num_tasks)).nonzero()
@@ -217,7 +222,9 @@ class MTLLoRALinear(nn.Module):
         route = self._route(task)
         return self.up_factors(dtype)[route] @ self.down_factors(dtype)[route]
 
-    def lora_pair(self, task: int | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def lora_pair(
+        self, task: int | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_t (r, in), U_t (out, r)): an ordinary LoRA pair with scaling 1 for one task (detached copies)."""
         route = self._route(task)
         with torch.no_grad():
@@ -253,8 +260,11 @@ class MTLLoRALinear(nn.Module):
                 u_rows = self._up_t().to(out.dtype).index_select(0, ids)  # (b, r, out)
                 out3.baddbmm_(h3, u_rows, alpha=self.scaling)
             else:  # one autograd node with a hand-written backward: far fewer small kernels
-                b, lam = (self.B, self.lam) if self.B.dtype == out.dtype else (self.B.to(out.dtype), self.lam.to(out.dtype))
-                _GatheredUpdate.apply(out3, h3, b, lam, self.w, ids, self.scaling, self.tau, self.lambda_type == "diagonal")
+                b, lam = self.B, self.lam
+                if b.dtype != out.dtype:
+                    b, lam = b.to(out.dtype), lam.to(out.dtype)
+                diagonal = self.lambda_type == "diagonal"
+                _GatheredUpdate.apply(out3, h3, b, lam, self.w, ids, self.scaling, self.tau, diagonal)
             return out
         up_t = self._up_t().to(out.dtype)  # (routes, r, out)
         if self.method == "mtl_lora":
