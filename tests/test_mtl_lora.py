@@ -183,6 +183,32 @@ def test_hand_written_backward_passes_gradcheck(diagonal):
     assert torch.autograd.gradcheck(update, inputs)
 
 
+@pytest.mark.parametrize("path", ["fused", "gather"])
+def test_scoring_cache_follows_parameter_updates(path):
+    """Without autograd the factors are cached; any change to B, Λ or w must show in the next score."""
+    router = TaskRouter(3)
+    layer = MTLLoRALinear(nn.Linear(12, 10), 3, router, r=4, dropout=0.0)
+    layer.update_path = path
+    randomize_adapters(nn.ModuleDict({"l": layer}))
+    router.task_ids = torch.tensor([0, 2, 1])
+    x = torch.randn(3, 6, 12)
+
+    def check():
+        with torch.no_grad():
+            scored = layer(x)
+        torch.testing.assert_close(scored, layer(x).detach(), atol=1e-6, rtol=1e-6)  # vs the autograd path
+        return scored
+
+    first = check()
+    torch.optim.SGD([layer.B, layer.lam, layer.w], lr=0.5).zero_grad()
+    layer(x).pow(2).sum().backward()
+    torch.optim.SGD([layer.B, layer.lam, layer.w], lr=0.5).step()  # in-place: bumps _version
+    stepped = check()
+    assert not torch.allclose(stepped, first)
+    layer.B.data = layer.B.data * 2  # a storage swap, as DeepSpeed ZeRO-3 does
+    assert not torch.allclose(check(), stepped)
+
+
 def test_initialisation_follows_the_spec():
     torch.manual_seed(0)
     in_f, out_f, r, n = 256, 48, 8, 3

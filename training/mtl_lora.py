@@ -208,6 +208,19 @@ class MTLLoRALinear(nn.Module):
             return torch.bmm(lam.transpose(1, 2), b_mix.transpose(1, 2))  # Λ_tᵀ B̃_tᵀ, (T, r, out)
         return lam[:, :, None] * b_mix.transpose(1, 2)  # diag(λ_t) B̃_tᵀ
 
+    def _factors(self, dtype: torch.dtype) -> torch.Tensor:
+        """Uᵀ in ``dtype`` for the forward. Without autograd (scoring) it is cached until a parameter
+        changes (in-place updates bump ``_version``; ZeRO-3 swaps storage: ``data_ptr``)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._up_t().to(dtype)
+        params = [p for p in (self.B, getattr(self, "lam", None), getattr(self, "w", None)) if p is not None]
+        key = (dtype, *((p._version, p.data_ptr(), p.device) for p in params))
+        cached = self.__dict__.get("_factor_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._up_t().to(dtype))
+            self.__dict__["_factor_cache"] = cached  # a plain attribute: not state, not a buffer
+        return cached[1]
+
     def up_factors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """U_t = s · B̃_t · Λ_t for every route, (routes, out, r), in ``dtype`` (default: the parameters')."""
         return (self._up_t(dtype) * self.scaling).transpose(1, 2)
@@ -256,8 +269,10 @@ class MTLLoRALinear(nn.Module):
             out3 = out if out.dim() == 3 else out.view(rows, -1, out.shape[-1])  # (b, L, out)
             h3 = h if h.dim() == 3 else h.view(rows, -1, self.r)  # (b, L, r)
             ids = self._row_ids(x)
-            if torch.compiler.is_compiling():  # plain ops: the compiler derives and fuses the backward
-                u_rows = self._up_t().to(out.dtype).index_select(0, ids)  # (b, r, out)
+            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+                # Plain ops: compiled, the compiler derives and fuses the backward; without grad, the
+                # factors come from the cache.
+                u_rows = self._factors(out.dtype).index_select(0, ids)  # (b, r, out)
                 out3.baddbmm_(h3, u_rows, alpha=self.scaling)
             else:  # one autograd node with a hand-written backward: far fewer small kernels
                 b, lam = self.B, self.lam
@@ -266,7 +281,7 @@ class MTLLoRALinear(nn.Module):
                 diagonal = self.lambda_type == "diagonal"
                 _GatheredUpdate.apply(out3, h3, b, lam, self.w, ids, self.scaling, self.tau, diagonal)
             return out
-        up_t = self._up_t().to(out.dtype)  # (routes, r, out)
+        up_t = self._factors(out.dtype)  # (routes, r, out)
         if self.method == "mtl_lora":
             # Place h in its task's r-slot: (b, ..., 1, r) * (b, ..., T, 1) -> (b, ..., T·r).
             h = (h.unsqueeze(-2) * self._row_mask(x, h.dtype)).flatten(-2)
