@@ -226,6 +226,15 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     return manifest
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts beside the database file (MLflow's default is ./mlruns under the
+    current directory, wherever the job happens to run); None (the server's choice) otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
+
+
 def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None,
                     source_run: str | None) -> dict:
     """Log ``out`` as artifact ``model`` of a new run and register it as a new version of ``name``."""
@@ -234,7 +243,8 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
 
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_location(tracking_uri, experiment))
     run = client.create_run(exp_id, run_name="export", tags={"stage": "export", "source_run": source_run or ""})
     run_id = run.info.run_id
     client.log_artifacts(run_id, str(out), "model")

@@ -21,6 +21,7 @@ worker by hand (e.g. one per machine). Exit codes: 0 done, 2 bad input or config
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,7 +29,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -48,8 +48,17 @@ def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
     return pa.schema(list(key_types.items()) + fixed)
 
 
+# Columns that only ingestion's output has together: such input is read with the identity mapping.
+INGESTED_SIGNATURE = {"query", "title", "description", "url", "label", "scenario", "weight", "source_file",
+                      "source_row", "truncated"}
+
+
 class Inputs:
-    """The input files as shards, with ingestion's column mapping checked against every file up front."""
+    """The input files as shards, with ingestion's column mapping checked against every file up front.
+
+    Files written by ingestion (all of INGESTED_SIGNATURE present) are already canonical and are read with
+    the identity mapping; anything else goes through ``data.columns``.
+    """
 
     def __init__(self, cfg: Config, inputs: list[str]):
         from pipeline.reader import ParquetSource, build_filter
@@ -59,8 +68,15 @@ class Inputs:
         parts = []
         for item in inputs:
             parts.extend(ParquetSource.open(Path(item).resolve()).parts(self.filter))
+        data = cfg.data
+        self.canonical = bool(parts) and all(INGESTED_SIGNATURE <= set(p.schema.names) for p in parts)
+        if self.canonical:  # ingestion's own output (e.g. <work_dir>/data/test.parquet): identity mapping
+            data = dataclasses.replace(data, columns=dataclasses.replace(
+                data.columns, query="query", title="title", description="description", url="url", label="label",
+                label_threshold=None, scenario="scenario", scenario_from_partition=None, scenario_constant=None,
+                weight="weight"))
         # scenarios=[]: ingestion accepts every scenario; unknown ones are routed here (fallback/quarantine).
-        self.mapping = ColumnMapping(cfg.data, scenarios=[], require_label=False)
+        self.mapping = ColumnMapping(data, scenarios=[], require_label=False)
         self.mapping.check_parts(parts)
         self.parts = parts
         self.shards = [sh.Shard(i, Path(p.path)) for i, p in enumerate(parts)]

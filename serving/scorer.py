@@ -102,7 +102,12 @@ class BatchScorer:
         feats = build_features(routed, self.tokenizer, TaskMap(self.scenarios), self.max_length, cache_dir=None,
                                batch_size=self.serving.chunk_rows)
         pad_id, bs = self.tokenizer.pad_token_id, self.serving.batch_size
-        for task in np.unique(feats.task_ids):
+        tasks = np.unique(feats.task_ids).tolist()
+        current = self.scenarios.index(self.model.current) if self.model.current in self.scenarios else None
+        if current in tasks:  # start with the scenario already loaded: one switch fewer per chunk
+            tasks.remove(current)
+            tasks.insert(0, current)
+        for task in tasks:
             rows = np.flatnonzero(feats.task_ids == task)
             rows = rows[np.argsort(feats.lengths[rows], kind="stable")]  # similar lengths share a batch
             self.model.use(self.scenarios[task])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from peft import PeftModel
@@ -19,10 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import ServingConfig
-from serving.export import export_model, main
+from serving.export import export_model
 from serving.layout import read_manifest
 from serving.scorer import BatchScorer
-from serving.scoring_model import ScoringModel, resolve_model
+from serving.scoring_model import ScoringModel
 from serving_testkit import SCENARIOS, canonical, sigmoid, training_logits, trained_folder, wdc_raw
 
 ATOL = 1e-5
@@ -102,47 +101,3 @@ def test_bf16_scoring_within_stated_tolerance(tmp_path):
         scored, unknown = scorer.score(table)
         assert unknown.num_rows == 0
         np.testing.assert_allclose(scored["score"].to_numpy(), ref, atol=tol, rtol=0)
-
-
-def test_export_from_run_id_with_validation_registers_a_resolvable_model(tmp_path, capsys):
-    import mlflow
-
-    model_dir = trained_folder(tmp_path, "cls")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("train"), tags={"data_fingerprint": "abc123"})
-    client.log_artifacts(run.info.run_id, str(model_dir), "model")
-    valid = tmp_path / "valid.parquet"
-    pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
-
-    argv = ["--run", run.info.run_id, "--out", str(tmp_path / "export"), "--valid", str(valid),
-            "--name", "relevance", "--alias", "champion", "--tracking-uri", uri]
-    assert main(argv) == 0
-    manifest = read_manifest(tmp_path / "export")
-    assert manifest["source"]["run_id"] == run.info.run_id
-    assert manifest["data_fingerprint"] == "abc123"
-    assert manifest["calibration"]["file"] == "calibration.json"
-    assert set(manifest["thresholds"]["f1_max_calibrated"]) <= set(SCENARIOS)
-    for name in ("calibration.json", "reference.json", "config.yaml", "task_map.json"):
-        assert (tmp_path / "export" / name).is_file()
-
-    local, version = resolve_model("models:/relevance@champion", uri, tmp_path / "cache")
-    assert version == "relevance/1"
-    assert read_manifest(local)["model_version"] == manifest["model_version"]
-    assert (local / "base" / "config.json").is_file() and (local / "factors.safetensors").is_file()
-    # A second export of the same run replaces the folder and becomes version 2.
-    assert main(argv) == 0
-    assert resolve_model("models:/relevance@champion", uri, tmp_path / "cache")[1] == "relevance/2"
-    assert "registered models:/relevance@champion (version 2)" in capsys.readouterr().out
-
-
-def test_export_errors_name_the_source(tmp_path, capsys):
-    empty = tmp_path / "not_a_model"
-    empty.mkdir()
-    assert main(["--run", str(empty), "--out", str(tmp_path / "x")]) == 2
-    assert str(empty) in capsys.readouterr().err
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["--run", "0123456789abcdef0123456789abcdef", "--out", str(tmp_path / "x"),
-                 "--tracking-uri", uri]) == 2
-    assert "0123456789abcdef0123456789abcdef" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()

@@ -13,7 +13,7 @@ import pytest
 from serving.export import export_model
 from serving.layout import read_manifest
 from serving.score import main, score_table
-from serving_testkit import SCENARIOS, canonical, sigmoid, training_logits, trained_folder, wdc_raw
+from serving_testkit import SCENARIOS, canonical, sigmoid, tiny_config, training_logits, trained_folder, wdc_raw
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,23 @@ def test_unknown_scenario_falls_back_flagged(tmp_path, exported):
     as_computers = canonical(raw).set_column(5, "scenario", pa.array(["computers"] * 9))
     expected = score_table(export_dir, as_computers)["score"].to_numpy()
     np.testing.assert_allclose(scored.filter(watches)["score"].to_numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_scores_ingestion_output_as_is(tmp_path, exported):
+    from pipeline.ingest import run_ingest
+
+    model_dir, export_dir = exported
+    pq.write_table(wdc_raw(per_category=40), tmp_path / "raw.parquet")
+    run_ingest(tiny_config(tmp_path), tmp_path / "raw.parquet", tmp_path / "data")  # maps left/right/category
+    test = pq.read_table(tmp_path / "data" / "test.parquet")
+    assert test.num_rows > 0
+    assert main(["--model", str(export_dir), "--input", str(tmp_path / "data" / "test.parquet"),
+                 "--output", str(tmp_path / "scores"), "--quiet"]) == 0
+    scored = read_output(tmp_path / "scores")
+    assert scored["source_row"].to_pylist() == list(range(test.num_rows))
+    assert scored["label"].to_pylist() == test["label"].to_pylist()
+    np.testing.assert_allclose(scored["score"].to_numpy(), sigmoid(training_logits(model_dir, test)), atol=1e-5,
+                               rtol=0)
 
 
 def test_workers_take_disjoint_shards_and_match_single_process(tmp_path, exported):
