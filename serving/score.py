@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config, add_config_args, dump_config, load_config
-from pipeline.errors import RelevanceError
+from pipeline.errors import DataError, RelevanceError
 from serving import shards as sh
 from serving.scorer import BatchScorer
 
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from serving.scoring_model import resolve_model
 
+    if not args.input:
+        raise DataError("--input: no Parquet file or directory given")
     export_dir, version = resolve_model(args.model, args.tracking_uri, args.cache_dir)
     version = args.model_version or version
     cfg = load_config(args.config or export_dir / "config.yaml", args.overrides)
@@ -272,6 +274,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # "--input a.parquet serving.batch_size=32": nargs="+" takes the override too; give it back (a hive
+    # path such as data/market=us exists on disk and stays an input).
+    moved = [i for i in args.input if "=" in i and not Path(i).exists() and "." in i.split("=", 1)[0]]
+    args.input = [i for i in args.input if i not in moved]
+    args.overrides = moved + list(args.overrides)
     try:
         summary = run(args)
     except RelevanceError as e:

@@ -50,8 +50,8 @@ def test_scores_every_row_once_and_match_training_model(tmp_path, exported, caps
     model_dir, export_dir = exported
     paths = write_inputs(tmp_path / "in")
     out = tmp_path / "scores"
-    assert main(["--model", str(export_dir), "--input", str(tmp_path / "in"), "--output", str(out), "--quiet",
-                 "data.columns.keys=[pair_id]"]) == 0
+    assert main(["--model", str(export_dir), "--output", str(out), "--quiet", "--input", str(tmp_path / "in"),
+                 "data.columns.keys=[pair_id]"]) == 0  # the override after --input's paths is still one
     printed = capsys.readouterr().out
     assert "quarantined" in printed and "rows/s" in printed
 
