@@ -46,6 +46,7 @@ from pipeline.config import Config, to_dict
 from pipeline.errors import DataError, RelevanceError
 from serving.layout import (ADAPTERS_DIR, BASE_DIR, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
                             SCENARIOS_DIR, atomic_write_json, factor_key, scenario_dirname)
+from training.tracking import artifact_location
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
                 "max(sum_i mask_i, 1) over AutoModel last_hidden_state h (batch, tokens, hidden)")
@@ -224,15 +225,6 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     if name:
         manifest["registered"] = register_export(out, tracking_uri, cfg.tracking.experiment, name, alias, source_run)
     return manifest
-
-
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """For a sqlite store, artifacts beside the database file (MLflow's default is ./mlruns under the
-    current directory, wherever the job happens to run); None (the server's choice) otherwise."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
-    return None
 
 
 def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None,

@@ -38,7 +38,8 @@ class MlflowTracker(NullTracker):
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(tracking_uri, experiment))
         self.run_id = None
 
     def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
@@ -85,6 +86,15 @@ class MlflowTracker(NullTracker):
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts beside the database file (MLflow's default is ./mlruns under the
+    current directory, wherever the job happens to run); None (the server's choice) otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
 
 
 def open_tracker(cfg: Config, rank: int = 0) -> NullTracker:
