@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI to log the report to")
     p.add_argument("--run-id", help="MLflow run to log to (default: a new run in tracking.experiment)")
     add_config_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         tracker = None

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the config's)")
     add_config_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         uri = args.tracking_uri or cfg.tracking_uri

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.add_argument("--input", help="Parquet file, directory or hive dataset; 'synthetic' (default: data.source)")
     parser.add_argument("--out", help="output folder (default: <work_dir>/data)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         source = args.input or cfg.data.source

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     # "--input a.parquet serving.batch_size=32": nargs="+" takes the override too; give it back (a hive
     # path such as data/market=us exists on disk and stays an input).
     moved = [i for i in args.input if "=" in i and not Path(i).exists() and "." in i.split("=", 1)[0]]

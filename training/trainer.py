@@ -136,6 +136,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, trac
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if not on_gpu:
+        # Processes sharing a host split its cores: oversubscribed OpenMP threads spin against each other.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if on_gpu:
         torch.cuda.set_device(device)
     tracker = tracker or NullTracker()
