@@ -123,7 +123,10 @@ def step_score(job: Job) -> dict:
 def step_monitor(job: Job) -> dict:
     from monitoring.check import run_check
 
-    summary = run_check(job.scores, job.export / "reference.json", job.monitor, job.cfg)
+    from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
+
+    reference = CALIBRATED_REFERENCE_FILE if job.cfg.serving.calibrate else REFERENCE_FILE
+    summary = run_check(job.scores, job.export / reference, job.monitor, job.cfg)
     return {"dir": str(job.monitor), "breaches": summary.get("breaches", []), "summary": summary}
 
 

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import Config, to_dict
 from pipeline.errors import DataError, RelevanceError
-from serving.layout import (ADAPTERS_DIR, BASE_DIR, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
+from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
                             SCENARIOS_DIR, atomic_write_json, factor_key, scenario_dirname)
 from training.tracking import artifact_location
 
@@ -129,7 +129,7 @@ def best_f1_thresholds(scenarios: np.ndarray, labels: np.ndarray, scores: np.nda
 
 
 def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict) -> None:
-    """Score ``valid`` with the staged export; write calibration.json, reference.json and thresholds."""
+    """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
     import pyarrow.parquet as pq
 
     from monitoring.calibration import CALIBRATION_FILE, ScenarioCalibrator
@@ -153,10 +153,12 @@ def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict) -> No
     calibrated = cal.apply(scen, raw)
     q_len = scored["query_len"].to_numpy(zero_copy_only=False)[keep]
     t_len = scored["title_len"].to_numpy(zero_copy_only=False)[keep]
-    save_reference(reference_profile(scen, calibrated, q_len, t_len), out / REFERENCE_FILE)
+    # Monitoring must compare like with like: one reference per kind of score the scorer can emit.
+    save_reference(reference_profile(scen, raw, q_len, t_len), out / REFERENCE_FILE)
+    save_reference(reference_profile(scen, calibrated, q_len, t_len), out / CALIBRATED_REFERENCE_FILE)
     manifest["calibration"] = {"file": CALIBRATION_FILE, "method": cal.method, "fitted_on": valid.name,
                                "skipped": cal.skipped}
-    manifest["reference"] = {"file": REFERENCE_FILE}
+    manifest["reference"] = {"file": REFERENCE_FILE, "calibrated_file": CALIBRATED_REFERENCE_FILE}
     manifest["thresholds"] = {"f1_max_calibrated": best_f1_thresholds(scen, labels, calibrated)}
 
 

@@ -34,7 +34,8 @@ FACTORS_FILE = "factors.safetensors"
 ADAPTERS_DIR = "adapters"
 SCENARIOS_DIR = "scenarios"
 HEAD_FILE = "head.safetensors"
-REFERENCE_FILE = "reference.json"
+REFERENCE_FILE = "reference.json"  # drift reference of raw scores (serving.calibrate off)
+CALIBRATED_REFERENCE_FILE = "reference_calibrated.json"  # ... of calibrated scores (serving.calibrate on)
 FORMAT_VERSION = 1
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
