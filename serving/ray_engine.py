@@ -83,7 +83,7 @@ def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
     from serving.score import Inputs
 
     data = Inputs(cfg, inputs)
-    todo = [s.index for s in data.shards if not (resume and sh.is_done(out, s))]
+    todo = [s.index for s in data.shards if not (resume and sh.is_done(out, s, model_version))]
     if not todo:
         return []
     ray = init_ray(address)

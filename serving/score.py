@@ -171,7 +171,7 @@ def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
     """Score this worker's shards (index % world == rank); finished ones are skipped with ``resume``."""
     data = Inputs(cfg, inputs)
     mine = sh.shards_for_rank(data.shards, rank, world)
-    todo = [s for s in mine if not (resume and sh.is_done(out, s))]
+    todo = [s for s in mine if not (resume and sh.is_done(out, s, model_version))]
     if not todo:
         return []
     scorer = BatchScorer(export_dir, cfg.serving, model_version)
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> dict:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     data = Inputs(cfg, args.input)  # fails fast on a bad input or column mapping, before any worker starts
-    skipped = sum(sh.is_done(out, s) for s in data.shards) if args.resume else 0
+    skipped = sum(sh.is_done(out, s, version) for s in data.shards) if args.resume else 0
     t0 = time.time()
     if args.engine == "ray":
         from serving.ray_engine import run_on_ray

@@ -84,8 +84,12 @@ def marker_path(out: Path, shard: Shard) -> Path:
     return out / DONE_DIR / f"{shard.name}.json"
 
 
-def is_done(out: Path, shard: Shard) -> bool:
-    return marker_path(out, shard).is_file() and output_path(out, shard).is_file()
+def is_done(out: Path, shard: Shard, model_version: str | None = None) -> bool:
+    """Finished (marker and output present) and, when ``model_version`` is given, by that model: a resume
+    with another model rescores the shard rather than mixing two models' scores in one output."""
+    if not (marker_path(out, shard).is_file() and output_path(out, shard).is_file()):
+        return False
+    return model_version is None or read_marker(out, shard).get("model_version") == model_version
 
 
 def read_marker(out: Path, shard: Shard) -> dict:

@@ -148,3 +148,14 @@ def test_bad_input_names_file_and_column(tmp_path, exported, capsys):
     assert main(["--model", str(export_dir), "--input", str(good), "--output", str(tmp_path / "o"), "--quiet",
                  "serving.unknown_scenario=fallback", "serving.fallback_scenario=nope"]) == 2
     assert "serving.fallback_scenario: 'nope'" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_rescores_instead_of_mixing_versions(tmp_path, exported):
+    _, export_dir = exported
+    write_inputs(tmp_path / "in", with_bad_rows=False)
+    out = tmp_path / "scores"
+    args = ["--model", str(export_dir), "--output", str(out), "--quiet", "--input", str(tmp_path / "in"), "--resume"]
+    assert main(args + ["--model-version", "v1"]) == 0
+    assert set(read_output(out).column("model_version").to_pylist()) == {"v1"}
+    assert main(args + ["--model-version", "v2"]) == 0  # e.g. the job re-exported, then resumed scoring
+    assert set(read_output(out).column("model_version").to_pylist()) == {"v2"}
