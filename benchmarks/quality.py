@@ -12,7 +12,7 @@ Every method trains on the same base model, data, sampler, steps, batch and lear
     mtl_lora       MTL-LoRA as configured (r, n_up, tau, full Λ)
     lora           one shared LoRA at the same r
     lora_matched   one shared LoRA whose r makes its adapter parameters closest to MTL-LoRA's
-                   (alpha scaled with r, so s = alpha / r stays the same)
+                   (only r changes: alpha stays, so s = alpha / r shrinks as r grows)
     per_task_lora  an independent LoRA per scenario at the same r
 
 Datasets: ``wdc`` is ``<repo root>/../shared/data/wdc_products`` (four product categories, each a scenario),
@@ -172,9 +172,8 @@ def matched_lora_rank(shapes: list[tuple[int, int]], target: int) -> int:
 def method_overrides(method: str, cfg: Config, matched_r: int) -> list[str]:
     if method not in METHODS:
         raise ConfigError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
-    if method == "lora_matched":
-        s = cfg.adapter.alpha / cfg.adapter.r
-        return ["adapter.method=lora", f"adapter.r={matched_r}", f"adapter.alpha={s * matched_r}"]
+    if method == "lora_matched":  # only r changes; alpha stays, as with PEFT's LoraConfig(r=..., lora_alpha=...)
+        return ["adapter.method=lora", f"adapter.r={matched_r}"]
     return [f"adapter.method={method}"]
 
 
