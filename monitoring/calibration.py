@@ -14,8 +14,6 @@ listed in ``skipped`` with the reason.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from monitoring.metrics import EPS, check_inputs
+from pipeline.atomic import read_json, write_json_atomic
 from pipeline.errors import DataError
 
 CALIBRATION_FILE = "calibration.json"
@@ -119,19 +118,8 @@ class ScenarioCalibrator:
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ScenarioCalibrator":
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: calibration file does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "calibration file"), source=str(path))

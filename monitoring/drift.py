@@ -18,13 +18,12 @@ but not judged (PSI of a handful of rows is noise).
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import MonitoringConfig
+from pipeline.atomic import read_json, write_json_atomic
 from pipeline.errors import DataError
 
 REFERENCE_FILE = "reference.json"
@@ -84,21 +83,11 @@ def reference_profile(scenarios, scores, query_lengths, title_lengths, bins: int
 
 
 def save_reference(profile: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(profile, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, profile)
 
 
 def load_reference(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: reference profile does not exist (it is written at export as {REFERENCE_FILE})")
-    try:
-        ref = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    ref = read_json(path, f"reference profile (written at export as {REFERENCE_FILE})")
     if not isinstance(ref, dict) or ref.get("format_version") != FORMAT_VERSION or "scenarios" not in ref:
         raise DataError(f"{path}: not a reference profile (format_version {FORMAT_VERSION} with 'scenarios')")
     return ref

@@ -4,6 +4,7 @@
         tmp.write_text(...)                              # on error tmp is removed, the target untouched
     write_json_atomic(out / "stats.json", stats)
 
+
     with staging_dir(out_dir) as stage:                  # a hidden sibling folder of out_dir
         ... write several files into stage ...
         publish(stage, out_dir, ["train.parquet", "stats.json"])   # renamed in order; last one = done marker
@@ -39,8 +40,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def write_json_atomic(path: str | Path, obj: object) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     return Path(path)
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """Parse a JSON file; a missing or malformed file raises DataError naming the path and ``what`` it is."""
+    from pipeline.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: {what} is not valid JSON ({e})") from e
 
 
 @contextmanager

@@ -43,9 +43,10 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import Config, to_dict
+from pipeline.atomic import write_json_atomic
 from pipeline.errors import DataError, RelevanceError
 from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
-                            SCENARIOS_DIR, atomic_write_json, factor_key, scenario_dirname)
+                            SCENARIOS_DIR, factor_key, scenario_dirname)
 from training.tracking import artifact_location
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
@@ -211,12 +212,12 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
                 "data_fingerprint": fingerprint,
                 "config": to_dict(cfg),
             }
-            atomic_write_json(stage / MANIFEST_FILE, manifest)
+            write_json_atomic(stage / MANIFEST_FILE, manifest)
             (stage / "config.yaml").write_text((model_dir / "config.yaml").read_text())
             task_map.save(stage / "task_map.json")
             if valid:
                 fit_on_validation(stage, Path(valid), cfg, manifest)
-                atomic_write_json(stage / MANIFEST_FILE, manifest)
+                write_json_atomic(stage / MANIFEST_FILE, manifest)
             old = out.with_name(f".{out.name}.old-{stage.name[-8:]}")
             if out.exists():
                 out.rename(old)  # swap: the old export stays whole until the new one is in place

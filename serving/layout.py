@@ -20,12 +20,10 @@ over token states, so they load with ``AutoModel`` and carry ``head.safetensors`
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
-from typing import Any
 
+from pipeline.atomic import read_json
 from pipeline.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -51,29 +49,13 @@ def factor_key(task_id: int, layer: str, which: str) -> str:
     return f"{task_id}.{layer}.{which}"
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_json(path: Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
 def read_manifest(export_dir: str | Path) -> dict:
     """Load and check manifest.json; DataError names the folder and the missing key."""
     d = Path(export_dir)
     path = d / MANIFEST_FILE
     if not path.is_file():
         raise DataError(f"{d} is not an exported model folder: {MANIFEST_FILE} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    manifest = read_json(path, "export manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     for key in ("scenarios", "pooling", "adapted_layers", "model_version", "max_length"):

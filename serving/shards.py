@@ -25,8 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import write_json_atomic
 from pipeline.errors import DataError
-from serving.layout import atomic_write_json
 
 QUARANTINE_DIR = "_quarantine"
 DONE_DIR = "_done"
@@ -98,7 +98,7 @@ def read_marker(out: Path, shard: Shard) -> dict:
 
 def mark_done(out: Path, shard: Shard, summary: dict) -> None:
     marker_path(out, shard).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker_path(out, shard), {"input": str(shard.path), **summary})
+    write_json_atomic(marker_path(out, shard), {"input": str(shard.path), **summary})
 
 
 def clear_shard(out: Path, shard: Shard) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import Config
 
