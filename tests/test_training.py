@@ -83,8 +83,8 @@ def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir, stage)
     """2 CPU processes (gloo) via the real launcher; the gathered model reproduces its own metrics."""
     work = tmp_path / "w"
     _run(["--num_gpus", "2", "--master_port", str(29610 + stage), f"work_dir={work}", "--data", str(data_dir),
-                f"train.zero_stage={stage}", "tracking.enabled=false", "train.max_steps=10", "train.eval_every=5"],
-               port=29610 + stage)
+          f"train.zero_stage={stage}", "tracking.enabled=false", "train.max_steps=10", "train.eval_every=5"],
+         port=29610 + stage)
     model_dir = work / "train" / "model"
     saved = json.loads((model_dir / "metrics.json").read_text())
     # Reload the (ZeRO-gathered) folder in one plain process and evaluate: the same per-scenario AUCs.
