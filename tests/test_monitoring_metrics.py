@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,23 +11,8 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from monitoring.calibration import ScenarioCalibrator
 from monitoring.metrics import bootstrap_auc, scenario_metrics, scenario_seed, summarize, weighted_auc
 from pipeline.errors import DataError
+from monitoring_testkit import DATA, overlap_scores
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
-
-
-def overlap_scores(left: list[str], right: list[str]) -> np.ndarray:
-    """A real, weak relevance model in [0, 1]: the mean of two Jaccard overlaps of the offer texts, over
-    alphanumeric tokens and over model-code tokens (those holding a digit, e.g. "a2300")."""
-    def jaccard(a: set, b: set) -> float:
-        return len(a & b) / max(len(a | b), 1)
-
-    out = np.empty(len(left))
-    for i, (a, b) in enumerate(zip(left, right)):
-        ta, tb = set(re.findall(r"[a-z0-9]+", a.lower())), set(re.findall(r"[a-z0-9]+", b.lower()))
-        codes_a = {t for t in ta if any(c.isdigit() for c in t)}
-        codes_b = {t for t in tb if any(c.isdigit() for c in t)}
-        out[i] = 0.5 * jaccard(ta, tb) + 0.5 * jaccard(codes_a, codes_b)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -29,25 +28,9 @@ from monitoring import registry
 from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
 from pipeline.config import config_from_dict
 from pipeline.errors import RelevanceError
+from monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
-CATEGORIES = ("cameras", "computers", "shoes", "watches")
 ROWS_PER_SCENARIO = 250
-
-
-def overlap_scores(left: list[str], right: list[str]) -> np.ndarray:
-    """A real, weak relevance model in [0, 1]: the mean of two Jaccard overlaps of the offer texts, over
-    alphanumeric tokens and over model-code tokens (those holding a digit, e.g. "a2300")."""
-    def jaccard(a: set, b: set) -> float:
-        return len(a & b) / max(len(a | b), 1)
-
-    out = np.empty(len(left))
-    for i, (a, b) in enumerate(zip(left, right)):
-        ta, tb = set(re.findall(r"[a-z0-9]+", a.lower())), set(re.findall(r"[a-z0-9]+", b.lower()))
-        codes_a = {t for t in ta if any(c.isdigit() for c in t)}
-        codes_b = {t for t in tb if any(c.isdigit() for c in t)}
-        out[i] = 0.5 * jaccard(ta, tb) + 0.5 * jaccard(codes_a, codes_b)
-    return out
 
 
 def download_model(model_uri: str, tracking_uri: str, dst: Path) -> Path:
