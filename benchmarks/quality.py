@@ -1,8 +1,9 @@
 """Quality benchmark: does MTL-LoRA beat LoRA on multi-scenario data, at a comparable parameter count?
 
     python -m benchmarks.quality --help
-    python -m benchmarks.quality --datasets wdc synthetic --seeds 0 1 2 --steps 200 --max-length 64 \
-        --out runs/quality --docs docs
+    python -m benchmarks.quality --datasets wdc synthetic --methods mtl_lora lora lora_matched per_task_lora \
+        --seeds 0 1 2 --steps 250 --max-length 48 --eval-rows 256 --device cpu --out runs/quality250 --docs docs
+    python -m benchmarks.quality --datasets wdc --methods mtl_lora --out runs/q-tau1 adapter.tau=1.0  # a variant
     python -m benchmarks.quality --datasets synthetic --methods mtl_lora lora --seeds 0 --steps 20 \
         --out runs/quality-smoke --config configs/tiny.yaml          # the whole chain in a minute
 
@@ -242,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (batch: train.micro_batch_size)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per (query, ad) pair")
-    p.add_argument("--eval-rows", type=int, default=1024, help="validation rows scored at the end of training")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (batch: train.micro_batch_size)")
+    p.add_argument("--max-length", type=int, default=48, help="tokens per (query, ad) pair")
+    p.add_argument("--eval-rows", type=int, default=256, help="validation rows scored at the end of training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="runs/quality", help="output folder (results.json, tables, plot, runs)")
     p.add_argument("--docs", default="", help="also write DIR/quality.png and the tables into DIR/quality.md")
