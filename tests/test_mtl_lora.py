@@ -149,13 +149,19 @@ def test_compiled_and_eager_contraction_forms_agree(lambda_type):
     torch.testing.assert_close(layer._up_t(elementwise=True), layer._up_t(elementwise=False), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["fused", "gather"])
-def test_autocast_with_fp32_parameters(path):
+def _three_task_layer(path: str) -> MTLLoRALinear:
+    """A 12 -> 10 layer over 3 tasks with random adapters, routed for a batch of 3 rows (tasks 0, 2, 1)."""
     router = TaskRouter(3)
     layer = MTLLoRALinear(nn.Linear(12, 10), 3, router, r=4, dropout=0.0)
     layer.update_path = path
     randomize_adapters(nn.ModuleDict({"l": layer}))
     router.task_ids = torch.tensor([0, 2, 1])
+    return layer
+
+
+@pytest.mark.parametrize("path", ["fused", "gather"])
+def test_autocast_with_fp32_parameters(path):
+    layer = _three_task_layer(path)
     x = torch.randn(3, 5, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -186,11 +192,7 @@ def test_hand_written_backward_passes_gradcheck(diagonal):
 @pytest.mark.parametrize("path", ["fused", "gather"])
 def test_scoring_cache_follows_parameter_updates(path):
     """Without autograd the factors are cached; any change to B, Λ or w must show in the next score."""
-    router = TaskRouter(3)
-    layer = MTLLoRALinear(nn.Linear(12, 10), 3, router, r=4, dropout=0.0)
-    layer.update_path = path
-    randomize_adapters(nn.ModuleDict({"l": layer}))
-    router.task_ids = torch.tensor([0, 2, 1])
+    layer = _three_task_layer(path)
     x = torch.randn(3, 6, 12)
 
     def check():
