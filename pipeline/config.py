@@ -123,6 +123,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     head_lr: float = 0.0  # 0: same as lr
+    # MTL-LoRA's per-scenario parameters (Λ_t, w_t) in their own optimizer group; 0: same as lr.
+    task_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -277,6 +279,9 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.lr <= 0:
         errors.append(f"train.lr: must be > 0, got {t.lr}")
+    for name in ("head_lr", "task_lr"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name}: must be >= 0 (0: same as train.lr), got {getattr(t, name)}")
     if cfg.model.init == "random" and not cfg.model.random_config:
         errors.append("model.random_config: required when model.init is 'random'")
     if cfg.serving.unknown_scenario == "fallback" and not cfg.serving.fallback_scenario:

@@ -63,3 +63,34 @@ def test_deepspeed_config_rejects_impossible_combinations():
 def test_flat_params_cover_the_tree():
     params = flat_params(load_config(CONFIGS / "demo.yaml"))
     assert params["adapter.method"] == "mtl_lora" and params["train.zero_stage"] == "2"
+
+
+def test_optimizer_groups_follow_the_method():
+    from training.ds_config import group_lrs
+
+    mtl = load_config(CONFIGS / "tiny.yaml", ["train.lr=1e-3", "train.task_lr=1e-2", "train.head_lr=5e-4"])
+    assert group_lrs(mtl) == {"adapters": 1e-3, "task": 1e-2, "head": 5e-4}
+    ds = deepspeed_config(mtl, 1, on_gpu=False)
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == [1e-3, 1e-2, 5e-4]
+    lora = load_config(CONFIGS / "tiny.yaml", ["adapter.method=lora", "train.lr=1e-3"])
+    assert group_lrs(lora) == {"adapters": 1e-3, "head": 1e-3}  # no per-scenario Λ, w: no task group
+    with pytest.raises(ConfigError, match="train.task_lr: must be >= 0"):
+        load_config(CONFIGS / "tiny.yaml", ["train.task_lr=-1"])
+
+
+@pytest.mark.parametrize("method", ["mtl_lora", "lora", "per_task_lora"])
+def test_every_trainable_parameter_is_in_exactly_one_group(method):
+    import torch
+
+    from training.ds_config import build_optimizer, group_lrs
+    from training.model import build_model, is_task_param
+
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"adapter.method={method}", "train.task_lr=7e-3"])
+    model = build_model(cfg, num_tasks=3, dtype=torch.float32)
+    opt = build_optimizer(model, cfg, on_gpu=False)
+    assert [g["name"] for g in opt.param_groups] == list(group_lrs(cfg))
+    grouped = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grouped) == sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    for n, p in trainable.items():
+        assert (grouped[id(p)] == "task") == is_task_param(n)

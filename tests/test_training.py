@@ -150,3 +150,27 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, data_
     with pytest.raises(TrainingDiverged, match="last good checkpoint: step"):
         train(cfg, data_dir, tmp_path / "train")
     assert (tmp_path / "train" / "checkpoints" / "latest").is_file()
+
+
+def test_task_lr_drives_only_the_per_scenario_parameters(tmp_path, data_dir, monkeypatch):
+    """Λ_t and w_t sit in their own optimizer group: at a ~0 task lr they keep their init while A, B train."""
+    from training.artifact import load_trained
+    from training.model import build_model, is_task_param
+    from training.trainer import train
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29632"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", "train.task_lr=1e-12",
+                             "train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=6"])
+    train(cfg, data_dir, tmp_path / "train")
+    _, task_map, _ = load_trained(tmp_path / "train" / "model")
+    torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before it builds the model
+    init = {n: p.detach() for n, p in build_model(cfg, len(task_map), dtype=torch.float32).named_parameters()}
+    trained = load_file(str(tmp_path / "train" / "model" / "trainable.safetensors"))
+    task = [k for k in trained if is_task_param(k)]
+    shared_a = [k for k in trained if k.endswith(".A")]
+    assert task and shared_a
+    for k in task:
+        torch.testing.assert_close(trained[k], init[k], atol=1e-8, rtol=0)
+    assert all((trained[k] - init[k]).abs().max() > 1e-4 for k in shared_a)

@@ -6,6 +6,10 @@ What it covers: ZeRO stage 0-3 (optional optimizer offload), bf16/fp16/fp32, mic
 accumulation (train batch = micro × accumulation × world size), gradient clipping, and the warmup +
 linear-decay learning-rate schedule. The optimizer is a client torch AdamW (``build_optimizer``): fused
 on GPU, plain on CPU, where DeepSpeed's own Adam kernels would need a long JIT compile first.
+
+Optimizer groups, in this order (``group_lrs``): shared adapter weights (A, B) at ``train.lr``; MTL-LoRA's
+per-scenario Λ_t and w_t at ``train.task_lr`` (only for ``adapter.method: mtl_lora``); the head at
+``train.head_lr``. The scheduler scales each group's peak lr by the same warmup/decay factor.
 """
 from __future__ import annotations
 
@@ -15,7 +19,17 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from training.model import RelevanceModel, is_adapter_param
+from training.model import RelevanceModel, is_adapter_param, is_task_param
+
+
+def group_lrs(cfg: Config) -> dict[str, float]:
+    """Peak learning rate per optimizer group, in group order; a 0 lr means "same as train.lr"."""
+    t = cfg.train
+    lrs = {"adapters": t.lr}
+    if cfg.adapter.method == "mtl_lora":
+        lrs["task"] = t.task_lr or t.lr
+    lrs["head"] = t.head_lr or t.lr
+    return lrs
 
 
 def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -35,7 +49,7 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
         zero.update(stage3_param_persistence_threshold=1e5, stage3_prefetch_bucket_size=5e7)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    lrs = [t.lr, t.head_lr or t.lr]  # one per optimizer group: adapters, head
+    lrs = list(group_lrs(cfg).values())  # one per optimizer group
     ds: dict[str, Any] = {
         "train_batch_size": train_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -47,7 +61,7 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {
-                "warmup_min_lr": [0.0, 0.0],
+                "warmup_min_lr": [0.0] * len(lrs),
                 "warmup_max_lr": lrs,
                 "warmup_num_steps": max(1, min(t.warmup_steps, t.max_steps)),  # DeepSpeed needs >= 1
                 "warmup_type": "linear",
@@ -72,15 +86,22 @@ def check_batch_arithmetic(ds: dict[str, Any], world_size: int) -> None:
 
 
 def build_optimizer(model: RelevanceModel, cfg: Config, on_gpu: bool) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, in two groups (adapters, head) matching the scheduler's lrs."""
-    adapters, head = [], []
+    """AdamW over the trainable parameters, grouped as ``group_lrs`` (the scheduler's lrs) says."""
+    lrs = group_lrs(cfg)
+    params: dict[str, list[torch.nn.Parameter]] = {g: [] for g in lrs}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (adapters if is_adapter_param(name) else head).append(p)
-    if not adapters:
-        raise ConfigError("no trainable adapter parameters: check adapter.targets")
+        if not p.requires_grad:
+            continue
+        group = "head" if not is_adapter_param(name) else "task" if is_task_param(name) else "adapters"
+        params[group].append(p)
+    empty = [g for g, ps in params.items() if not ps]
+    if empty:
+        raise ConfigError(f"no trainable parameters in optimizer group(s) {empty}: check adapter.targets")
+    wd = cfg.train.weight_decay
     groups = [
-        {"params": adapters, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay},
-        {"params": head, "lr": cfg.train.head_lr or cfg.train.lr, "weight_decay": cfg.train.weight_decay},
+        # No decay on Λ_t and w_t: it would pull Λ_t towards 0 (not its identity init) and w_t towards
+        # uniform mixing, which is a prior on the routing rather than a neutral regulariser.
+        {"params": ps, "lr": lrs[g], "weight_decay": 0.0 if g == "task" else wd, "name": g}
+        for g, ps in params.items()
     ]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=on_gpu or None)

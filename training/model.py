@@ -27,6 +27,7 @@ from training.mtl_lora import TaskRouter
 # Parameter-name fragments of the trainable heads of HF sequence-classification models.
 HEAD_PARAM_KEYS = ("classifier.", "score.", "pooler.", "head.")
 ADAPTER_PARAM_SUFFIXES = (".A", ".B", ".lam", ".w")
+TASK_PARAM_SUFFIXES = (".lam", ".w")  # MTL-LoRA's per-scenario Λ_t and mixing logits w_t
 
 
 def resolve_model_path(path: str) -> Path:
@@ -92,6 +93,10 @@ class RelevanceModel(nn.Module):
 
 def is_adapter_param(name: str) -> bool:
     return name.endswith(ADAPTER_PARAM_SUFFIXES) and "base_layer" not in name
+
+
+def is_task_param(name: str) -> bool:
+    return name.endswith(TASK_PARAM_SUFFIXES) and "base_layer" not in name
 
 
 def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32) -> RelevanceModel:
