@@ -174,3 +174,9 @@ def test_task_lr_drives_only_the_per_scenario_parameters(tmp_path, data_dir, mon
     for k in task:
         torch.testing.assert_close(trained[k], init[k], atol=1e-8, rtol=0)
     assert all((trained[k] - init[k]).abs().max() > 1e-4 for k in shared_a)
+    # The quality diagnostic sees the same: no routing change, Λ_t still the identity.
+    from benchmarks.task_params import describe
+
+    moved = describe(tmp_path / "train" / "model")
+    assert moved["w_moved_max"] < 1e-8 and moved["p_moved_max"] < 1e-6
+    assert moved["lambda_from_identity_max"] < 1e-6
