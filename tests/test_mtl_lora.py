@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.config import config_from_dict
 from pipeline.errors import UnknownScenario
 from training.inject import adapter_layers, adapter_param_count
-from training.model import build_model, is_adapter_param
+from training.model import build_model, enable_activation_checkpointing, is_adapter_param
 from training.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
 
 T = 3
@@ -423,10 +423,7 @@ def test_task_ids_survive_non_reentrant_checkpointing(arch):
     def checkpointed_grads(context: bool):
         model = copy.deepcopy(ref)
         model.zero_grad(set_to_none=True)
-        kwargs = {"use_reentrant": False}
-        if context:
-            kwargs["context_fn"] = model.router.checkpoint_context
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(model.backbone, model.router.checkpoint_context if context else None)
         loss = model(ids, mask, tasks).pow(2).sum()
         model.router.task_ids = (tasks + 1) % T  # an interleaved forward set other ids before backward
         loss.backward()

@@ -162,7 +162,8 @@ def test_task_lr_drives_only_the_per_scenario_parameters(tmp_path, data_dir, mon
                  "MASTER_PORT": "29632"}.items():
         monkeypatch.setenv(k, v)
     cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", "train.task_lr=1e-12",
-                             "train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=6"])
+                             "train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=6",
+                             "train.activation_checkpointing=true"])  # also runs the trainer's checkpointed path
     train(cfg, data_dir, tmp_path / "train")
     _, task_map, _ = load_trained(tmp_path / "train" / "model")
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before it builds the model

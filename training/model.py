@@ -95,6 +95,16 @@ def is_adapter_param(name: str) -> bool:
     return name.endswith(ADAPTER_PARAM_SUFFIXES) and "base_layer" not in name
 
 
+def enable_activation_checkpointing(backbone: nn.Module, context_fn=None) -> None:
+    """Non-reentrant activation checkpointing. Pass ``TaskRouter.checkpoint_context`` as ``context_fn`` so
+    that recomputation in the backward sees the forward's task ids."""
+    kwargs = {"use_reentrant": False} | ({"context_fn": context_fn} if context_fn else {})
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def is_task_param(name: str) -> bool:
     return name.endswith(TASK_PARAM_SUFFIXES) and "base_layer" not in name
 

@@ -33,7 +33,7 @@ from training.artifact import save_trained
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import evaluate, flat_metrics
 from training.inject import adapter_param_count
-from training.model import build_model, resolve_model_path
+from training.model import build_model, enable_activation_checkpointing, resolve_model_path
 from training.tracking import NullTracker, fingerprint_files, git_commit
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,9 +154,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, trac
 
     model = build_model(cfg, len(task_map), dtype=torch.float32)
     if cfg.train.activation_checkpointing:
-        model.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": model.router.checkpoint_context}
-        )
+        enable_activation_checkpointing(model.backbone, model.router.checkpoint_context)
     n_adapter, n_expected = adapter_param_count(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
