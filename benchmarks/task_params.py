@@ -29,10 +29,6 @@ from training.model import build_model
 from training.mtl_lora import MTLLoRALinear
 
 
-def _mixing(layer: MTLLoRALinear) -> torch.Tensor:
-    return layer.mixing_weights().float()  # (tasks, n)
-
-
 def _lambda_distance(layer: MTLLoRALinear) -> torch.Tensor:
     lam = layer.lam.detach().float()
     eye = torch.ones_like(lam[0]) if lam.dim() == 2 else torch.eye(lam.shape[-1])
@@ -55,7 +51,7 @@ def describe(model_dir: Path) -> dict[str, float]:
     now, before = adapter_layers(trained.backbone), adapter_layers(init.backbone)
     w_moved, p_moved, top_p, lam_dist, cosines, shared_top = [], [], [], [], [], 0
     for name, layer in now.items():
-        p, p0 = _mixing(layer), _mixing(before[name])
+        p, p0 = layer.mixing_weights(), before[name].mixing_weights()  # (tasks, n), fp32
         w_moved.append((layer.w - before[name].w).abs().max().item())
         p_moved.append((p - p0).abs().flatten())
         top_p.append(p.max(dim=1).values)

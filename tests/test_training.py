@@ -138,12 +138,17 @@ def _latest_step(work: Path) -> int:
     return int(latest.read_text().strip()[4:]) if latest.is_file() else -1
 
 
+def _one_in_process_rank(monkeypatch, port: int) -> None:
+    """The environment of a 1-process world, so that ``training.trainer.train`` runs inside the test."""
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, data_dir, monkeypatch):
     from training.trainer import train
 
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29631"}.items():
-        monkeypatch.setenv(k, v)
+    _one_in_process_rank(monkeypatch, port=29631)
     cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", "train.lr=1e30",
                              "train.grad_clip=0.0", "train.warmup_steps=0", "train.checkpoint_every=1",
                              "train.max_steps=50", "train.eval_every=100"])
@@ -158,9 +163,7 @@ def test_task_lr_drives_only_the_per_scenario_parameters(tmp_path, data_dir, mon
     from training.model import build_model, is_task_param
     from training.trainer import train
 
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29632"}.items():
-        monkeypatch.setenv(k, v)
+    _one_in_process_rank(monkeypatch, port=29632)
     cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", "train.task_lr=1e-12",
                              "train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=6",
                              "train.activation_checkpointing=true"])  # also runs the trainer's checkpointed path

@@ -95,6 +95,10 @@ def is_adapter_param(name: str) -> bool:
     return name.endswith(ADAPTER_PARAM_SUFFIXES) and "base_layer" not in name
 
 
+def is_task_param(name: str) -> bool:
+    return name.endswith(TASK_PARAM_SUFFIXES) and "base_layer" not in name
+
+
 def enable_activation_checkpointing(backbone: nn.Module, context_fn=None) -> None:
     """Non-reentrant activation checkpointing. Pass ``TaskRouter.checkpoint_context`` as ``context_fn`` so
     that recomputation in the backward sees the forward's task ids."""
@@ -103,10 +107,6 @@ def enable_activation_checkpointing(backbone: nn.Module, context_fn=None) -> Non
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def is_task_param(name: str) -> bool:
-    return name.endswith(TASK_PARAM_SUFFIXES) and "base_layer" not in name
 
 
 def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32) -> RelevanceModel:
