@@ -71,6 +71,7 @@ def prepare_wdc(cfg: Config, root: Path, out: Path) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from features.task_map import TaskMap
     from pipeline.ingest import run_ingest
     from pipeline.split import SPLITS, stable_hash
 
@@ -106,6 +107,7 @@ def prepare_wdc(cfg: Config, root: Path, out: Path) -> dict:
         with atomic_path(out / f"{split}.parquet") as tmp:
             pq.write_table(table, tmp)
         info[split]["rows"] = table.num_rows
+    TaskMap(list(cfg.data.scenarios)).save(out / "task_map.json")  # what ingestion writes beside the splits
     return info
 
 
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (batch: train.micro_batch_size)")
     p.add_argument("--max-length", type=int, default=48, help="tokens per (query, ad) pair")
-    p.add_argument("--eval-rows", type=int, default=256, help="validation rows scored at the end of training")
+    p.add_argument("--eval-rows", type=int, default=256, help="validation rows per scenario scored at the end of training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="runs/quality", help="output folder (results.json, tables, plot, runs)")
     p.add_argument("--docs", default="", help="also write DIR/quality.png and the tables into DIR/quality.md")
@@ -301,14 +303,14 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
         for dataset in args.datasets:
             base = [f"work_dir={out / dataset}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
                     f"train.checkpoint_every={args.steps}", "train.keep_checkpoints=1",
-                    f"train.eval_max_rows={args.eval_rows}", f"features.max_length={args.max_length}",
+                    f"train.eval_rows_per_scenario={args.eval_rows}", f"features.max_length={args.max_length}",
                     *dataset_overrides(dataset), *args.overrides]
             cfg = load_config(args.config or DEFAULT_CONFIG, base)
             data_dir = prepare(dataset, cfg, out / dataset)
             results["data"][dataset] = json.loads((data_dir / "prepared.json").read_text())
             from training.trainer import task_map_for
 
-            num_tasks = len(task_map_for(cfg, data_dir / "train.parquet"))
+            num_tasks = len(task_map_for(cfg, data_dir))
             shapes = adapter_shapes(cfg, num_tasks)
             matched_r = matched_lora_rank(shapes, mtl_adapter_params(shapes, cfg, num_tasks))
             for seed in args.seeds:

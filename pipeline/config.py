@@ -136,7 +136,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     early_stopping_patience: int = 0  # evaluations without macro-AUC gain; 0: off
-    eval_max_rows: int = 0  # cap on validation rows per evaluation; 0: all
+    # Cap on validation rows per scenario and evaluation (the same rows each time, stratified by label); 0: all.
+    eval_rows_per_scenario: int = 0
     seed: int = 0
 
 

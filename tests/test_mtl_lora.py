@@ -208,7 +208,14 @@ def test_scoring_cache_follows_parameter_updates(path):
     stepped = check()
     assert not torch.allclose(stepped, first)
     layer.B.data = layer.B.data * 2  # a storage swap, as DeepSpeed ZeRO-3 does
-    assert not torch.allclose(check(), stepped)
+    swapped = check()
+    assert not torch.allclose(swapped, stepped)
+    # DeepSpeed ZeRO-1/2/3 write stepped weights with .data.copy_(): neither _version nor data_ptr moves, so
+    # the writer announces it (the trainer does after every optimizer step) and the next score is fresh.
+    for p in (layer.B, layer.lam, layer.w):
+        p.data.copy_(p.data * 0.5 + 0.1)
+    layer.router.weights_changed()
+    assert not torch.allclose(check(), swapped)
 
 
 def test_initialisation_follows_the_spec():

@@ -115,6 +115,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
+    # Network hygiene: a one-process CPU run listens on loopback only (rendezvous store, gloo), never on *.
+    listening = listening_addresses(proc.pid)
+    assert listening and all(ip.is_loopback for ip, _ in listening), listening
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
     assert _latest_step(b) < 40
@@ -125,11 +128,45 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
     assert ma["step"] == mb["step"]
     for s in ma["scenarios"]:
         assert mb["scenarios"][s]["auc"] == pytest.approx(ma["scenarios"][s]["auc"], abs=1e-4)
+    # The same validation history, evaluation by evaluation (each one read the weights of its own step).
+    ha = json.loads((tmp_path / "a" / "train" / "history.json").read_text())
+    hb = json.loads((b / "train" / "history.json").read_text())
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [8, 16, 24, 32, 40]
+    for ea, eb in zip(ha, hb):
+        for s in ea["scenarios"]:
+            assert eb["scenarios"][s]["auc"] == pytest.approx(ea["scenarios"][s]["auc"], abs=1e-6), ea["step"]
     # Same data in the same order ⇒ the same trained weights (fp32 on CPU: tight tolerance).
     sa = load_file(str(tmp_path / "a" / "train" / "model" / "trainable.safetensors"))
     sb = load_file(str(b / "train" / "model" / "trainable.safetensors"))
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
+
+
+def listening_addresses(pid: int) -> list[tuple]:
+    """(ip address, port) of every TCP socket the process listens on, read from /proc (Linux)."""
+    import ipaddress
+
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_ip)
+            # /proc prints the address as host-order 32-bit words
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out.append((ipaddress.ip_address(raw), int(hex_port, 16)))
+    return out
 
 
 def _latest_step(work: Path) -> int:
@@ -184,3 +221,66 @@ def test_task_lr_drives_only_the_per_scenario_parameters(tmp_path, data_dir, mon
     moved = describe(tmp_path / "train" / "model")
     assert moved["w_moved_max"] < 1e-8 and moved["p_moved_max"] < 1e-6
     assert moved["lambda_from_identity_max"] < 1e-6
+
+
+# --- evaluation reads the live weights (DeepSpeed writes them through .data) ------------------------------
+
+def _fresh_logits(cfg, trainer) -> torch.Tensor:
+    """Logits on the validation rows of a newly built model loaded with the trainer's current weights."""
+    import numpy as np
+
+    from training.evaluate import predict
+    from training.model import build_model
+
+    fresh = build_model(cfg, len(trainer.task_map), dtype=torch.float32)
+    fresh.load_state_dict(trainer.gathered_trainable_state(), strict=False)
+    fresh.eval()
+    rows = np.arange(len(trainer.valid_set))
+    return torch.from_numpy(predict(fresh, trainer.valid_set, rows, 32, trainer.pad_id, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_evaluation_after_steps_equals_a_fresh_model_with_the_same_weights(tmp_path, data_dir, monkeypatch, stage):
+    """Validation after k ZeRO steps sees the stepped weights, not factors cached by an earlier validation."""
+    import numpy as np
+
+    from training.evaluate import predict
+    from training.trainer import Trainer
+
+    _one_in_process_rank(monkeypatch, port=29640 + stage)
+    cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", f"train.zero_stage={stage}",
+                             "train.max_steps=20", "train.warmup_steps=0"])
+    trainer = Trainer(cfg, data_dir, tmp_path / "train").setup()
+    rows = np.arange(len(trainer.valid_set))
+
+    def live_logits() -> torch.Tensor:
+        trainer.model.eval()
+        out = predict(trainer.model, trainer.valid_set, rows, 32, trainer.pad_id, torch.device("cpu"))
+        trainer.model.train()
+        return torch.from_numpy(out)
+
+    before = live_logits()  # the first validation of the run fills the adapters' factor caches
+    for _ in range(3):
+        trainer.step()
+    after = live_logits()
+    assert (after - before).abs().max() > 1e-4  # the steps changed the model's scores
+    torch.testing.assert_close(after, _fresh_logits(cfg, trainer), atol=1e-6, rtol=0)
+    metrics = trainer.evaluate()
+    assert metrics["auc_macro"] is not None and metrics["scenarios_total"] == len(trainer.task_map)
+
+
+def test_step_10_metrics_do_not_depend_on_how_often_validation_ran(tmp_path, data_dir, monkeypatch):
+    from training.trainer import train
+
+    _one_in_process_rank(monkeypatch, port=29644)
+    histories = {}
+    for every in (5, 10):
+        cfg = load_config(TINY, [f"work_dir={tmp_path / str(every)}", "tracking.enabled=false",
+                                 "train.max_steps=10", f"train.eval_every={every}", "train.checkpoint_every=10"])
+        histories[every] = train(cfg, data_dir, tmp_path / str(every) / "train").history
+    assert [h["step"] for h in histories[5]] == [5, 10] and [h["step"] for h in histories[10]] == [10]
+    a, b = histories[5][-1], histories[10][-1]
+    assert a["auc_macro"] == pytest.approx(b["auc_macro"], abs=1e-9)
+    for s in a["scenarios"]:
+        assert a["scenarios"][s]["auc"] == pytest.approx(b["scenarios"][s]["auc"], abs=1e-9)
+        assert a["scenarios"][s]["log_loss"] == pytest.approx(b["scenarios"][s]["log_loss"], abs=1e-7)

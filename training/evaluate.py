@@ -6,6 +6,11 @@ after the all-gather every example counts exactly once.
 
     metrics = evaluate(engine_or_model, valid_features, task_map, batch_size=64, pad_id=0)
     metrics["auc_macro"], metrics["scenarios"]["us"]["auc"]
+
+``max_rows_per_scenario`` caps each scenario at that many rows, drawn by ``capped_rows``: the same rows
+every evaluation (a fixed seed), stratified by label so each scenario keeps its positive rate. The macro AUC
+averages the scenarios that have an AUC; ``auc_macro_scenarios`` says how many of ``scenarios_total`` that
+is, and ``auc_macro_partial`` is True when some scenario could not be scored (a single class).
 """
 from __future__ import annotations
 
@@ -60,6 +65,32 @@ def gather_predictions(local_idx: np.ndarray, local_logits: np.ndarray) -> tuple
     return idx[keep], logits[keep]
 
 
+def capped_rows(task_ids: np.ndarray, labels: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices keeping at most ``cap`` rows of each task, stratified by label.
+
+    Per task with n > cap rows: round(cap · positive rate) positives (at least one of each class when the
+    task has both and cap >= 2) and the rest negatives, each drawn by a permutation that depends only on
+    ``seed`` and the task id, so every evaluation of a run scores the same rows.
+    """
+    if cap <= 0:
+        return np.arange(len(task_ids))
+    keep = []
+    for t in np.unique(task_ids):
+        rows = np.flatnonzero(task_ids == t)
+        if len(rows) <= cap:
+            keep.append(rows)
+            continue
+        rng = np.random.default_rng([seed, int(t)])
+        pos, neg = rows[labels[rows] == 1], rows[labels[rows] != 1]
+        n_pos = int(round(cap * len(pos) / len(rows)))
+        if len(pos) and len(neg) and cap >= 2:
+            n_pos = min(max(n_pos, 1), cap - 1)
+        n_pos = min(n_pos, len(pos))
+        n_neg = min(cap - n_pos, len(neg))
+        keep += [rng.permutation(pos)[:n_pos], rng.permutation(neg)[:n_neg]]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
 def classification_metrics(task_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray,
                            task_map: TaskMap) -> dict:
     """ROC-AUC, PR-AUC and log loss per scenario; macro AUC and row-weighted AUC over scenarios."""
@@ -83,26 +114,44 @@ def classification_metrics(task_ids: np.ndarray, labels: np.ndarray, logits: np.
         "scenarios": per,
         "auc_macro": float(np.mean([a for a, _ in scored])) if scored else None,
         "auc_weighted": float(np.average([a for a, _ in scored], weights=[n for _, n in scored])) if scored else None,
+        "auc_macro_scenarios": len(scored),
+        "scenarios_total": len(per),
+        "auc_macro_partial": len(scored) < len(per),
         "n": int(len(labels)),
     }
 
 
+def describe_macro(metrics: dict) -> str:
+    """"0.8312", or "0.8312 (over 3 of 4 scenarios; no AUC for jp)" when the macro covers a subset."""
+    macro = metrics["auc_macro"]
+    text = "n/a" if macro is None else f"{macro:.4f}"
+    if metrics.get("auc_macro_partial"):
+        missing = [s for s, e in metrics["scenarios"].items() if e["auc"] is None]
+        text += (f" (over {metrics['auc_macro_scenarios']} of {metrics['scenarios_total']} scenarios; "
+                 f"no AUC for {', '.join(missing)})")
+    return text
+
+
 def evaluate(model, features: FeatureSet, task_map: TaskMap, batch_size: int, pad_id: int,
-             device: torch.device, rank: int = 0, world: int = 1, max_rows: int = 0) -> dict:
-    n = len(features) if not max_rows else min(max_rows, len(features))
+             device: torch.device, rank: int = 0, world: int = 1, max_rows_per_scenario: int = 0) -> dict:
+    rows = capped_rows(features.task_ids, features.labels, max_rows_per_scenario)
     was_training = model.training
     model.eval()
-    local = rank_slice(n, rank, world)
-    logits = predict(model, features, local, batch_size, pad_id, device)
+    local = rank_slice(len(rows), rank, world)
+    local_rows = np.where(local >= 0, rows[np.maximum(local, 0)] if len(rows) else 0, -1)
+    logits = predict(model, features, local_rows, batch_size, pad_id, device)
     if was_training:
         model.train()
-    idx, logits = gather_predictions(local, logits)
-    return classification_metrics(features.task_ids[idx], features.labels[idx], logits, task_map)
+    idx, logits = gather_predictions(local_rows, logits)
+    metrics = classification_metrics(features.task_ids[idx], features.labels[idx], logits, task_map)
+    metrics["max_rows_per_scenario"] = int(max_rows_per_scenario)
+    return metrics
 
 
 def flat_metrics(metrics: dict, prefix: str = "val") -> dict[str, float]:
     """MLflow metric names: val/auc/<scenario>, val/pr_auc/<scenario>, val/log_loss/<scenario>, val/auc_macro."""
-    out = {f"{prefix}/auc_macro": metrics["auc_macro"], f"{prefix}/auc_weighted": metrics["auc_weighted"]}
+    out = {f"{prefix}/auc_macro": metrics["auc_macro"], f"{prefix}/auc_weighted": metrics["auc_weighted"],
+           f"{prefix}/auc_macro_scenarios": metrics.get("auc_macro_scenarios")}
     for name, e in metrics["scenarios"].items():
         for key in ("auc", "pr_auc", "log_loss"):
             out[f"{prefix}/{key}/{name}"] = e[key]

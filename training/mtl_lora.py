@@ -54,11 +54,21 @@ class TaskRouter:
     would stall the device; ids are built by ``TaskMap``, which rejects unknown scenarios).
     Under non-reentrant activation checkpointing the ids of the forward pass are restored for the
     recomputation (``checkpoint_context``), so an interleaved forward cannot leak into a backward.
+
+    ``weights_version`` counts announced writes to the adapters' parameters (``weights_changed``). The
+    layers key their no-grad factor cache on it: DeepSpeed ZeRO writes updated weights with
+    ``param.data.copy_()``, which changes neither a tensor's ``_version`` nor its ``data_ptr()``, so
+    whoever writes parameters that way (the trainer, after every optimizer step) must announce it.
     """
 
     def __init__(self, num_tasks: int | None = None) -> None:
         self.num_tasks = num_tasks
         self._task_ids: torch.Tensor | None = None
+        self.weights_version = 0
+
+    def weights_changed(self) -> None:
+        """Invalidate every layer's cached factors: call after writing adapter parameters in place."""
+        self.weights_version += 1
 
     @property
     def task_ids(self) -> torch.Tensor | None:
@@ -209,12 +219,14 @@ class MTLLoRALinear(nn.Module):
         return lam[:, :, None] * b_mix.transpose(1, 2)  # diag(λ_t) B̃_tᵀ
 
     def _factors(self, dtype: torch.dtype) -> torch.Tensor:
-        """Uᵀ in ``dtype`` for the forward. Without autograd (scoring) it is cached until a parameter
-        changes (in-place updates bump ``_version``; ZeRO-3 swaps storage: ``data_ptr``)."""
+        """Uᵀ in ``dtype`` for the forward. Without autograd (evaluation, scoring) it is cached, keyed on
+        everything that can change it: the router's ``weights_version`` (writes through ``.data``, as
+        DeepSpeed's optimizer steps do), each tensor's ``_version`` (ordinary in-place updates such as
+        ``load_state_dict`` or a torch optimizer), its storage (ZeRO-3 re-gathers) and its device."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._up_t().to(dtype)
         params = [p for p in (self.B, getattr(self, "lam", None), getattr(self, "w", None)) if p is not None]
-        key = (dtype, *((p._version, p.data_ptr(), p.device) for p in params))
+        key = (dtype, self.router.weights_version, *((p._version, p.data_ptr(), p.device) for p in params))
         cached = self.__dict__.get("_factor_cache")
         if cached is None or cached[0] != key:
             cached = (key, self._up_t().to(dtype))

@@ -2,17 +2,25 @@
 
     result = train(cfg, data_dir=Path("runs/demo/data"), out_dir=Path("runs/demo/train"), resume=False)
 
+    t = Trainer(cfg, data_dir, out_dir).setup(resume=False)   # the phases, for tests and notebooks
+    t.step(); metrics = t.evaluate(); t.save_checkpoint()
+
 Layout written under ``out_dir``:
     checkpoints/<tag>/   DeepSpeed checkpoints (model, optimizer, scheduler) + client state (sampler, RNG,
-                         best-so-far), every ``train.checkpoint_every`` steps; ``latest`` names the newest
+                         best-so-far, evaluation history), every ``train.checkpoint_every`` steps; ``latest``
+                         names the newest
     model/               the best checkpoint by validation macro AUC, as a trained-model folder
-    ds_config.json, config.yaml
+    history.json         every validation of the run: step and full per-scenario metrics
+    ds_config.json
 A NaN/inf loss raises TrainingDiverged before the optimizer step; checkpoints already written stay good.
+
+Evaluation reads the live engine's weights. The adapters cache their per-task factors for no-grad
+forwards; DeepSpeed writes updated weights through ``.data``, so every optimizer step is announced to them
+(``TaskRouter.weights_changed``, a counter: no tensor operation is added to the step).
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -27,16 +35,19 @@ import torch.nn.functional as F
 from features.sampler import MixedScenarioSampler
 from features.task_map import TaskMap
 from features.tokenize import FeatureSet, build_features
-from pipeline.config import Config, dump_config, flat_params
-from pipeline.errors import DataError, TrainingDiverged
+from pipeline.atomic import read_json, write_json_atomic
+from pipeline.config import Config, flat_params, to_dict
+from pipeline.errors import ConfigError, DataError, TrainingDiverged
 from training.artifact import save_trained
+from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
-from training.evaluate import evaluate, flat_metrics
+from training.evaluate import describe_macro, evaluate, flat_metrics
 from training.inject import adapter_param_count
 from training.model import build_model, enable_activation_checkpointing, resolve_model_path
 from training.tracking import NullTracker, fingerprint_files, git_commit
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -58,13 +69,16 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def task_map_for(cfg: Config, train_path: Path) -> TaskMap:
-    if cfg.data.scenarios:
-        return TaskMap(cfg.data.scenarios)
-    import pyarrow.compute as pc
-
-    scenarios = pc.unique(pq.read_table(train_path, columns=["scenario"])["scenario"]).to_pylist()
-    return TaskMap(sorted(scenarios))
+def task_map_for(cfg: Config, data_dir: Path) -> TaskMap:
+    """The task map ingestion wrote (``<data_dir>/task_map.json``); ``data.scenarios``, when set, must agree."""
+    path = Path(data_dir) / "task_map.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: run ingestion first (python -m pipeline.ingest)")
+    task_map = TaskMap(read_json(path, "task map")["scenarios"])
+    if cfg.data.scenarios and list(cfg.data.scenarios) != task_map.names:
+        raise ConfigError(f"data.scenarios {cfg.data.scenarios} differs from the task map {task_map.names} "
+                          f"that ingestion wrote to {path}: ingest again with this config")
+    return task_map
 
 
 def load_split_features(cfg: Config, data_dir: Path, split: str, tokenizer, task_map: TaskMap) -> FeatureSet:
@@ -75,18 +89,6 @@ def load_split_features(cfg: Config, data_dir: Path, split: str, tokenizer, task
         pq.read_table(path), tokenizer, task_map, cfg.features.max_length,
         cache_dir=Path(cfg.work_dir) / "features_cache", batch_size=cfg.features.tokenize_batch_size,
     )
-
-
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _seed_everything(seed: int) -> None:
@@ -105,17 +107,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _gathered_trainable_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full values of every trainable parameter (gathered from ZeRO-3 partitions when needed)."""
-    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in params.items()}
-    return {n: p.detach().float().cpu().clone() for n, p in params.items()}
-
-
 def _all_finite(loss: torch.Tensor) -> bool:
     flag = torch.tensor([float(torch.isfinite(loss).all())])
     if torch.distributed.is_initialized():
@@ -123,151 +114,197 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, tracker=None) -> TrainResult:
-    import deepspeed
+class Trainer:
+    """One training run in phases: ``setup``, ``step``, ``evaluate`` (+ ``record``), ``save_checkpoint``."""
 
-    rank, local_rank, world = _dist_env()
-    on_gpu = torch.cuda.is_available()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:  # one in-process rank: any free local port will do
-        os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    if not on_gpu:
-        # Processes sharing a host split its cores: oversubscribed OpenMP threads spin against each other.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    if on_gpu:
-        torch.cuda.set_device(device)
-    tracker = tracker or NullTracker()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
+    def __init__(self, cfg: Config, data_dir: Path, out_dir: Path, tracker=None):
+        self.cfg, self.data_dir, self.out_dir = cfg, Path(data_dir), Path(out_dir)
+        self.tracker = tracker or NullTracker()
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.model_dir = self.out_dir / "model"
+        self.best = {"auc_macro": -1.0, "step": 0, "metrics": None, "bad_evals": 0}
+        self.history: list[dict] = []
 
-    _seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg)
-    task_map = task_map_for(cfg, data_dir / "train.parquet")
-    train_set = load_split_features(cfg, data_dir, "train", tokenizer, task_map)
-    valid_set = load_split_features(cfg, data_dir, "valid", tokenizer, task_map)
+    # --- set-up -------------------------------------------------------------------------------------
 
-    model = build_model(cfg, len(task_map), dtype=torch.float32)
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model.backbone, model.router.checkpoint_context)
-    n_adapter, n_expected = adapter_param_count(model)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    ds_cfg = deepspeed_config(cfg, world, on_gpu)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg, on_gpu), config=ds_cfg
-    )
-    sampler = MixedScenarioSampler(
-        train_set.task_ids, train_set.lengths, cfg.train.micro_batch_size, strategy=cfg.features.sampler,
-        alpha=cfg.features.sampler_alpha, seed=cfg.train.seed, rank=rank, world_size=world,
-        length_bucketing=cfg.features.length_bucketing,
-    )
+    def setup(self, resume: bool = False) -> "Trainer":
+        import deepspeed
 
-    best = {"auc_macro": -1.0, "step": 0, "metrics": None, "bad_evals": 0}
-    history: list[dict] = []
-    if resume and (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        sampler.load_state_dict(client["sampler"])
-        best, history = client["best"], client["history"]
-        _set_rng_state(client["rng"][rank] if isinstance(client["rng"], list) else client["rng"])
-        if rank == 0:
-            print(f"resumed from {ckpt_dir / open(ckpt_dir / 'latest').read().strip()} at step {engine.global_steps}")
-    elif rank == 0:
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        (out_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
-        dump_config(cfg, out_dir / "config.yaml")
-        tracker.log_params(flat_params(cfg))
-        tracker.set_tags({
+        cfg = self.cfg
+        self.env: DistEnv = init_distributed()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.task_map = task_map_for(cfg, self.data_dir)
+        self.train_set = load_split_features(cfg, self.data_dir, "train", self.tokenizer, self.task_map)
+        self.valid_set = load_split_features(cfg, self.data_dir, "valid", self.tokenizer, self.task_map)
+        model = build_model(cfg, len(self.task_map), dtype=torch.float32)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model.backbone, model.router.checkpoint_context)
+        self.ds_config = deepspeed_config(cfg, self.env.world, self.env.on_gpu)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, cfg, self.env.on_gpu), config=self.ds_config)
+        self.model = self.engine.module
+        self.sampler = MixedScenarioSampler(
+            self.train_set.task_ids, self.train_set.lengths, cfg.train.micro_batch_size,
+            strategy=cfg.features.sampler, alpha=cfg.features.sampler_alpha, seed=cfg.train.seed,
+            rank=self.env.rank, world_size=self.env.world, length_bucketing=cfg.features.length_bucketing)
+        if resume and (self.ckpt_dir / "latest").is_file():
+            self._restore()
+        else:
+            self._start_fresh(model)
+        self._batches = iter(self.sampler)
+        self._dtype = _DTYPES[cfg.train.precision]
+        self._seen, self._t0, self.last_loss = 0, time.time(), float("nan")
+        return self
+
+    def _restore(self) -> None:
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        self.sampler.load_state_dict(client["sampler"])
+        self.best, self.history = client["best"], client["history"]
+        rng = client["rng"]
+        _set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)
+        if self.env.rank == 0:
+            tag = (self.ckpt_dir / "latest").read_text().strip()
+            print(f"resumed from {self.ckpt_dir / tag} at step {self.engine.global_steps}")
+
+    def _start_fresh(self, model) -> None:
+        if self.env.rank != 0:
+            return
+        if self.ckpt_dir.exists():
+            shutil.rmtree(self.ckpt_dir)
+        write_json_atomic(self.out_dir / "ds_config.json", self.ds_config)
+        n_adapter, n_expected = adapter_param_count(model)
+        t = self.tracker
+        t.log_params(flat_params(self.cfg))
+        t.set_tags({
             "git_commit": git_commit(),
-            "data_fingerprint": fingerprint_files([data_dir / "train.parquet", data_dir / "valid.parquet"]),
-            "world_size": world,
+            "data_fingerprint": fingerprint_files([self.data_dir / "train.parquet", self.data_dir / "valid.parquet"]),
+            "world_size": self.env.world,
         })
-        tracker.log_metrics({"params/trainable": n_trainable, "params/adapter": n_adapter,
-                             "params/adapter_expected": n_expected, "params/total": n_total})
-        tracker.log_artifact(out_dir / "config.yaml", "config")
-        tracker.log_artifact(out_dir / "ds_config.json", "config")
+        t.log_metrics({"params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       "params/adapter": n_adapter, "params/adapter_expected": n_expected,
+                       "params/total": sum(p.numel() for p in model.parameters())})
+        t.log_dict(to_dict(self.cfg), "config/config.yaml")
+        t.log_artifact(self.out_dir / "ds_config.json", "config")
 
-    step_batches = iter(sampler)
-    pad_id = tokenizer.pad_token_id
-    model_dir = out_dir / "model"
-    dtype = _DTYPES[cfg.train.precision]
-    t0, seen, last_loss = time.time(), 0, float("nan")
-    engine.train()
-    while engine.global_steps < cfg.train.max_steps:
-        step = engine.global_steps
-        for _ in range(cfg.train.grad_accum):
-            batch = train_set.collate(next(step_batches), pad_id)
+    # --- one optimizer step ------------------------------------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        return self.engine.global_steps
+
+    def step(self) -> float:
+        """One optimizer step over ``train.grad_accum`` micro-batches; returns the last micro-batch loss."""
+        device = self.env.device
+        self.engine.train()
+        for _ in range(self.cfg.train.grad_accum):
+            batch = self.train_set.collate(next(self._batches), self.pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = engine(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                batch.get("token_type_ids"))
+            with torch.autocast(device.type, dtype=self._dtype, enabled=self._dtype != torch.float32):
+                logits = self.engine(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
+                                     batch.get("token_type_ids"))
             loss = (F.binary_cross_entropy_with_logits(logits.float(), batch["labels"], reduction="none")
                     * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-6)
             if not _all_finite(loss):
+                latest = self.ckpt_dir / "latest"
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step}; last good checkpoint: "
-                    f"{(ckpt_dir / 'latest').read_text().strip() if (ckpt_dir / 'latest').is_file() else 'none'} in {ckpt_dir}"
-                )
-            engine.backward(loss)
-            engine.step()
-            seen += len(batch["labels"]) * world
-            last_loss = loss.item()
-        step = engine.global_steps
-        if rank == 0 and (step % 10 == 0 or step == 1):
-            rate = seen / max(time.time() - t0, 1e-9)
-            tracker.log_metrics({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
-                                 "train/samples_per_s": rate}, step=step)
-            print(f"step {step}/{cfg.train.max_steps} loss {last_loss:.4f} {rate:.1f} samples/s", flush=True)
-        last = step >= cfg.train.max_steps
-        stop_early = False
-        if step % cfg.train.eval_every == 0 or last:
-            metrics = evaluate(engine.module, valid_set, task_map, cfg.train.micro_batch_size * 2, pad_id, device,
-                               rank, world, cfg.train.eval_max_rows)
-            history.append({"step": step, "auc_macro": metrics["auc_macro"]})
-            state = _gathered_trainable_state(engine, cfg.train.zero_stage)
-            improved = (metrics["auc_macro"] or 0.0) > best["auc_macro"]
+                    f"loss is {loss.item()} at step {self.global_step}; last good checkpoint: "
+                    f"{latest.read_text().strip() if latest.is_file() else 'none'} in {self.ckpt_dir}")
+            self.engine.backward(loss)
+            self.engine.step()
+            # DeepSpeed wrote the new weights through .data: the adapters' no-grad caches must not serve them.
+            self.model.router.weights_changed()
+            self._seen += len(batch["labels"]) * self.env.world
+            self.last_loss = loss.item()
+        self._log_progress()
+        return self.last_loss
+
+    def _log_progress(self) -> None:
+        step = self.global_step
+        if self.env.rank != 0 or not (step % 10 == 0 or step == 1):
+            return
+        rate = self._seen / max(time.time() - self._t0, 1e-9)
+        self.tracker.log_metrics({"train/loss": self.last_loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                  "train/samples_per_s": rate}, step=step)
+        print(f"step {step}/{self.cfg.train.max_steps} loss {self.last_loss:.4f} {rate:.1f} samples/s", flush=True)
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Validation metrics of the engine's current weights (every rank takes part)."""
+        return evaluate(self.model, self.valid_set, self.task_map, self.cfg.train.micro_batch_size * 2, self.pad_id,
+                        self.env.device, self.env.rank, self.env.world, self.cfg.train.eval_rows_per_scenario)
+
+    def record(self, metrics: dict) -> bool:
+        """Log an evaluation, keep the best model by macro AUC; returns whether training should stop early."""
+        step = self.global_step
+        self.history.append({"step": step, **metrics})
+        state = self.gathered_trainable_state()
+        macro = metrics["auc_macro"]
+        improved = macro is not None and macro > self.best["auc_macro"]
+        if improved:
+            self.best.update(auc_macro=macro, step=step, metrics=metrics, bad_evals=0)
+        else:
+            self.best["bad_evals"] += 1
+        if self.env.rank == 0:
+            self.tracker.log_metrics(flat_metrics(metrics), step=step)
+            per = " ".join(f"{k}={v['auc'] and round(v['auc'], 4)}" for k, v in metrics["scenarios"].items())
+            print(f"step {step} val auc_macro {describe_macro(metrics)} {per}", flush=True)
             if improved:
-                best.update(auc_macro=metrics["auc_macro"] or 0.0, step=step, metrics=metrics, bad_evals=0)
-            else:
-                best["bad_evals"] += 1
-            if rank == 0:
-                tracker.log_metrics(flat_metrics(metrics), step=step)
-                print(f"step {step} val auc_macro {metrics['auc_macro']:.4f} "
-                      + " ".join(f"{k}={v['auc'] and round(v['auc'], 4)}" for k, v in metrics["scenarios"].items()),
-                      flush=True)
-                if improved:
-                    save_trained(engine.module, cfg, task_map, {"step": step, **metrics}, model_dir, state=state)
-            patience = cfg.train.early_stopping_patience
-            stop_early = bool(patience) and best["bad_evals"] >= patience
-        if step % cfg.train.checkpoint_every == 0 or last or stop_early:
-            _save_checkpoint(engine, ckpt_dir, step, sampler, best, history, world, cfg.train.keep_checkpoints)
-        if stop_early:
-            if rank == 0:
-                print(f"early stopping at step {step}: no macro-AUC gain in {patience} evaluations")
-            break
+                save_trained(self.model, self.cfg, self.task_map, {"step": step, **metrics}, self.model_dir,
+                             state=state)
+            write_json_atomic(self.out_dir / HISTORY_FILE, self.history)
+        patience = self.cfg.train.early_stopping_patience
+        return bool(patience) and self.best["bad_evals"] >= patience
 
-    if rank == 0:
-        tracker.log_metrics({"best/auc_macro": best["auc_macro"], "best/step": best["step"]})
-        tracker.log_artifacts(model_dir, "model")
-    return TrainResult(model_dir, best["metrics"], engine.global_steps, tracker.run_id, history)
+    def gathered_trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full values of every trainable parameter (gathered from ZeRO-3 partitions when needed)."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+        return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        rng = _rng_state()
+        if self.env.world > 1:
+            states: list = [None] * self.env.world
+            torch.distributed.all_gather_object(states, rng)
+            rng = states
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.global_step}", client_state={
+            "sampler": self.sampler.state_dict(), "best": self.best, "history": self.history, "rng": rng})
+        keep = self.cfg.train.keep_checkpoints
+        if self.env.rank == 0 and keep > 0:
+            tags = sorted((p for p in self.ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+            for old in tags[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        while self.global_step < t.max_steps:
+            self.step()
+            step = self.global_step
+            last = step >= t.max_steps
+            stop_early = self.record(self.evaluate()) if step % t.eval_every == 0 or last else False
+            if step % t.checkpoint_every == 0 or last or stop_early:
+                self.save_checkpoint()
+            if stop_early:
+                if self.env.rank == 0:
+                    print(f"early stopping at step {step}: no macro-AUC gain in {t.early_stopping_patience} evaluations")
+                break
+        if self.env.rank == 0:
+            self.tracker.log_metrics({"best/auc_macro": self.best["auc_macro"], "best/step": self.best["step"]})
+            self.tracker.log_artifacts(self.model_dir, "model")
+        return TrainResult(self.model_dir, self.best["metrics"], self.global_step, self.tracker.run_id, self.history)
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, sampler, best: dict, history: list, world: int,
-                     keep: int) -> None:
-    rng = _rng_state()
-    if world > 1:
-        states: list = [None] * world
-        torch.distributed.all_gather_object(states, rng)
-        rng = states
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
-                           client_state={"sampler": sampler.state_dict(), "best": best, "history": history, "rng": rng})
-    if int(os.environ.get("RANK", 0)) == 0 and keep > 0:
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+def train(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, tracker=None) -> TrainResult:
+    return Trainer(cfg, data_dir, out_dir, tracker).setup(resume=resume).run()
