@@ -7,10 +7,11 @@
 
 ``table`` holds the canonical columns of ``pipeline.ingest`` (query, title, description, url, label,
 scenario, weight). The ad side of each pair is ``ad_text``: "title | description | url", empty parts
-skipped. The base model's fast tokenizer encodes pairs in batches; its ids are flattened into Arrow list
+skipped. The base model's fast tokenizer encodes pairs in batches, with its pair template or, for a
+tokenizer without one, the text pair format (``features.pairs``); its ids are flattened into Arrow list
 arrays with numpy. The cache key hashes the tokenizer's serialised state (vocabulary, normaliser, special
-tokens, template), max_length, the task map and the table's values (per-row content hashes, so chunking
-does not matter); a hit reads the shards back without tokenising anything.
+tokens, template), max_length, the pair format, the task map and the table's values (per-row content
+hashes, so chunking does not matter); a hit reads the shards back without tokenising anything.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from features.pairs import PairFormat, encode_pairs, resolve_pair_format
 from features.task_map import TaskMap
 from pipeline.split import stable_hash
 
@@ -138,25 +140,25 @@ def table_fingerprint(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def cache_key(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int) -> str:
+def cache_key(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, fmt: PairFormat) -> str:
     parts = [str(FEATURES_VERSION), tokenizer_fingerprint(tokenizer), str(max_length), json.dumps(task_map.names),
-             table_fingerprint(table)]
+             table_fingerprint(table), json.dumps(fmt.describe(), sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def _tokenize(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, batch_size: int) -> pa.Table:
+def _tokenize(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, batch_size: int,
+              fmt: PairFormat) -> pa.Table:
     with_types = "token_type_ids" in tokenizer.model_input_names
     queries, ads = table.column("query").combine_chunks(), ad_text(table)
     ids, types, lengths = [], [], []
     for start in range(0, table.num_rows, batch_size):
-        enc = tokenizer(queries.slice(start, batch_size).to_pylist(), ads.slice(start, batch_size).to_pylist(),
-                        truncation=True, max_length=max_length, return_attention_mask=False,
-                        return_token_type_ids=with_types)
-        lens = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(enc["input_ids"]))
+        enc_ids, enc_types = encode_pairs(tokenizer, queries.slice(start, batch_size).to_pylist(),
+                                          ads.slice(start, batch_size).to_pylist(), max_length, fmt, with_types)
+        lens = np.fromiter(map(len, enc_ids), dtype=np.int64, count=len(enc_ids))
         total = int(lens.sum())
-        ids.append(np.fromiter(itertools.chain.from_iterable(enc["input_ids"]), dtype=np.int32, count=total))
+        ids.append(np.fromiter(itertools.chain.from_iterable(enc_ids), dtype=np.int32, count=total))
         if with_types:
-            types.append(np.fromiter(itertools.chain.from_iterable(enc["token_type_ids"]), dtype=np.int8, count=total))
+            types.append(np.fromiter(itertools.chain.from_iterable(enc_types), dtype=np.int8, count=total))
         lengths.append(lens)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
@@ -202,14 +204,17 @@ def _write_cache(folder: Path, table: pa.Table) -> None:
 
 
 def build_features(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, cache_dir: Path | None = None,
-                   batch_size: int = 1000) -> FeatureSet:
-    """Tokenise ``table``'s (query, ad text) pairs, or load them from ``cache_dir`` when cached."""
-    folder = Path(cache_dir) / cache_key(table, tokenizer, task_map, max_length) if cache_dir is not None else None
+                   batch_size: int = 1000, pair_format: PairFormat | str = "auto") -> FeatureSet:
+    """Tokenise ``table``'s (query, ad text) pairs, or load them from ``cache_dir`` when cached.
+
+    ``pair_format``: a resolved ``PairFormat`` or a kind for ``resolve_pair_format`` (features.pairs)."""
+    fmt = pair_format if isinstance(pair_format, PairFormat) else resolve_pair_format(tokenizer, pair_format)
+    folder = Path(cache_dir) / cache_key(table, tokenizer, task_map, max_length, fmt) if cache_dir is not None else None
     if folder is not None:
         cached = _read_cache(folder)
         if cached is not None:
             return FeatureSet(cached)
-    features = _tokenize(table, tokenizer, task_map, max_length, batch_size)
+    features = _tokenize(table, tokenizer, task_map, max_length, batch_size, fmt)
     if folder is not None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _write_cache(folder, features)

@@ -84,6 +84,9 @@ class FeaturesConfig:
     sampler_alpha: float = 0.5  # temperature sampling: p(scenario) ∝ n^alpha
     length_bucketing: bool = True
     tokenize_batch_size: int = 1000
+    # How a (query, ad) pair becomes one sequence (features.pairs): "template" is the tokenizer's pair
+    # template; "text" writes "Query: q\nAd: ad" for tokenizers without one; "auto" picks.
+    pair_format: Literal["auto", "template", "text"] = "auto"
 
 
 @dataclass

@@ -15,12 +15,13 @@ The layout written is described in ``serving.layout``; in short, per scenario ``
 plain checkpoint with ΔW_s merged in:
 
     AutoModelForSequenceClassification.from_pretrained("export/scenarios/cameras")   # pooling cls, last
-    AutoModel.from_pretrained("export/scenarios/cameras") + head.safetensors          # pooling mean
+    AutoModelForSequenceClassification.from_pretrained("export/scenarios/cameras", trust_remote_code=True)  # mean
 
-(a masked mean over token states is not expressible by a transformers class, so mean pooling ships the
-head beside the backbone and spells the formula out in manifest["head"]). ``base/`` + ``factors.safetensors``
-hold the base once and every scenario's LoRA pair; ``adapters/<s>/`` is the same pair for PEFT:
-``PeftModel.from_pretrained(AutoModel*.from_pretrained("export/base"), "export/adapters/cameras")``.
+(no built-in transformers class pools by a masked mean, so a mean-pooling checkpoint carries its model code,
+``modeling_ads_relevance.py``; without ``trust_remote_code=True`` transformers refuses to load it rather than
+guess a head). ``base/`` + ``factors.safetensors`` hold the base once and every scenario's LoRA pair;
+``adapters/<s>/`` is the same pair for PEFT:
+``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("export/base"), "export/adapters/cameras")``.
 
 With ``--valid`` (a canonical Parquet, e.g. <work_dir>/data/valid.parquet) the export scores it, fits
 per-scenario calibration (calibration.json), an F1-maximising threshold per scenario, and the drift
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from features.pairs import resolve_pair_format
 from pipeline.config import Config, to_dict
 from pipeline.atomic import write_json_atomic
 from pipeline.errors import DataError, RelevanceError
@@ -50,7 +52,7 @@ from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, F
 from training.tracking import artifact_location
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
-                "max(sum_i mask_i, 1) over AutoModel last_hidden_state h (batch, tokens, hidden)")
+                "max(sum_i mask_i, 1) over the backbone's last_hidden_state h (batch, tokens, hidden)")
 
 
 def resolve_source(run: str, tracking_uri: str | None, scratch: Path) -> tuple[Path, str | None]:
@@ -88,13 +90,10 @@ def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
 def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str], dict]:
     """base/, factors.safetensors, scenarios/<s>/ and adapters/<s>/ under ``out``; returns (layers, entries)."""
     from training.inject import adapter_layers
-    from training.merge import base_backbone, merged_backbone, save_head, save_peft_adapter
+    from training.merge import base_backbone, merged_backbone, save_peft_adapter, save_plain
 
-    layers = adapter_layers(model.backbone)  # names relative to the backbone, as in the plain checkpoints
-    base = out / BASE_DIR
-    base_backbone(model).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    save_head(model, base)
+    layers = adapter_layers(model.backbone)  # names relative to the backbone
+    save_plain(model, base_backbone(model), out / BASE_DIR, tokenizer)
     factors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name in task_map.names:
@@ -104,10 +103,7 @@ def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str],
             factors[factor_key(tid, layer_name, "A")] = a.contiguous().cpu()
             factors[factor_key(tid, layer_name, "U")] = u.contiguous().cpu()
         sub = scenario_dirname(name, tid)
-        merged = out / SCENARIOS_DIR / sub
-        merged_backbone(model, tid).save_pretrained(merged)
-        tokenizer.save_pretrained(merged)
-        save_head(model, merged)
+        save_plain(model, merged_backbone(model, tid), out / SCENARIOS_DIR / sub, tokenizer)
         save_peft_adapter(model, tid, out / ADAPTERS_DIR / sub)
         entries[name] = {"task_id": tid, "merged": f"{SCENARIOS_DIR}/{sub}", "adapter": f"{ADAPTERS_DIR}/{sub}"}
     save_file(factors, str(out / FACTORS_FILE))
@@ -187,7 +183,8 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
         tags = _run_tags(source_run, tracking_uri)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            layers, entries = write_checkpoints(model, load_tokenizer(cfg), task_map, stage)
+            tokenizer = load_tokenizer(cfg)
+            layers, entries = write_checkpoints(model, tokenizer, task_map, stage)
             metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
             digest = hashlib.sha256((stage / FACTORS_FILE).read_bytes()).hexdigest()[:12]
             fingerprint = tags.get("data_fingerprint") or (fingerprint_files([Path(valid)]) if valid else None)
@@ -198,9 +195,12 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
                 "pooling": cfg.model.pooling,
                 "adapter_method": cfg.adapter.method,
                 "max_length": cfg.features.max_length,
-                "input": {"text_pair": ["query", "ad_text"], "truncation": "longest_first", "padding_side": "right"},
+                "input": {"text_pair": ["query", "ad_text"], "truncation": "longest_first", "padding_side": "right",
+                          "ad_text": "title | description | url (empty parts skipped)",
+                          "pair_format": resolve_pair_format(tokenizer, cfg.features.pair_format).describe()},
                 "score": "sigmoid(logit), then per-scenario calibration when serving.calibrate and calibration.json",
-                "head": ({"file": "head.safetensors", "formula": HEAD_FORMULA, "backbone_class": "AutoModel"}
+                "head": ({"formula": HEAD_FORMULA, "model_class": "AutoModelForSequenceClassification",
+                          "trust_remote_code": True, "code": "modeling_ads_relevance.py"}
                          if cfg.model.pooling == "mean" else
                          {"backbone_class": "AutoModelForSequenceClassification", "formula": "sigmoid(logits[:, 0])"}),
                 "base": BASE_DIR, "factors": FACTORS_FILE, "adapted_layers": layers,

@@ -14,9 +14,11 @@
         reference.json             score/length reference profile for drift monitoring (optional)
 
 Pooling "cls"/"last": base/ and scenarios/<s>/ load with ``AutoModelForSequenceClassification`` and the
-score is ``sigmoid(logits[:, 0])``. Pooling "mean": a plain transformers class cannot express a masked mean
-over token states, so they load with ``AutoModel`` and carry ``head.safetensors`` (``weight`` (1, hidden),
-``bias`` (1,)); the manifest's ``head`` entry spells the formula out.
+score is ``sigmoid(logits[:, 0])``. Pooling "mean": no built-in transformers class pools by a masked mean over
+token states, so each folder carries its model code (``modeling_ads_relevance.py``, named in config.json's
+``auto_map``) and loads with ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)``;
+without ``trust_remote_code`` transformers refuses to load it (never a silently random head). The manifest's
+``head`` entry spells the formula out.
 """
 from __future__ import annotations
 
@@ -31,10 +33,9 @@ BASE_DIR = "base"
 FACTORS_FILE = "factors.safetensors"
 ADAPTERS_DIR = "adapters"
 SCENARIOS_DIR = "scenarios"
-HEAD_FILE = "head.safetensors"
 REFERENCE_FILE = "reference.json"  # drift reference of raw scores (serving.calibrate off)
 CALIBRATED_REFERENCE_FILE = "reference_calibrated.json"  # ... of calibrated scores (serving.calibrate on)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: mean-pooling checkpoints are whole models (no head.safetensors)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 

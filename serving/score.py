@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from serving.scoring_model import resolve_model
+    from serving.registry_cache import resolve_model
 
     if not args.input:
         raise DataError("--input: no Parquet file or directory given")
@@ -304,7 +304,7 @@ def score_table(model: str | Path, table: pa.Table, tracking_uri: str | None = N
     probability), model_version, query_len and title_len appended; row order and count are kept. Rows of an
     unknown scenario get a null score unless the model's config routes them to a fallback scenario.
     ``calibrate`` overrides serving.calibrate. The loaded model is cached per (folder, version, options)."""
-    from serving.scoring_model import resolve_model
+    from serving.registry_cache import resolve_model
 
     export_dir, version = resolve_model(model, tracking_uri)
     cfg = load_config(export_dir / "config.yaml")

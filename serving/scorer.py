@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from features.pairs import pair_format_from
 from pipeline.config import ServingConfig
 from pipeline.errors import ConfigError, DataError
 from serving.layout import BASE_DIR
@@ -69,8 +70,10 @@ class BatchScorer:
         self.model_version = model_version
         self.model = ScoringModel.load(self.export_dir, dtype=DTYPES[serving.dtype], device=device)
         self.max_length = int(self.model.manifest["max_length"])
+        self.pair_format = pair_format_from(self.model.manifest["input"].get("pair_format"))
         check_serving(serving, self.model.scenarios, self.export_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.export_dir / BASE_DIR)
+        # Never run code from an artifact: the tokenizer needs none (mean-pooling folders carry model code).
+        self.tokenizer = AutoTokenizer.from_pretrained(self.export_dir / BASE_DIR, trust_remote_code=False)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.calibrator = None
@@ -100,7 +103,7 @@ class BatchScorer:
         routed = table.set_column(table.schema.get_field_index("scenario"), "scenario",
                                   pa.array(scored_as.tolist(), pa.string()))
         feats = build_features(routed, self.tokenizer, TaskMap(self.scenarios), self.max_length, cache_dir=None,
-                               batch_size=self.serving.chunk_rows)
+                               batch_size=self.serving.chunk_rows, pair_format=self.pair_format)
         pad_id, bs = self.tokenizer.pad_token_id, self.serving.batch_size
         tasks = np.unique(feats.task_ids).tolist()
         current = self.scenarios.index(self.model.current) if self.model.current in self.scenarios else None

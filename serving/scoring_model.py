@@ -11,14 +11,10 @@ copy of W0 (never to the previous merged weight, so switching many times accumul
 cast to the run dtype. A switch costs one (out, r) @ (r, in) product per adapted layer; callers group a
 chunk of rows by scenario so switches stay rare.
 
-``resolve_model`` turns ``<dir>`` or ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) into a
-local export folder and a model-version string; registry downloads are cached per version.
+Where the export folder comes from (a path, or the model registry) is ``serving.registry_cache``.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.errors import DataError, UnknownScenario
-from serving.layout import BASE_DIR, FACTORS_FILE, HEAD_FILE, factor_key, read_manifest
+from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest
+from training.modeling_ads_relevance import MeanPoolRelevanceModel, masked_mean
 
 
 def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, input_ids: torch.Tensor,
@@ -36,30 +33,19 @@ def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, inp
     if token_type_ids is not None:
         kwargs["token_type_ids"] = token_type_ids
     if pooling == "mean":
-        hidden = backbone(**kwargs).last_hidden_state  # (b, L, d)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, d)
-        return head(pooled).squeeze(-1).float()
+        return head(masked_mean(backbone(**kwargs).last_hidden_state, attention_mask)).squeeze(-1).float()
     return backbone(**kwargs).logits.squeeze(-1).float()
 
 
-def load_head(path: Path, dtype: torch.dtype) -> nn.Linear:
-    """The mean-pooling head written as head.safetensors: weight (1, hidden), bias (1,)."""
-    state = load_file(str(path))
-    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    head.load_state_dict(state)
-    return head.to(dtype)
-
-
 def load_plain(model_dir: str | Path, pooling: str, dtype: torch.dtype = torch.float32):
-    """(backbone, head) of a plain checkpoint (base/ or scenarios/<s>/) with transformers classes only."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    """(backbone, head) of a plain checkpoint (base/ or scenarios/<s>/); head None for cls/last pooling."""
+    from transformers import AutoModelForSequenceClassification
 
     d = Path(model_dir)
-    cls = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
-    backbone = cls.from_pretrained(d, dtype=dtype).eval()
-    head = load_head(d / HEAD_FILE, dtype).eval() if pooling == "mean" else None
-    return backbone, head
+    if pooling == "mean":  # the class itself: no remote code is executed
+        wrapped = MeanPoolRelevanceModel.from_pretrained(d, dtype=dtype).eval()
+        return wrapped.backbone, wrapped.head
+    return AutoModelForSequenceClassification.from_pretrained(d, dtype=dtype).eval(), None
 
 
 class ScoringModel:
@@ -156,55 +142,3 @@ class ScoringModel:
         dev = self.device
         tt = token_type_ids.to(dev) if token_type_ids is not None else None
         return pooled_logits(self.backbone, self.pooling, self.head, input_ids.to(dev), attention_mask.to(dev), tt)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Where the model comes from: a folder, or the MLflow model registry.
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "ads-relevance" / "models"
-
-
-def resolve_model(model: str | Path, tracking_uri: str | None = None,
-                  cache_dir: str | Path | None = None) -> tuple[Path, str]:
-    """(local export folder, model version) for a folder or ``models:/name@alias`` / ``models:/name/3``.
-
-    Registry versions are downloaded once into ``cache_dir/<name>/v<version>`` (temporary folder, then
-    rename), so a second scoring job on the same version reads the local copy.
-    """
-    text = str(model)
-    if not text.startswith("models:/"):
-        d = Path(text)
-        manifest = read_manifest(d)
-        return d, str(manifest["model_version"])
-    import mlflow
-
-    ref = text[len("models:/"):]
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
-    elif "/" in ref:
-        name, version = ref.split("/", 1)
-    else:
-        raise DataError(f"--model {text}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    target = Path(cache_dir or default_cache_dir()) / name / f"v{version}"
-    if not (target / "manifest.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=target.parent))
-        # The registry may live behind the same URI as tracking; ask this client, not the global one.
-        source = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=source, tracking_uri=tracking_uri, dst_path=str(tmp)))
-        if not (local / "manifest.json").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"{text} (version {version}) holds no exported model: manifest.json is missing")
-        if target.exists():  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(local, target)
-            shutil.rmtree(tmp, ignore_errors=True)
-    read_manifest(target)
-    return target, f"{name}/{version}"

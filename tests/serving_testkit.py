@@ -30,12 +30,13 @@ WDC_COLUMNS = {"query": "left", "title": "right", "description": None, "url": No
                "scenario": "category"}
 
 
-def tiny_config(work_dir: Path, pooling: str = "cls", arch: str = "bert", serving: dict | None = None) -> Config:
+def tiny_config(work_dir: Path, pooling: str = "cls", arch: str = "bert", serving: dict | None = None,
+                tokenizer: str = "minilm", vocab_size: int = 30522) -> Config:
     llama = arch == "llama"
     return config_from_dict({
         "work_dir": str(work_dir),
-        "model": {"init": "random", "pooling": pooling, "tokenizer": "minilm",
-                  "random_config": LLAMA if llama else BERT},
+        "model": {"init": "random", "pooling": pooling, "tokenizer": tokenizer,
+                  "random_config": {**(LLAMA if llama else BERT), "vocab_size": vocab_size}},
         "adapter": {"r": 4, "n_up": 2, "dropout": 0.0,
                     "targets": ["llama_attention"] if llama else ["query", "key", "value", "attention.output.dense"]},
         "data": {"columns": WDC_COLUMNS, "scenarios": SCENARIOS},
@@ -45,10 +46,11 @@ def tiny_config(work_dir: Path, pooling: str = "cls", arch: str = "bert", servin
     })
 
 
-def trained_folder(root: Path, pooling: str = "cls", arch: str = "bert", serving: dict | None = None) -> Path:
+def trained_folder(root: Path, pooling: str = "cls", arch: str = "bert", serving: dict | None = None,
+                   tokenizer: str = "minilm", vocab_size: int = 30522) -> Path:
     """A trained-model folder (training.artifact) of a tiny random model whose B factors and head are
     random non-zero, so every scenario's ΔW differs. Returns <root>/model."""
-    cfg = tiny_config(root, pooling, arch, serving)
+    cfg = tiny_config(root, pooling, arch, serving, tokenizer, vocab_size)
     task_map = TaskMap(SCENARIOS)
     model = build_model(cfg, len(task_map))
     torch.manual_seed(11)

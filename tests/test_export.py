@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import ServingConfig
@@ -27,20 +26,17 @@ from serving_testkit import SCENARIOS, canonical, sigmoid, training_logits, trai
 ATOL = 1e-5
 
 
+def usual_load(folder, pooling: str):
+    """How a consumer loads a checkpoint: the Auto class (mean pooling ships its code: trust it)."""
+    return AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=pooling == "mean").eval()
+
+
 def plain_logits(folder, pooling: str, queries: list[str], titles: list[str], max_length: int) -> np.ndarray:
-    """Score with transformers classes only, as a consumer of the checkpoint would (manifest formula)."""
-    tok = AutoTokenizer.from_pretrained(folder)
+    """Score with transformers classes only, as a consumer of the checkpoint would."""
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=pooling == "mean")
     enc = tok(queries, titles, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     with torch.no_grad():
-        if pooling != "mean":
-            model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-            return model(**enc).logits[:, 0].numpy()
-        model = AutoModel.from_pretrained(folder).eval()
-        head = load_file(str(folder / "head.safetensors"))
-        hidden = model(**enc).last_hidden_state  # (b, L, d)
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return (pooled @ head["weight"].T + head["bias"])[:, 0].numpy()
+        return usual_load(folder, pooling)(**enc).logits[:, 0].numpy()
 
 
 @pytest.mark.parametrize("pooling,arch", [("cls", "bert"), ("mean", "bert"), ("last", "llama")])
@@ -57,12 +53,9 @@ def test_exported_artifacts_reproduce_training_scores(tmp_path, pooling, arch):
     scenario = np.asarray(table["scenario"].to_pylist())
     queries, titles = table["query"].to_pylist(), table["title"].to_pylist()
     sm = ScoringModel.load(out)
-    tok = AutoTokenizer.from_pretrained(out / "base")
+    tok = AutoTokenizer.from_pretrained(out / "base", trust_remote_code=pooling == "mean")
     enc = tok(queries, titles, truncation=True, max_length=manifest["max_length"], padding=True, return_tensors="pt")
-    if pooling == "mean":
-        base, _ = AutoModel.from_pretrained(out / "base").eval(), None
-    else:
-        base = AutoModelForSequenceClassification.from_pretrained(out / "base").eval()
+    base = usual_load(out / "base", pooling)
     as_each = {}
     for name in SCENARIOS + SCENARIOS[:1]:  # switch back to the first: no drift from repeated merges
         entry = manifest["scenarios"][name]
@@ -78,17 +71,24 @@ def test_exported_artifacts_reproduce_training_scores(tmp_path, pooling, arch):
 
         peft = PeftModel.from_pretrained(base, out / entry["adapter"]).eval()
         with torch.no_grad():
-            if pooling == "mean":
-                head = load_file(str(out / "base" / "head.safetensors"))
-                hidden = peft(**enc).last_hidden_state
-                m = enc["attention_mask"].unsqueeze(-1).float()
-                got = (((hidden * m).sum(1) / m.sum(1)) @ head["weight"].T + head["bias"])[:, 0].numpy()
-            else:
-                got = peft(**enc).logits[:, 0].numpy()
+            got = peft(**enc).logits[:, 0].numpy()
         base = peft.unload()  # the same base module, adapters removed, for the next scenario
         np.testing.assert_allclose(got[rows], ref[rows], atol=ATOL, rtol=0)
     # Each scenario's delta changes the scores: the equalities above are not trivially true.
     assert np.abs(as_each["cameras"] - as_each["computers"]).max() > 1e-3
+
+
+def test_mean_pooling_checkpoint_never_loads_with_a_random_head(tmp_path):
+    """The usual AutoModelForSequenceClassification load refuses without trust_remote_code (a plain BERT class
+    would load the encoder and a freshly initialised classifier, with only a warning)."""
+    out = tmp_path / "export"
+    manifest = export_model(str(trained_folder(tmp_path, "mean")), out)
+    for folder in (out / "base", out / manifest["scenarios"]["shoes"]["merged"]):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModelForSequenceClassification.from_pretrained(folder)
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModel.from_pretrained(folder)
+        assert (folder / "modeling_ads_relevance.py").is_file() and not (folder / "head.safetensors").exists()
 
 
 def test_bf16_scoring_within_stated_tolerance(tmp_path):

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from serving.export import main
 from serving.layout import read_manifest
-from serving.scoring_model import resolve_model
+from serving.registry_cache import resolve_model
 from serving_testkit import SCENARIOS, canonical, trained_folder, wdc_raw
 
 
@@ -54,3 +54,61 @@ def test_export_errors_name_the_source(tmp_path, capsys):
                  "--tracking-uri", uri]) == 2
     assert "0123456789abcdef0123456789abcdef" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_two_registries_with_the_same_name_and_version_never_share_a_cached_model(tmp_path):
+    """Two work dirs, each with its own sqlite registry holding `relevance` version 1 of a different model:
+    scoring models:/relevance/1 from each registry returns that registry's model, through one shared cache."""
+    import numpy as np
+    import pyarrow as pa
+
+    from serving.export import export_model
+    from serving.score import score_table
+
+    cache = tmp_path / "shared-cache"
+    table = canonical(wdc_raw(per_category=5))
+    scores, versions = {}, {}
+    for name in ("a", "b"):
+        work = tmp_path / name
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        folder = trained_folder(work, "cls" if name == "a" else "mean")  # two different models
+        manifest = export_model(str(folder), work / "export", tracking_uri=uri, name="relevance")
+        assert manifest["registered"]["version"] == "1"
+        local, version = resolve_model("models:/relevance/1", uri, cache)
+        assert version == "relevance/1" and read_manifest(local)["model_version"] == manifest["model_version"]
+        versions[name] = manifest["model_version"]
+        direct = score_table(work / "export", table)["score"].to_numpy()
+        via_registry = score_table(local, table)["score"].to_numpy()
+        np.testing.assert_allclose(via_registry, direct, atol=1e-6, rtol=0)
+        scores[name] = via_registry
+    assert versions["a"] != versions["b"] and np.abs(scores["a"] - scores["b"]).max() > 1e-3
+    # Both registries resolved again: each still gets its own copy.
+    for name in ("a", "b"):
+        local, _ = resolve_model("models:/relevance/1", f"sqlite:///{tmp_path / name / 'mlflow.db'}", cache)
+        assert read_manifest(local)["model_version"] == versions[name]
+
+
+def test_a_damaged_cached_copy_is_downloaded_again(tmp_path):
+    from serving.export import export_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    manifest = export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export", tracking_uri=uri, name="m")
+    local, _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
+    (local / "factors.safetensors").write_bytes(b"not the factors")
+    again, _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
+    assert again == local and read_manifest(again)["model_version"] == manifest["model_version"]
+    from serving.registry_cache import content_digest
+
+    assert f"export-{content_digest(again)}" == manifest["model_version"]
+
+
+def test_a_registry_model_needs_an_explicit_registry(tmp_path, monkeypatch):
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--tracking-uri"):
+        resolve_model("models:/m@champion", None, tmp_path / "cache")
+    assert not (tmp_path / "mlflow.db").exists()  # nothing implicit was created

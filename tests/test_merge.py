@@ -17,8 +17,8 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 from pipeline.config import config_from_dict
 from pipeline.errors import TrainingDiverged, UnknownScenario
 from training.inject import adapter_layers
-from training.merge import (HEAD_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, base_backbone, merged_backbone,
-                            merged_model, peft_lora_state, save_head, save_peft_adapter)
+from training.merge import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, base_backbone, merged_backbone, merged_model,
+                            peft_lora_state, save_peft_adapter, save_plain)
 from training.model import build_model
 from training.mtl_lora import MTLLoRALinear
 
@@ -116,23 +116,15 @@ def test_merging_keeps_base_biases_and_the_head():
 def test_peft_loads_each_scenario_and_scores_like_mtl_lora(case, method, tmp_path):
     model = trained_like(case, method)
     ids, mask = batch(model)
-    base_backbone(model).save_pretrained(tmp_path / "base")
-    head_path = save_head(model, tmp_path / "base")
-    assert (head_path is None) == (model.pooling != "mean")
-    loader = AutoModel if model.pooling == "mean" else AutoModelForSequenceClassification
+    save_plain(model, base_backbone(model), tmp_path / "base")
+    remote = model.pooling == "mean"  # mean-pooling checkpoints carry their model code
     for t in range(T):
         adapter_dir = save_peft_adapter(model, t, tmp_path / f"adapter_{t}")
         assert sorted(p.name for p in adapter_dir.iterdir()) == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
-        peft_model = PeftModel.from_pretrained(loader.from_pretrained(tmp_path / "base"), adapter_dir).eval()
+        base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", trust_remote_code=remote)
+        peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
         with torch.no_grad():
-            out = peft_model(input_ids=ids, attention_mask=mask)
-            if model.pooling == "mean":
-                head = torch.nn.Linear(out.last_hidden_state.shape[-1], 1)
-                head.load_state_dict(load_file(str(head_path)))
-                m = mask.unsqueeze(-1).float()
-                got = head((out.last_hidden_state * m).sum(1) / m.sum(1)).squeeze(-1)
-            else:
-                got = out.logits.squeeze(-1)
+            got = peft_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         torch.testing.assert_close(got, scenario_scores(model, ids, mask, t), atol=1e-5, rtol=1e-5)
 
 
@@ -173,4 +165,3 @@ def test_export_errors_name_the_problem():
         layer.B.fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match=name):
         merged_backbone(broken, 0)
-    assert HEAD_FILE == "head.safetensors"

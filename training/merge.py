@@ -9,16 +9,20 @@ U_t = s·B̃_t·Λ_t (out × r), so one scenario can be served at exactly the ba
     save_peft_adapter(model, 2, out_dir)        # adapter_config.json + adapter_model.safetensors
     # base.save_pretrained(base_dir); PeftModel.from_pretrained(AutoModel*.from_pretrained(base_dir), out_dir)
 
-With mean pooling the head (``model.head``) lives outside the backbone; ``save_head`` writes it as
-``head.safetensors`` (weight (1, hidden), bias (1,)). Under DeepSpeed ZeRO-3 gather the parameters
-first (``deepspeed.zero.GatheredParameters``). The export stage that writes every scenario of a trained
-model is ``python -m serving.export``; this module is the library it calls.
+``save_plain(model, backbone, out_dir, tokenizer)`` writes a loadable checkpoint of a plain backbone: the
+backbone itself for cls/last pooling (its sequence-classification head lives inside), or for mean pooling
+(the head ``model.head`` lives outside the backbone) a ``MeanPoolRelevanceModel`` around backbone and head,
+with its code beside it (``training.modeling_ads_relevance``), so that the Auto classes load it whole or
+refuse. Under DeepSpeed ZeRO-3 gather the parameters first (``deepspeed.zero.GatheredParameters``). The
+export stage that writes every scenario of a trained model is ``python -m serving.export``; this module is
+the library it calls.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -27,13 +31,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.errors import RelevanceError, TrainingDiverged, UnknownScenario
+from training import modeling_ads_relevance
 from training.inject import adapter_layers
 from training.model import RelevanceModel
 from training.mtl_lora import MTLLoRALinear, TaskRouter
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-HEAD_FILE = "head.safetensors"
+REMOTE_CODE_FILE = Path(modeling_ads_relevance.__file__).name
+AUTO_MAP = {auto: f"{REMOTE_CODE_FILE[:-3]}.{cls}" for auto, cls in (
+    ("AutoConfig", "MeanPoolRelevanceConfig"), ("AutoModel", "MeanPoolRelevanceModel"),
+    ("AutoModelForSequenceClassification", "MeanPoolRelevanceModel"))}
 
 
 def _layers(model: RelevanceModel, task: int | None) -> dict[str, MTLLoRALinear]:
@@ -93,13 +101,20 @@ def merged_model(model: RelevanceModel, task: int) -> RelevanceModel:
     return RelevanceModel(merged_backbone(model, task), model.pooling, TaskRouter(), head)
 
 
+def plain_module_prefix(model: RelevanceModel) -> str:
+    """Where the backbone's modules sit inside a plain checkpoint: "" (cls/last), "backbone." (mean)."""
+    return "backbone." if model.head is not None else ""
+
+
 def peft_lora_state(model: RelevanceModel, task: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """One scenario as a PEFT LoRA adapter: (adapter_config dict, state dict in PEFT's key naming).
 
     lora_A = A_t (r, in), lora_B = U_t (out, r) (ΔW_t = lora_B @ lora_A), lora_alpha == r so PEFT's
-    scaling is 1. ``target_modules`` lists the adapted modules' full names relative to the backbone.
+    scaling is 1. ``target_modules`` lists the adapted modules' full names relative to the plain
+    checkpoint's model (``plain_module_prefix``).
     """
-    layers = _layers(model, task)
+    prefix = plain_module_prefix(model)
+    layers = {prefix + n: layer for n, layer in _layers(model, task).items()}
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, layer in layers.items():
@@ -147,12 +162,24 @@ def save_peft_adapter(model: RelevanceModel, task: int, out_dir: Path) -> Path:
     return out
 
 
-def save_head(model: RelevanceModel, out_dir: Path) -> Path | None:
-    """The mean-pooling head as ``head.safetensors`` (None when the head lives in the backbone)."""
+def plain_checkpoint_model(model: RelevanceModel, backbone: nn.Module) -> nn.Module:
+    """What a plain checkpoint of ``backbone`` holds: the backbone itself (cls/last pooling), or a
+    ``MeanPoolRelevanceModel`` around it and a copy of ``model.head`` (mean pooling)."""
     if model.head is None:
-        return None
-    state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / HEAD_FILE
-    _replace_atomically(lambda p: save_file(state, str(p)), path)
-    return path
+        return backbone
+    wrapped = modeling_ads_relevance.MeanPoolRelevanceModel.wrap(backbone, copy.deepcopy(model.head))
+    wrapped.config.auto_map = dict(AUTO_MAP)
+    return wrapped
+
+
+def save_plain(model: RelevanceModel, backbone: nn.Module, out_dir: Path, tokenizer=None) -> Path:
+    """A checkpoint that ``AutoModelForSequenceClassification.from_pretrained`` loads whole (mean pooling:
+    with ``trust_remote_code=True``; without it transformers refuses instead of guessing a head)."""
+    out = Path(out_dir)
+    plain = plain_checkpoint_model(model, backbone)
+    plain.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if plain is not backbone:
+        shutil.copyfile(modeling_ads_relevance.__file__, out / REMOTE_CODE_FILE)
+    return out

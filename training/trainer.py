@@ -43,7 +43,7 @@ from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import describe_macro, evaluate, flat_metrics
 from training.inject import adapter_param_count
-from training.model import build_model, enable_activation_checkpointing, resolve_model_path
+from training.model import build_model, enable_activation_checkpointing, gguf_file, resolve_model_path
 from training.tracking import NullTracker, fingerprint_files, git_commit
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +63,7 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     src = cfg.model.tokenizer or cfg.model.path
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(src), gguf_file=None if cfg.model.tokenizer else (cfg.model.gguf_file or None))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(src), gguf_file=None if cfg.model.tokenizer else gguf_file(cfg))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -88,6 +88,7 @@ def load_split_features(cfg: Config, data_dir: Path, split: str, tokenizer, task
     return build_features(
         pq.read_table(path), tokenizer, task_map, cfg.features.max_length,
         cache_dir=Path(cfg.work_dir) / "features_cache", batch_size=cfg.features.tokenize_batch_size,
+        pair_format=cfg.features.pair_format,
     )
 
 

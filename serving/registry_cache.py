@@ -1,0 +1,134 @@
+"""Local copies of registered models, keyed on what identifies their content, checked before every use.
+
+    export_dir, version = resolve_model("models:/ads-relevance@champion", "sqlite:////srv/mlflow.db")
+    export_dir, version = resolve_model("runs/demo/export")          # a folder: used as it is
+
+A registry reference resolves to one model version, whose identity is (registry URI, name, version, source
+run, artifact source, creation time). Two registries may both hold ``ads-relevance`` version 1, so the
+cache folder is named by a digest of that whole identity, never by name and version alone:
+
+    <cache_dir>/<name>-v<version>-<identity digest>/        the export folder, downloaded once
+        _registry.json                                      the identity it was downloaded for + content digest
+
+Before a cached copy is used, its recorded identity must equal the registry's answer now, and the bytes of
+its factors must still hash to the digest in its manifest (``model_version: export-<digest>``). A copy that
+fails either check is downloaded again. ``cache_dir`` defaults to ``$XDG_CACHE_HOME/ads-relevance/models``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.atomic import write_json_atomic
+from pipeline.errors import ConfigError, DataError
+from serving.layout import FACTORS_FILE, MANIFEST_FILE, read_manifest
+
+IDENTITY_FILE = "_registry.json"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "ads-relevance" / "models"
+
+
+def normalize_uri(uri: str) -> str:
+    """sqlite URIs with an absolute path (a relative one names a different file from each directory)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def registry_uri(tracking_uri: str | None, what: str) -> str:
+    """The explicit URI, else $MLFLOW_TRACKING_URI; never MLflow's implicit ./mlflow.db."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError(f"{what}: a registry model needs --tracking-uri (or MLFLOW_TRACKING_URI); "
+                          "no registry is assumed")
+    return normalize_uri(uri)
+
+
+def parse_model_ref(ref: str) -> tuple[str, str, bool]:
+    """``models:/name@alias`` -> (name, alias, True); ``models:/name/3`` -> (name, "3", False)."""
+    body = ref[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, alias, True
+    if "/" in body:
+        name, version = body.split("/", 1)
+        return name, version, False
+    raise DataError(f"--model {ref}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def content_digest(export_dir: Path) -> str:
+    """The digest the export named its model version after: sha256 of factors.safetensors, 12 hex digits."""
+    h = hashlib.sha256()
+    with open(export_dir / FACTORS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _intact(folder: Path, identity: dict) -> bool:
+    try:
+        recorded = json.loads((folder / IDENTITY_FILE).read_text())
+        manifest = read_manifest(folder)
+    except (OSError, ValueError, DataError):
+        return False
+    return (recorded.get("identity") == identity
+            and manifest["model_version"] == f"export-{recorded.get('content_digest')}"
+            and content_digest(folder) == recorded.get("content_digest"))
+
+
+def resolve_model(model: str | Path, tracking_uri: str | None = None,
+                  cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """(local export folder, model version) for a folder, ``models:/name@alias`` or ``models:/name/N``."""
+    text = str(model)
+    if not text.startswith("models:/"):
+        d = Path(text)
+        return d, str(read_manifest(d)["model_version"])
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = registry_uri(tracking_uri, f"--model {text}")
+    name, ref, is_alias = parse_model_ref(text)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        mv = client.get_model_version_by_alias(name, ref) if is_alias else client.get_model_version(name, ref)
+    except MlflowException as e:
+        raise DataError(f"--model {text}: not found in the registry at {uri} ({e.message})") from e
+    identity = {"registry": uri, "name": name, "version": str(mv.version), "run_id": mv.run_id,
+                "source": mv.source, "created": mv.creation_timestamp}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir or default_cache_dir())
+    target = root / f"{name.replace('/', '_')}-v{mv.version}-{key}"
+    if not _intact(target, identity):
+        _download(client, uri, name, str(mv.version), identity, target, text)
+    return target, f"{name}/{mv.version}"
+
+
+def _download(client, uri: str, name: str, version: str, identity: dict, target: Path, text: str) -> None:
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        source = client.get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp)))
+        if not (local / MANIFEST_FILE).is_file():
+            raise DataError(f"{text} (version {version}) holds no exported model: {MANIFEST_FILE} is missing")
+        digest = content_digest(local)
+        if read_manifest(local)["model_version"] != f"export-{digest}":
+            raise DataError(f"{text} (version {version}): factors do not match the manifest's model_version "
+                            "(a damaged or altered artifact)")
+        write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
+        if target.exists():
+            if _intact(target, identity):  # another process finished the same download first
+                return
+            shutil.rmtree(target)  # stale or damaged: replace it
+        os.replace(local, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
