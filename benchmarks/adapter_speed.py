@@ -93,7 +93,7 @@ def with_peft(base: nn.Module, args):
 
 
 def _mtl_lora_model(base: nn.Module, args):
-    from pipeline.config import AdapterConfig
+    from kernel.config import AdapterConfig
     from training.inject import inject_adapters
 
     model = copy.deepcopy(base)

@@ -39,7 +39,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import SyntheticConfig, config_from_dict
+from kernel.config import SyntheticConfig, config_from_dict
 from pipeline.ingest import read_validated, run_ingest
 from pipeline.reader import ParquetSource
 from pipeline.synthetic import MARKETS, generate
@@ -122,7 +122,7 @@ def peak_rss(path: Path, out: Path) -> dict:
 def bench_tokenize(train: Path, tokenizer_path: str, rows: int, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
-    from features.task_map import TaskMap
+    from kernel.task_map import TaskMap
     from features.tokenize import ad_text, build_features
     from training.model import resolve_model_path
 

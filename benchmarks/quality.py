@@ -44,9 +44,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.atomic import atomic_path, write_json_atomic
-from pipeline.config import Config, add_config_args, load_config
-from pipeline.errors import ConfigError, RelevanceError
+from kernel.atomic import atomic_path, write_json_atomic
+from kernel.config import Config, add_config_args, load_config
+from kernel.errors import ConfigError, RelevanceError
 
 ROOT = Path(__file__).resolve().parents[1]
 WDC_ROOT = ROOT.parent / "shared" / "data" / "wdc_products"
@@ -71,9 +71,10 @@ def prepare_wdc(cfg: Config, root: Path, out: Path) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from features.task_map import TaskMap
+    from kernel.task_map import TaskMap
     from pipeline.ingest import run_ingest
-    from pipeline.split import SPLITS, stable_hash
+    from kernel.hashing import stable_hash
+    from pipeline.split import SPLITS
 
     files = {s: sorted(root.glob(f"*/{s}.parquet")) for s in SPLITS}
     if not all(files.values()):
@@ -285,7 +286,7 @@ def _load_results(path: Path, settings: dict) -> dict:
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     from benchmarks.quality_report import write_reports
-    from training.tracking import MlflowTracker
+    from kernel.tracking import MlflowTracker
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

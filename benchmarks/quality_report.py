@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.atomic import atomic_path
+from kernel.atomic import atomic_path
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 LABELS = {"mtl_lora": "MTL-LoRA", "lora": "LoRA (same r)", "lora_matched": "LoRA (matched params)",

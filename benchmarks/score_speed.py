@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import ServingConfig  # noqa: E402  (after the path insert: runs from anywhere)
+from kernel.config import ServingConfig  # noqa: E402  (after the path insert: runs from anywhere)
 
 PRESETS = {  # BERT-shaped encoders; vocab of the MiniLM tokenizer
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
@@ -46,7 +46,7 @@ PRESETS = {  # BERT-shaped encoders; vocab of the MiniLM tokenizer
 
 
 def build(preset: str, tasks: int, r: int, pooling: str, dtype: torch.dtype, device: str):
-    from pipeline.config import config_from_dict
+    from kernel.config import config_from_dict
     from serving.scoring_model import ScoringModel
     from training.model import build_model
 
@@ -148,8 +148,8 @@ def rss(args) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from features.task_map import TaskMap
-    from pipeline.config import config_from_dict
+    from kernel.task_map import TaskMap
+    from kernel.config import config_from_dict
     from serving.export import export_model
     from training.artifact import save_trained
     from training.model import build_model

@@ -24,7 +24,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import config_from_dict
+from kernel.config import config_from_dict
 from training.ds_config import build_optimizer, deepspeed_config
 from training.model import build_model
 

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import torch
 
 from features.pairs import PairFormat, encode_pairs, resolve_pair_format
-from features.task_map import TaskMap
-from pipeline.split import stable_hash
+from kernel.task_map import TaskMap
+from kernel.hashing import stable_hash
 
 FEATURES_VERSION = 1  # bump when the layout or the ad-text recipe changes: old cache entries are ignored
 SHARD_ROWS = 100_000  # rows per cached Parquet shard

@@ -21,8 +21,8 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from monitoring.metrics import EPS, check_inputs
-from pipeline.atomic import read_json, write_json_atomic
-from pipeline.errors import DataError
+from kernel.atomic import read_json, write_json_atomic
+from kernel.errors import DataError
 
 CALIBRATION_FILE = "calibration.json"
 METHODS = ("isotonic", "platt")

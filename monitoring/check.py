@@ -37,15 +37,15 @@ import pyarrow.dataset as ds
 from monitoring.drift import drift_report, load_reference
 from monitoring.metrics import scenario_metrics, summarize
 from monitoring.report import atomic_write_json, write_report
-from pipeline.config import Config, add_config_args, load_config
-from pipeline.errors import DataError, RelevanceError
+from kernel.config import Config, add_config_args, load_config
+from kernel.errors import DataError, RelevanceError
 
 EXIT_OK, EXIT_INPUT, EXIT_BREACH = 0, 2, 3
 QUARANTINE_DIR = "_quarantine"  # batch scoring writes its rejected rows here, inside the output folder
 
 
 class Tracker(Protocol):
-    """What run_check logs to, e.g. ``training.tracking.MlflowTracker`` after ``start()``."""
+    """What run_check logs to, e.g. ``kernel.tracking.MlflowTracker`` after ``start()``."""
 
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_artifacts(self, path: str, artifact_path: str | None = None) -> None: ...
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         tracker = None
         if args.tracking_uri:
-            from training.tracking import MlflowTracker  # mlflow is imported only when logging
+            from kernel.tracking import MlflowTracker  # mlflow is imported only when logging
 
             tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment)
             tracker.start(run_name="monitoring-check", run_id=args.run_id)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import MonitoringConfig
-from pipeline.atomic import read_json, write_json_atomic
-from pipeline.errors import DataError
+from kernel.config import MonitoringConfig
+from kernel.atomic import read_json, write_json_atomic
+from kernel.errors import DataError
 
 REFERENCE_FILE = "reference.json"
 FORMAT_VERSION = 1

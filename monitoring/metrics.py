@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from pipeline.errors import DataError
+from kernel.errors import DataError
 
 EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] for the log loss
 CI_LEVEL = 0.95

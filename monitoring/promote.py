@@ -32,8 +32,8 @@ import pyarrow as pa
 
 from monitoring import registry
 from monitoring.metrics import scenario_metrics, summarize
-from pipeline.config import Config, add_config_args, load_config
-from pipeline.errors import DataError, RelevanceError
+from kernel.config import Config, add_config_args, load_config
+from kernel.errors import DataError, RelevanceError
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = 0, 2, 3
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import RelevanceError
+from kernel.errors import RelevanceError
 
 CHAMPION = "champion"
 PREVIOUS = "previous"

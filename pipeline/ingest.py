@@ -32,13 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.task_map import TaskMap
-from pipeline.atomic import publish, staging_dir, write_json_atomic
-from pipeline.config import Config, add_config_args, load_config
+from kernel.task_map import TaskMap
+from kernel.atomic import publish, staging_dir, write_json_atomic
+from kernel.config import Config, add_config_args, load_config
 from pipeline.dedupe import Spill, bucket_count, find_duplicates
-from pipeline.errors import ConfigError, DataError, RejectRateExceeded, RelevanceError
+from kernel.errors import ConfigError, DataError, RejectRateExceeded, RelevanceError
 from pipeline.reader import ParquetSource, build_filter
-from pipeline.split import SPLITS, assign_splits, stable_hash
+from kernel.hashing import stable_hash
+from pipeline.split import SPLITS, assign_splits
 from pipeline.stats import IngestStats
 from pipeline.validate import REASON_NAMES, ColumnMapping, accepted_schema, empty_batch, quarantine_schema
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.synthetic import generate
 
             source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
-        from training.tracking import open_tracker
+        from kernel.tracking import open_tracker
 
         tracker = open_tracker(cfg)
         tracker.start(run_name="ingest")

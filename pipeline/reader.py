@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError, DataError
+from kernel.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config, add_config_args, load_config
-from pipeline.errors import RelevanceError
+from kernel.config import Config, add_config_args, load_config
+from kernel.errors import RelevanceError
 
 STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_BREACH, EXIT_GATE = 0, 1, 2, 3, 4
@@ -65,7 +65,7 @@ def step_generate(job: Job) -> dict:
 
 def step_ingest(job: Job) -> dict:
     from pipeline.ingest import run_ingest
-    from training.tracking import open_tracker
+    from kernel.tracking import open_tracker
 
     source = job.raw if job.cfg.data.source == "synthetic" else job.cfg.data.source
     tracker = open_tracker(job.cfg)

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_path
-from pipeline.config import SyntheticConfig
+from kernel.atomic import atomic_path
+from kernel.config import SyntheticConfig
 
 MARKETS = ("us", "uk", "de", "jp")
 TARGET_POSITIVE_RATE = 0.25

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import DataConfig
-from pipeline.errors import ConfigError, DataError
+from kernel.config import DataConfig
+from kernel.errors import ConfigError, DataError
 from pipeline.reader import FilePart
 
 REASONS = (

@@ -44,12 +44,12 @@ import torch
 from safetensors.torch import save_file
 
 from features.pairs import resolve_pair_format
-from pipeline.config import Config, to_dict
-from pipeline.atomic import write_json_atomic
-from pipeline.errors import DataError, RelevanceError
+from kernel.config import Config, to_dict
+from kernel.atomic import write_json_atomic
+from kernel.errors import DataError, RelevanceError
 from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
                             SCENARIOS_DIR, factor_key, scenario_dirname)
-from training.tracking import artifact_location
+from kernel.tracking import artifact_location
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
                 "max(sum_i mask_i, 1) over the backbone's last_hidden_state h (batch, tokens, hidden)")
@@ -168,7 +168,7 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     ``source_run_id`` names the training run when ``run`` is a folder (recorded, tags read from it).
     """
     from training.artifact import load_trained
-    from training.tracking import fingerprint_files
+    from kernel.hashing import fingerprint_files
     from training.trainer import load_tokenizer
 
     out = Path(out_dir)

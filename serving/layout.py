@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.atomic import read_json
-from pipeline.errors import DataError
+from kernel.atomic import read_json
+from kernel.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 BASE_DIR = "base"

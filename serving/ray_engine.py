@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, config_from_dict, to_dict
-from pipeline.errors import ConfigError
+from kernel.config import Config, config_from_dict, to_dict
+from kernel.errors import ConfigError
 
 
 class ShardScorer:

@@ -23,8 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.atomic import write_json_atomic
-from pipeline.errors import ConfigError, DataError
+from kernel.atomic import write_json_atomic
+from kernel.errors import ConfigError, DataError
 from serving.layout import FACTORS_FILE, MANIFEST_FILE, read_manifest
 
 IDENTITY_FILE = "_registry.json"

@@ -32,8 +32,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config, add_config_args, dump_config, load_config
-from pipeline.errors import DataError, RelevanceError
+from kernel.config import Config, add_config_args, dump_config, load_config
+from kernel.errors import DataError, RelevanceError
 from serving import shards as sh
 from serving.scorer import BatchScorer
 

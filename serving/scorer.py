@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 import torch
 
 from features.pairs import pair_format_from
-from pipeline.config import ServingConfig
-from pipeline.errors import ConfigError, DataError
+from kernel.config import ServingConfig
+from kernel.errors import ConfigError, DataError
 from serving.layout import BASE_DIR
 from serving.scoring_model import ScoringModel
 
@@ -94,7 +94,7 @@ class BatchScorer:
 
         Tokenisation and padding are training's own (features.tokenize.build_features / collate).
         """
-        from features.task_map import TaskMap
+        from kernel.task_map import TaskMap
         from features.tokenize import build_features
 
         out = np.empty(table.num_rows, dtype=np.float32)

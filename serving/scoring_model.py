@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.errors import DataError, UnknownScenario
+from kernel.errors import DataError, UnknownScenario
 from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest
 from training.modeling_ads_relevance import MeanPoolRelevanceModel, masked_mean
 

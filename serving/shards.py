@@ -25,8 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import write_json_atomic
-from pipeline.errors import DataError
+from kernel.atomic import write_json_atomic
+from kernel.errors import DataError
 
 QUARANTINE_DIR = "_quarantine"
 DONE_DIR = "_done"

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from features.task_map import TaskMap
+from kernel.task_map import TaskMap
 from features.tokenize import build_features
-from pipeline.config import Config, config_from_dict
+from kernel.config import Config, config_from_dict
 from training.artifact import save_trained
 from training.model import build_model
 

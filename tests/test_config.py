@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_from_dict, flat_params, load_config
-from pipeline.errors import ConfigError
+from kernel.config import config_from_dict, flat_params, load_config
+from kernel.errors import ConfigError
 from training.ds_config import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from features.task_map import TaskMap
+from kernel.task_map import TaskMap
 from training.evaluate import capped_rows, classification_metrics, describe_macro
 
 

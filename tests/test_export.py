@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline.config import ServingConfig
+from kernel.config import ServingConfig
 from serving.export import export_model
 from serving.layout import read_manifest
 from serving.scorer import BatchScorer

@@ -105,7 +105,7 @@ def test_a_damaged_cached_copy_is_downloaded_again(tmp_path):
 def test_a_registry_model_needs_an_explicit_registry(tmp_path, monkeypatch):
     import pytest
 
-    from pipeline.errors import ConfigError
+    from kernel.errors import ConfigError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

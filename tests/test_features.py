@@ -10,10 +10,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import features.tokenize as tokenize_mod
-from features.task_map import TaskMap
+from kernel.task_map import TaskMap
 from features.tokenize import ad_text, build_features
-from pipeline.config import SyntheticConfig, config_from_dict
-from pipeline.errors import UnknownScenario
+from kernel.config import SyntheticConfig, config_from_dict
+from kernel.errors import UnknownScenario
 from pipeline.synthetic import generate
 from training.model import build_model, resolve_model_path
 

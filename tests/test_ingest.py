@@ -10,11 +10,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import SyntheticConfig, config_from_dict
-from pipeline.errors import ConfigError, DataError, RejectRateExceeded
+from kernel.config import SyntheticConfig, config_from_dict
+from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from pipeline.ingest import OUTPUT_FILES, main, read_validated, run_ingest
 from pipeline.reader import ParquetSource, build_filter
-from pipeline.split import SPLITS, assign_splits, stable_hash
+from kernel.hashing import stable_hash
+from pipeline.split import SPLITS, assign_splits
 from pipeline.synthetic import generate
 
 MAX_CHARS = 60
@@ -297,7 +298,7 @@ def test_stats_match_the_written_rows(tmp_path):
 def test_stats_are_logged_to_a_real_mlflow(tmp_path):
     from mlflow import MlflowClient
 
-    from training.tracking import MlflowTracker
+    from kernel.tracking import MlflowTracker
 
     generate(tmp_path / "s.parquet", SyntheticConfig(rows_per_scenario=100))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

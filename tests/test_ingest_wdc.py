@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import config_from_dict
+from kernel.config import config_from_dict
 from pipeline.ingest import read_validated, run_ingest
 from pipeline.split import SPLITS
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from pipeline.config import AdapterConfig
-from pipeline.errors import ConfigError
+from kernel.config import AdapterConfig
+from kernel.errors import ConfigError
 from training.inject import adapter_layers, adapter_param_count, inject_adapters
 from training.mtl_lora import MTLLoRALinear
 

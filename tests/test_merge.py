@@ -14,8 +14,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
-from pipeline.config import config_from_dict
-from pipeline.errors import TrainingDiverged, UnknownScenario
+from kernel.config import config_from_dict
+from kernel.errors import TrainingDiverged, UnknownScenario
 from training.inject import adapter_layers
 from training.merge import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, base_backbone, merged_backbone, merged_model,
                             peft_lora_state, save_peft_adapter, save_plain)

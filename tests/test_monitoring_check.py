@@ -14,7 +14,7 @@ import pytest
 from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
 from monitoring.drift import drift_report, load_reference, reference_profile, save_reference
 from monitoring.metrics import scenario_metrics
-from pipeline.config import config_from_dict
+from kernel.config import config_from_dict
 from monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
 
@@ -202,8 +202,9 @@ def test_length_psi_has_no_false_alarm_between_held_out_splits(tmp_path):
     from one distribution: bins sized to the sample keep their length PSI under the alarm level, while a
     real shift of the same rows still crosses it."""
     from monitoring.drift import bin_fractions, psi, quantile_bins
-    from pipeline.config import SyntheticConfig
-    from pipeline.split import assign_splits, stable_hash
+    from kernel.config import SyntheticConfig
+    from kernel.hashing import stable_hash
+    from pipeline.split import assign_splits
     from pipeline.synthetic import generate
 
     table = pq.read_table(generate(tmp_path / "ads.parquet", SyntheticConfig(rows_per_scenario=3000, seed=7)))

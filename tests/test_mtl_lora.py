@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import config_from_dict
-from pipeline.errors import UnknownScenario
+from kernel.config import config_from_dict
+from kernel.errors import UnknownScenario
 from training.inject import adapter_layers, adapter_param_count
 from training.model import build_model, enable_activation_checkpointing, is_adapter_param
 from training.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params

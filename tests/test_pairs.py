@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from features.pairs import encode_pairs, longest_first, resolve_pair_format, separates_pairs
-from pipeline.config import ServingConfig, SyntheticConfig
+from kernel.config import ServingConfig, SyntheticConfig
 from pipeline.synthetic import generate
 from serving.export import export_model
 from serving.scorer import BatchScorer
@@ -87,7 +87,7 @@ def test_a_gguf_decoder_exports_a_dequantized_safetensors_base(tmp_path):
 
     from gguf_testkit import write_tiny_gguf
     from serving_testkit import tiny_config
-    from features.task_map import TaskMap
+    from kernel.task_map import TaskMap
     from training.artifact import save_trained
     from training.model import build_model, gguf_file
 

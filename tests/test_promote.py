@@ -26,8 +26,8 @@ from mlflow import MlflowClient
 
 from monitoring import registry
 from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
-from pipeline.config import config_from_dict
-from pipeline.errors import RelevanceError
+from kernel.config import config_from_dict
+from kernel.errors import RelevanceError
 from monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
 ROWS_PER_SCENARIO = 250

@@ -14,8 +14,8 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
-from pipeline.errors import TrainingDiverged
+from kernel.config import load_config
+from kernel.errors import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

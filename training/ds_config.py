@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config
-from pipeline.errors import ConfigError
+from kernel.config import Config
+from kernel.errors import ConfigError
 from training.model import RelevanceModel, is_adapter_param, is_task_param
 
 

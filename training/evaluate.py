@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from features.task_map import TaskMap
+from kernel.task_map import TaskMap
 from features.tokenize import FeatureSet
 
 

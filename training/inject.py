@@ -15,8 +15,8 @@ import re
 
 from torch import nn
 
-from pipeline.config import AdapterConfig
-from pipeline.errors import ConfigError
+from kernel.config import AdapterConfig
+from kernel.errors import ConfigError
 from training.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
 
 # Common presets, so configs can say "bert_all" instead of listing names.

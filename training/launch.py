@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, add_config_args, dump_config, load_config
-from pipeline.errors import RelevanceError
+from kernel.config import Config, add_config_args, dump_config, load_config
+from kernel.errors import RelevanceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def _launcher_command(args: argparse.Namespace, resolved_config: Path) -> list[s
 
 def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False):
     """Train in this process (rank and world size come from the environment the launcher sets)."""
-    from training.tracking import open_tracker
+    from kernel.tracking import open_tracker
     from training.trainer import train
 
     rank = int(os.environ.get("RANK", 0))

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.errors import RelevanceError, TrainingDiverged, UnknownScenario
+from kernel.errors import RelevanceError, TrainingDiverged, UnknownScenario
 from training import modeling_ads_relevance
 from training.inject import adapter_layers
 from training.model import RelevanceModel

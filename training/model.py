@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig
 
-from pipeline.config import Config
-from pipeline.errors import ConfigError
+from kernel.config import Config
+from kernel.errors import ConfigError
 from training.inject import inject_adapters
 from training.modeling_ads_relevance import masked_mean
 from training.mtl_lora import TaskRouter

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UnknownScenario
+from kernel.errors import UnknownScenario
 
 Method = Literal["mtl_lora", "lora", "per_task_lora"]
 METHODS = ("mtl_lora", "lora", "per_task_lora")

@@ -33,18 +33,19 @@ import torch
 import torch.nn.functional as F
 
 from features.sampler import MixedScenarioSampler
-from features.task_map import TaskMap
+from kernel.task_map import TaskMap
 from features.tokenize import FeatureSet, build_features
-from pipeline.atomic import read_json, write_json_atomic
-from pipeline.config import Config, flat_params, to_dict
-from pipeline.errors import ConfigError, DataError, TrainingDiverged
+from kernel.atomic import read_json, write_json_atomic
+from kernel.config import Config, flat_params, to_dict
+from kernel.errors import ConfigError, DataError, TrainingDiverged
 from training.artifact import save_trained
 from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import describe_macro, evaluate, flat_metrics
 from training.inject import adapter_param_count
 from training.model import build_model, enable_activation_checkpointing, gguf_file, resolve_model_path
-from training.tracking import NullTracker, fingerprint_files, git_commit
+from kernel.hashing import fingerprint_files
+from kernel.tracking import NullTracker, git_commit
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HISTORY_FILE = "history.json"

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import ConfigError
+from kernel.errors import ConfigError
 
 
 @dataclass

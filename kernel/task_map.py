@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import UnknownScenario
+from kernel.errors import UnknownScenario
 
 
 class TaskMap:

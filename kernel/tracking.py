@@ -7,11 +7,10 @@
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
-from pipeline.config import Config
+from kernel.config import Config
 
 
 class NullTracker:
@@ -113,15 +112,3 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def fingerprint_files(paths: list[Path]) -> str:
-    """sha256 over the bytes of the given files (in order): identifies the exact data a run saw."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
