@@ -32,11 +32,17 @@ class ColumnsConfig:
     # Graded labels (e.g. 0-4 human ratings): label >= threshold is relevant. None: labels must be 0/1.
     label_threshold: float | None = None
     # Exactly one of the three scenario sources is used: a column, a hive partition key, or a constant.
+    # Setting scenario_from_partition or scenario_constant while ``scenario`` keeps its default ("scenario")
+    # unsets the default column (see __post_init__); two sources set by the user are a ConfigError.
     scenario: str | None = "scenario"
     scenario_from_partition: str | None = None
     scenario_constant: str | None = None
     weight: str | None = None
     keys: list[str] = field(default_factory=list)  # request/ad ids, passed through to scores
+
+    def __post_init__(self) -> None:
+        if self.scenario == "scenario" and (self.scenario_from_partition or self.scenario_constant):
+            self.scenario = None  # the default column yields to the source the user chose
 
 
 @dataclass
@@ -68,6 +74,8 @@ class DataConfig:
     scenarios: list[str] = field(default_factory=list)
     max_chars: int = 1000
     overlong: Literal["truncate", "reject"] = "truncate"
+    # Largest share of input rows ingestion may reject (quarantine); a reject rate equal to the threshold
+    # passes (the run fails only when rejected / rows_in > max_reject_rate).
     max_reject_rate: float = 0.05
     # Pushed-down row filter: column or hive-partition key -> allowed values ({"market": ["us", "uk"]});
     # partitions and row groups that cannot match are never read. Partition values are strings.
@@ -151,6 +159,11 @@ class TrackingConfig:
     experiment: str = "ads-relevance"
     registered_model: str = "ads-relevance"
     run_name: str = ""
+    # Longest wait for one MLflow request (and for the /health check of a server at start-up), seconds.
+    timeout_s: float = 10.0
+    # At the end of a run, how long to wait for logged records to reach the server; the rest stay spooled
+    # on disk (<work_dir>/tracking_spool) and are sent by the next run.
+    flush_timeout_s: float = 60.0
 
 
 @dataclass
@@ -164,6 +177,9 @@ class ServingConfig:
     # weight switch per scenario (one small GEMM per adapted layer), so larger chunks amortise it better.
     chunk_rows: int = 16384
     dtype: Literal["fp32", "bf16"] = "fp32"  # scoring precision (bf16: probabilities within 2e-2 of fp32)
+    # Batch scoring fails (exit 6, DATA_GATE) when quarantined / rows_in of the whole job exceeds this;
+    # the scores and the quarantine are still written. A rate equal to the threshold passes.
+    max_quarantine_rate: float = 0.05
 
 
 @dataclass
@@ -256,12 +272,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
 def _validate(cfg: Config, errors: list[str]) -> None:
     """Cross-field checks that types alone cannot express."""
     c = cfg.data.columns
-    sources = [s for s in (c.scenario, c.scenario_from_partition, c.scenario_constant) if s]
-    if len(sources) != 1:
-        errors.append(
-            "data.columns: set exactly one of scenario, scenario_from_partition, scenario_constant "
-            f"(got {len(sources)})"
-        )
+    sources = [(k, getattr(c, k)) for k in ("scenario", "scenario_from_partition", "scenario_constant")
+               if getattr(c, k)]
+    if not sources:
+        errors.append("data.columns: no scenario source; set one of scenario (a column), "
+                      "scenario_from_partition (a hive key such as market) or scenario_constant (one name)")
+    elif len(sources) > 1:
+        got = " and ".join(f"{k}={v!r}" for k, v in sources)
+        unset = " or ".join(f"data.columns.{k}: null" for k, _ in sources)
+        errors.append("data.columns: set exactly one of scenario, scenario_from_partition, scenario_constant; "
+                      f"got {got}: unset one ({unset})")
     s = cfg.data.split
     if not (0 <= s.valid_fraction < 1 and 0 <= s.test_fraction < 1 and s.valid_fraction + s.test_fraction < 1):
         errors.append("data.split: valid_fraction and test_fraction must be in [0, 1) and sum below 1")

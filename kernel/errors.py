@@ -16,8 +16,20 @@ class DataError(RelevanceError):
     """Input data is unreadable or does not match the expected schema (names file and column)."""
 
 
-class RejectRateExceeded(DataError):
-    """Too many rows failed validation (names the rate, the threshold and the top reasons)."""
+class DataGateFailed(DataError):
+    """Too many rows were rejected or quarantined (names the rate, the threshold and the top reasons)."""
+
+
+class RejectRateExceeded(DataGateFailed):
+    """Ingestion: the reject rate passed data.max_reject_rate."""
+
+
+class QuarantineRateExceeded(DataGateFailed):
+    """Batch scoring: the quarantine rate passed serving.max_quarantine_rate."""
+
+
+class ServiceUnavailable(RelevanceError):
+    """An outside service (MLflow tracking or registry, an object store) did not answer within its timeout."""
 
 
 class TrainingDiverged(RelevanceError):

@@ -9,17 +9,25 @@ generates the demo data (``data.synthetic``) first. Written into ``--out``, each
 (built in a staging folder, then renamed; ``stats.json`` last):
 
     train.parquet valid.parquet test.parquet   accepted canonical rows, split by a hash of data.split.key
-    quarantine.parquet                          rejected rows, raw values as strings, with a reason code
+    quarantine.parquet                          rejected rows, raw values as strings, with a reason code and
+                                                the user's column that failed the check (``column``)
     task_map.json                               scenario -> task id (data.scenarios, or sorted accepted scenarios)
     stats.json                                  per scenario: rows, positive rate, text-length quantiles, rejects
 
 Two streaming passes keep memory flat as the input grows: (1) record batches are validated, bad rows go
 to the quarantine, accepted rows are spilled into buckets by query hash; (2) each bucket is deduplicated,
-split and written. The run fails (writing nothing) when the reject rate exceeds data.max_reject_rate.
+split and written. The run fails when the reject rate (rejected / rows in) exceeds data.max_reject_rate
+(RejectRateExceeded, exit 6); a reject rate equal to the threshold passes. It also fails when every row
+is rejected, whatever the threshold (DataError, exit 2). A failed run publishes only
+``<out>/_rejected/quarantine.parquet`` and ``<out>/_rejected/stats.json`` for inspection and leaves the
+outputs of an earlier good run untouched; a later good run removes ``_rejected``.
+
+Exit codes (kernel.exit_codes): 0 done, 2 bad configuration or input, 6 reject rate over the threshold.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -36,14 +44,17 @@ from kernel.task_map import TaskMap
 from kernel.atomic import publish, staging_dir, write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from pipeline.dedupe import Spill, bucket_count, find_duplicates
-from kernel.errors import ConfigError, DataError, RejectRateExceeded, RelevanceError
+from kernel.errors import ConfigError, DataError, RejectRateExceeded
+from kernel.exit_codes import run_cli
 from pipeline.reader import ParquetSource, build_filter
 from kernel.hashing import stable_hash
 from pipeline.split import SPLITS, assign_splits
 from pipeline.stats import IngestStats
-from pipeline.validate import REASON_NAMES, ColumnMapping, accepted_schema, empty_batch, quarantine_schema
+from pipeline.validate import REASON_NAMES, ColumnMapping, empty_batch, quarantine_schema
 
 OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", "task_map.json", "stats.json"]
+REJECTED_DIR = "_rejected"  # <out>/_rejected: quarantine.parquet + stats.json of a run that failed its gate
+REJECTED_FILES = ["quarantine.parquet", "stats.json"]
 
 
 @dataclass
@@ -73,7 +84,7 @@ class _Stream:
         self.mapping = ColumnMapping(cfg.data, scenarios, require_label)
         self.mapping.check_parts(self.parts)
         self.batch_rows = cfg.data.batch_rows
-        self.accepted_schema = accepted_schema(self.mapping.key_types)
+        self.accepted_schema = self.mapping.schema()
         self.quarantine_schema = quarantine_schema(self.mapping.keys)
 
     def __iter__(self) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch, int]]:
@@ -88,7 +99,7 @@ class _Stream:
 def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     """Dictionary pages and statistics only where they pay: low-cardinality and numeric columns
     (on free text they cost a third of the write time and help no reader)."""
-    dictionary = [c for c in ("scenario", "source_file", "reason") if c in schema.names]
+    dictionary = [c for c in ("scenario", "source_file", "reason", "column") if c in schema.names]
     stats = [f.name for f in schema if not pa.types.is_string(f.type)] + ["scenario"]
     return pq.ParquetWriter(path, schema, use_dictionary=dictionary, write_statistics=stats)
 
@@ -103,21 +114,42 @@ def _split_key(cfg: Config, schema: pa.Schema) -> str:
 
 def _to_quarantine(table: pa.Table, codes: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Accepted-schema rows rejected by dedupe -> quarantine rows (values as strings)."""
-    cols = [pc.cast(table.column(f.name), pa.string()) for f in schema if f.name not in ("reason", "source_file",
-                                                                                       "source_row")]
-    cols += [REASON_NAMES.take(pa.array(codes)), table.column("source_file"), table.column("source_row")]
+    fixed = ("reason", "column", "source_file", "source_row")
+    cols = [pc.cast(table.column(f.name), pa.string()) for f in schema if f.name not in fixed]
+    cols += [REASON_NAMES.take(pa.array(codes)), pa.repeat(pa.scalar("", pa.string()), table.num_rows),  # cross-row
+             table.column("source_file"), table.column("source_row")]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _check_reject_rate(stats: IngestStats, limit: float, source: str | Path) -> None:
+def _example(e: dict) -> str:
+    where = f" in column '{e['column']}'" if e.get("column") else ""
+    return f"{e['file']} row {e['row']}: {e['reason']}{where}"
+
+
+def _gate_error(stats: IngestStats, limit: float, files: list[str], rejected: Path) -> DataError | None:
+    """The error that stops the run, if any: reject rate over ``limit`` (a rate equal to it passes), or
+    every row rejected (even with max_reject_rate=1.0: there would be nothing to train on)."""
     n, q = stats.rows_in, sum(stats.by_reason.values())
-    if n and q / n > limit:
-        top = ", ".join(f"{r} {c}" for r, c in stats.by_reason.most_common(5))
-        eg = "; ".join(f"{e['file']} row {e['row']}: {e['reason']}" for e in stats.examples[:3])
-        raise RejectRateExceeded(
-            f"{source}: reject rate {q / n:.2%} ({q} of {n} rows) exceeds data.max_reject_rate={limit:.2%}; "
-            f"top reasons: {top}; e.g. {eg}. Nothing was written."
-        )
+    if not n or (q / n <= limit and q < n):
+        return None
+    named = ", ".join(files[:3]) + (f" (+{len(files) - 3} more files)" if len(files) > 3 else "")
+    top = ", ".join(f"{r} {c}" for r, c in stats.by_reason.most_common(5))
+    eg = "; ".join(_example(e) for e in stats.examples[:3])
+    kept = (f"The rejected rows are kept in {rejected / 'quarantine.parquet'} (counts: {rejected / 'stats.json'}); "
+            f"no train/valid/test was written or changed.")
+    if q / n > limit:
+        return RejectRateExceeded(f"{named}: reject rate {q / n:.2%} ({q} of {n} rows) exceeds "
+                                  f"data.max_reject_rate={limit:.2%}; top reasons: {top}; e.g. {eg}. {kept}")
+    return DataError(f"{named}: all {n} rows were rejected, nothing is left to ingest; top reasons: {top}; "
+                     f"e.g. {eg}. {kept}")
+
+
+def _reject(error: DataError, stage: Path, stats: IngestStats, out_dir: Path, files: ExitStack) -> None:
+    """Publish the quarantine and stats of a failed run under <out>/_rejected, then raise ``error``."""
+    files.close()  # flush the quarantine's footer (and close the spill)
+    write_json_atomic(stage / "stats.json", {**stats.to_dict(), "error": str(error)})
+    publish(stage, out_dir / REJECTED_DIR, REJECTED_FILES)
+    raise error
 
 
 def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> IngestReport:
@@ -126,6 +158,8 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
     stream = _Stream(cfg, source, None, require_label=True)
     split_key = _split_key(cfg, stream.accepted_schema)
     stats = IngestStats(d.max_chars)
+    rejected_dir = out_dir / REJECTED_DIR
+    input_files = [p.path for p in stream.parts]
     with staging_dir(out_dir) as stage, ExitStack() as files:
         quarantine = files.enter_context(_parquet_writer(stage / "quarantine.parquet", stream.quarantine_schema))
         spill = Spill(stage / "spill", bucket_count(stream.source.num_rows), stream.accepted_schema)
@@ -142,7 +176,9 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
         spill.close()
         if stats.rows_in == 0:
             raise DataError(f"{source}: no rows to ingest" + (" after data.filters" if d.filters else ""))
-        _check_reject_rate(stats, d.max_reject_rate, source)  # fail before the second pass if already over
+        error = _gate_error(stats, d.max_reject_rate, input_files, rejected_dir)
+        if error is not None:  # fail before the second pass if already over
+            _reject(error, stage, stats, out_dir, files)
         writers = {s: files.enter_context(_parquet_writer(stage / f"{s}.parquet", stream.accepted_schema))
                    for s in SPLITS}
         for table in spill.buckets():  # pass 2
@@ -164,12 +200,15 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
                 if bounds[i + 1] > bounds[i]:
                     writers[s].write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]))
         files.close()  # flush every Parquet footer before publishing
-        _check_reject_rate(stats, d.max_reject_rate, source)
+        error = _gate_error(stats, d.max_reject_rate, input_files, rejected_dir)  # duplicates count too
+        if error is not None:
+            _reject(error, stage, stats, out_dir, files)
         result = stats.to_dict()
         scenarios = list(d.scenarios) or sorted(s for s, v in result["by_scenario"].items() if v["rows"])
         TaskMap(scenarios).save(stage / "task_map.json")
         write_json_atomic(stage / "stats.json", result)
         publish(stage, out_dir, OUTPUT_FILES)
+        shutil.rmtree(rejected_dir, ignore_errors=True)  # a stale failure's rows no longer describe out_dir
     if tracker is not None:
         tracker.log_dict(result, "ingest/stats.json")
         tracker.log_metrics(stats.metrics())
@@ -186,7 +225,9 @@ def read_validated(
     """Stream (accepted canonical batch, quarantined batch) with ingest's mapping and checks (scoring).
 
     ``scenarios`` (default ``data.scenarios``): rows of other scenarios are quarantined as
-    unknown_scenario. Without a label column, ``label`` is null. Every input row comes out exactly once,
+    unknown_scenario. The label is optional: without a label column, or where a label is null or
+    unusable, ``label`` is null (``label_invalid`` marks present-but-unusable values; such rows are
+    accepted, as at scoring time). Every input row comes out exactly once,
     in one of the two. ``dedupe=True`` also applies the cross-file duplicate checks (two passes; accepted
     rows then come grouped by query-hash bucket rather than in input order).
     """
@@ -226,27 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="Parquet file, directory or hive dataset; 'synthetic' (default: data.source)")
     parser.add_argument("--out", help="output folder (default: <work_dir>/data)")
     args = parser.parse_intermixed_args(argv)
+    return run_cli(lambda: _work(args))  # errors -> one line on stderr and kernel.exit_codes' code
+
+
+def _work(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    source = args.input or cfg.data.source
+    out = Path(args.out) if args.out else Path(cfg.work_dir) / "data"
+    if source == "synthetic":
+        from pipeline.synthetic import generate
+
+        source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
+    from kernel.tracking import open_tracker
+
+    tracker = open_tracker(cfg)
+    tracker.start(run_name="ingest")
     try:
-        cfg = load_config(args.config, args.overrides)
-        source = args.input or cfg.data.source
-        out = Path(args.out) if args.out else Path(cfg.work_dir) / "data"
-        if source == "synthetic":
-            from pipeline.synthetic import generate
-
-            source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
-        from kernel.tracking import open_tracker
-
-        tracker = open_tracker(cfg)
-        tracker.start(run_name="ingest")
-        try:
-            report = run_ingest(cfg, source, out, tracker=tracker)
-        except BaseException:
-            tracker.end(status="FAILED")
-            raise
-        tracker.end()
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        report = run_ingest(cfg, source, out, tracker=tracker)
+    except BaseException:
+        tracker.end(status="FAILED")
+        raise
+    tracker.end()
     print(f"{report.rows_in} rows in: {report.rows_accepted} accepted {report.splits}, "
           f"{report.rows_quarantined} quarantined {report.by_reason} -> {report.out_dir}")
     return 0

@@ -7,7 +7,9 @@
             ...   # batch: pa.RecordBatch; rows: int64 row numbers of those rows inside part.path
 
 Nothing holds more than one record batch: files are read row group by row group. Partition values come
-from the path as strings and are appended to a batch when asked for by name. A file that is not Parquet,
+from the path as strings and are appended to a batch when asked for by name. ``key=value`` components at
+the end of the input path itself count too: ``traffic/market=us`` (or a file inside it) gives every file
+below it ``market=us``, exactly as when ``traffic`` is the input. A file that is not Parquet,
 is corrupt, or lacks a filtered column raises DataError / ConfigError naming the file (all at once).
 """
 from __future__ import annotations
@@ -124,11 +126,12 @@ class ParquetSource:
                 problems.append(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})")
         if problems:
             raise DataError("unreadable input:\n  - " + "\n  - ".join(problems))
-        keys = _partition_keys(root, files) if root.is_dir() else []
+        base = _partition_base(root)
+        keys = _partition_keys(base, files)
         partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive") if keys else None
         try:
             dataset = ds.dataset([str(f) for f in files], format="parquet", partitioning=partitioning,
-                                 partition_base_dir=str(root) if root.is_dir() else None)
+                                 partition_base_dir=str(base) if keys else None)
         except pa.ArrowException as e:
             raise DataError(f"input {root}: cannot open as a Parquet dataset ({e})") from e
         return cls(root, files, dataset, metadata)
@@ -162,6 +165,15 @@ class ParquetSource:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ConfigError(f"data.filters: cannot apply {expr} to {self.root} ({e})") from e
         return sorted(out, key=lambda p: p.path)
+
+
+def _partition_base(root: Path) -> Path:
+    """The folder hive partitions are counted from: the input folder (a file's own folder), moved up past
+    every trailing ``key=value`` component (``/d/traffic/market=us/day=1`` -> ``/d/traffic``)."""
+    base = root if root.is_dir() else root.parent
+    while "=" in base.name and base.parent != base:
+        base = base.parent
+    return base
 
 
 def _partition_keys(root: Path, files: list[Path]) -> list[str]:

@@ -70,10 +70,11 @@ class IngestStats:
     def add_quarantined(self, q: pa.RecordBatch | pa.Table) -> None:
         if q.num_rows == 0:
             return
-        if len(self.examples) < MAX_EXAMPLES:
-            head = q.slice(0, MAX_EXAMPLES - len(self.examples)).select(["source_file", "source_row", "reason"])
-            self.examples += [{"file": r["source_file"], "row": r["source_row"], "reason": r["reason"]}
-                              for r in head.to_pylist()]
+        if len(self.examples) < MAX_EXAMPLES:  # {file, row, reason, column}: column "" when no single one
+            cols = [c for c in ("source_file", "source_row", "reason", "column") if c in q.schema.names]
+            head = q.slice(0, MAX_EXAMPLES - len(self.examples)).select(cols)
+            self.examples += [{"file": r["source_file"], "row": r["source_row"], "reason": r["reason"],
+                               "column": r.get("column") or ""} for r in head.to_pylist()]
         idx, names = _dictionary(q.column("scenario"))
         r_idx, reasons = _dictionary(q.column("reason"))
         counts = np.bincount(idx * len(reasons) + r_idx, minlength=len(names) * len(reasons))

@@ -8,8 +8,20 @@ All checks are vectorised pyarrow/numpy over a record batch. Each rejected row g
 that applies, in the order of ``REASONS`` (the last two are decided later, across files, by dedupe).
 Accepted columns: query, title, description, url (str; "" when absent), label (int8 0/1; null at
 scoring time without a label column), scenario, weight (float32), the pass-through keys, source_file,
-source_row, truncated (bool: a text field was cut to ``data.max_chars``). Quarantined rows keep their raw
-values as strings, plus ``reason``.
+source_row, truncated (bool: a text field was cut to ``data.max_chars``); at scoring time also
+label_invalid (see below). Quarantined rows keep their raw values as strings, plus ``reason`` and
+``column`` (the user's column that failed the check; "" for cross-row reasons: duplicate,
+conflicting_label, and for a constant scenario).
+
+Labels: ingestion (``require_label=True``) quarantines a null, unparsable (bad_type) or out-of-domain
+(bad_label) label. At scoring time the label is optional and never costs a row: such a label becomes null
+and ``label_invalid`` is True when a value was present but unusable (null and blank text are absent, not
+invalid; a label column of an unusable Arrow type makes every present value invalid).
+
+Columns: a column of Arrow type ``null`` (written entirely of None) is a column of nulls: a required field
+quarantines with its usual reason (null_title, null_label, ...); description/url become "", weight 1.0,
+keys null. description/url left at their default names ("description", "url") and missing from a file are
+absent (empty text) for that file; a column the user named explicitly must exist.
 """
 from __future__ import annotations
 
@@ -32,7 +44,9 @@ CODE = {r: i + 1 for i, r in enumerate(REASONS)}  # 0 = accepted
 REASON_NAMES = pa.array([""] + list(REASONS), pa.string())
 TEXT_FIELDS = ("query", "title", "description", "url")
 CANONICAL = TEXT_FIELDS + ("label", "scenario", "weight")
-Flag = Callable[[str, "np.ndarray | None"], None]  # flag(reason, rows it applies to)
+OPTIONAL = ("description", "url", "weight")  # canonical fields a user may declare absent with null
+DEFAULT_NAMES = {"description": "description", "url": "url"}  # absent when missing under these names
+Flag = Callable[..., None]  # flag(reason, rows it applies to (bool mask or None), user column or "")
 _NUMBER = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
 
 
@@ -57,17 +71,21 @@ _ACCEPTS = {"text": {"text"}, "label": {"int", "float", "bool", "text"}, "weight
             "scenario": {"text", "int"}, "key": {"text", "int"}}
 
 
-def accepted_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
+def accepted_schema(key_types: dict[str, pa.DataType], label_invalid: bool = False) -> pa.Schema:
+    """The accepted rows; ``label_invalid`` (scoring time only) appends that bool column."""
     fields = [(f, pa.string()) for f in TEXT_FIELDS]
     fields += [("label", pa.int8()), ("scenario", pa.string()), ("weight", pa.float32())]
     fields += list(key_types.items())
     fields += [("source_file", pa.string()), ("source_row", pa.int64()), ("truncated", pa.bool_())]
-    return pa.schema(fields)
+    return pa.schema(fields + ([("label_invalid", pa.bool_())] if label_invalid else []))
 
 
 def quarantine_schema(keys: list[str]) -> pa.Schema:
+    """Rejected rows, the same for ingestion and scoring: raw values as strings, the reason, the user's
+    column that failed the check ("" when no single column did), and where the row came from."""
     fields = [(f, pa.string()) for f in CANONICAL] + [(k, pa.string()) for k in keys]
-    return pa.schema(fields + [("reason", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64())])
+    return pa.schema(fields + [("reason", pa.string()), ("column", pa.string()), ("source_file", pa.string()),
+                               ("source_row", pa.int64())])
 
 
 def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
@@ -144,6 +162,28 @@ def _blank(arr: pa.Array) -> np.ndarray:
     return _np(pc.or_(pc.equal(pc.binary_length(arr), 0), pc.utf8_is_space(arr)))
 
 
+def _typed_nulls(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Columns of Arrow type null (all None) -> string nulls, so every check treats them as null values."""
+    for i, f in enumerate(batch.schema):
+        if pa.types.is_null(f.type):
+            batch = batch.set_column(i, f.name, pa.nulls(batch.num_rows, pa.string()))
+    return batch
+
+
+def _first_reasons(masks: dict[str, list[tuple[str, np.ndarray]]], n: int) -> tuple[np.ndarray, pa.Array]:
+    """(int8 reason code per row, the column of that reason per row): the first reason in REASONS order
+    wins, and within a reason the first column flagged (the order of the mapped fields)."""
+    codes, where, names = np.zeros(n, dtype=np.int8), np.zeros(n, dtype=np.int32), [""]
+    for reason in REASONS:
+        for column, mask in masks.get(reason, ()):
+            hit = (codes == 0) & mask
+            if hit.any():
+                if column not in names:
+                    names.append(column)
+                codes[hit], where[hit] = CODE[reason], names.index(column)
+    return codes, pa.array(names, pa.string()).take(pa.array(where))
+
+
 class ColumnMapping:
     """Column mapping + validation rules of ``data`` (``DataConfig``) for one run."""
 
@@ -158,6 +198,22 @@ class ColumnMapping:
             raise ConfigError(f"data.columns.keys: {clash} clash with canonical column names")
         self.key_types: dict[str, pa.DataType] = {}
         self.has_label: dict[str, bool] = {}
+        self.absent: dict[str, set[str]] = {}  # file -> optional fields it lacks (description/url/weight)
+        self.label_unusable: set[str] = set()  # scoring: files whose label column has an unusable type
+
+    @property
+    def scenario_column(self) -> str:
+        """The user's column (or hive key) the scenario comes from; "" for a constant."""
+        return self.cols.scenario or self.cols.scenario_from_partition or ""
+
+    def schema(self) -> pa.Schema:
+        """The accepted schema of this mapping (after ``check_parts``): label_invalid at scoring time."""
+        return accepted_schema(self.key_types, label_invalid=not self.require_label)
+
+    def _column(self, fld: str, part: FilePart) -> str | None:
+        """The user's column of ``fld`` in this file; None when the field is absent (unmapped or missing)."""
+        col = getattr(self.cols, fld)
+        return None if not col or fld in self.absent.get(part.path, ()) else col
 
     def _sources(self) -> list[tuple[str, str, str]]:
         """(canonical field, user column, accepted kinds) for every mapped file column."""
@@ -176,6 +232,7 @@ class ColumnMapping:
         problems = []
         for part in parts:
             names = part.schema.names
+            absent = self.absent.setdefault(part.path, set())
             for fld, col, kind in self._sources():
                 if col not in names and col in part.partition:  # a partition key used as a column
                     if kind == "key":
@@ -184,11 +241,21 @@ class ColumnMapping:
                 if col not in names:
                     if fld == "label" and not self.require_label:
                         continue
+                    if DEFAULT_NAMES.get(fld) == col:  # left at its default name: absent from this file
+                        absent.add(fld)
+                        continue
                     problems.append(f"{part.path}: column '{col}' (data.columns.{fld if fld in CANONICAL else 'keys'}) "
-                                    f"is missing; the file has {names}")
+                                    f"is missing; the file has {names}{_missing_hint(fld)}")
                     continue
                 t = part.schema.field(col).type
+                if pa.types.is_null(t):  # written entirely of None: a column of nulls
+                    if fld == "weight":
+                        absent.add(fld)  # no weight given: the default 1.0
+                    continue
                 if _kind(t) not in _ACCEPTS[kind]:
+                    if fld == "label" and not self.require_label:  # optional at scoring: never a file error
+                        self.label_unusable.add(part.path)
+                        continue
                     problems.append(f"{part.path}: column '{col}' (mapped to {fld}) has type {t}; "
                                     f"expected one of {sorted(_ACCEPTS[kind])}")
                 elif kind == "key":
@@ -198,6 +265,8 @@ class ColumnMapping:
                 problems.append(f"{part.path}: no hive partition '{key}=...' in the path "
                                 f"(data.columns.scenario_from_partition)")
             self.has_label[part.path] = self.cols.label in names or self.cols.label in part.partition
+        for k in self.keys:  # a key that is all-null in every file: text
+            self.key_types.setdefault(k, pa.string())
         if problems:
             raise DataError("input does not match data.columns:\n  - " + "\n  - ".join(problems))
 
@@ -210,53 +279,52 @@ class ColumnMapping:
     def canonicalize(self, batch: pa.RecordBatch, rows: np.ndarray, part: FilePart) -> tuple[pa.RecordBatch, pa.RecordBatch]:
         """One batch of a file -> (accepted rows, quarantined rows) in the canonical schemas."""
         n = batch.num_rows
-        masks: dict[str, np.ndarray] = {}  # reason -> rows it applies to
+        batch = _typed_nulls(batch)
+        masks: dict[str, list[tuple[str, np.ndarray]]] = {}  # reason -> [(user column, rows it applies to)]
 
-        def flag(reason: str, mask: np.ndarray | None) -> None:
-            if mask is not None:
-                masks[reason] = masks[reason] | mask if reason in masks else mask
+        def flag(reason: str, mask: np.ndarray | None, column: str = "") -> None:
+            if mask is not None and mask.any():
+                masks.setdefault(reason, []).append((column, mask))
 
-        raw = self._text_fields(batch, flag)
+        raw = self._text_fields(batch, part, flag)
         sc = self._scenario(batch, part, flag)
-        lab_raw, label = self._label(batch, part, flag)
-        w_raw, weight = self._weight(batch, flag)
-        text, truncated = self._cut_overlong(raw, flag)
-        codes = np.zeros(n, dtype=np.int8)
-        for reason in REASONS:  # the first applicable reason wins
-            if reason in masks:
-                codes[(codes == 0) & masks[reason]] = CODE[reason]
+        lab_raw, label, label_invalid = self._label(batch, part, flag)
+        w_raw, weight = self._weight(batch, part, flag)
+        text, truncated = self._cut_overlong(raw, part, flag)
+        codes, columns = _first_reasons(masks, n)
         keys = [self._key(batch.column(k), part.path, k) for k in self.keys]
         source_file = pa.repeat(pa.scalar(part.path, pa.string()), n)
         ok = codes == 0
         accepted = pa.RecordBatch.from_arrays(
             [text[f] for f in TEXT_FIELDS] + [label, sc, weight] + keys
-            + [source_file, pa.array(rows), pa.array(truncated)],
-            schema=accepted_schema(self.key_types),
+            + [source_file, pa.array(rows), pa.array(truncated)]
+            + ([] if self.require_label else [pa.array(label_invalid, pa.bool_())]),
+            schema=self.schema(),
         )
         if ok.all():
             return accepted, empty_batch(quarantine_schema(self.keys))
         quarantined = pa.RecordBatch.from_arrays(
             [raw[f] for f in TEXT_FIELDS] + [_as_string(lab_raw), sc, _as_string(w_raw)]
             + [_as_string(batch.column(k)) for k in self.keys]
-            + [REASON_NAMES.take(pa.array(codes)), source_file, pa.array(rows)],
+            + [REASON_NAMES.take(pa.array(codes)), columns, source_file, pa.array(rows)],
             schema=quarantine_schema(self.keys),
         ).filter(pa.array(~ok))
         return accepted.filter(pa.array(ok)), quarantined
 
-    def _text_fields(self, batch: pa.RecordBatch, flag: Flag) -> dict[str, pa.Array]:
+    def _text_fields(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> dict[str, pa.Array]:
         """Valid-UTF-8 text of each field (absent fields: nulls); flags bad UTF-8, null or blank query/title."""
         raw = {}
         for fld in TEXT_FIELDS:
-            col = getattr(self.cols, fld)
+            col = self._column(fld, part)
             if not col:
                 raw[fld] = pa.nulls(batch.num_rows, pa.string())
                 continue
             raw[fld], bad = _text(batch.column(col))
-            flag("invalid_utf8", bad)
+            flag("invalid_utf8", bad, col)
             if fld in ("query", "title"):
                 nulls = _np(pc.is_null(raw[fld]))
-                flag(f"null_{fld}", nulls)
-                flag(f"empty_{fld}", _blank(raw[fld]) & ~nulls)
+                flag(f"null_{fld}", nulls, col)
+                flag(f"empty_{fld}", _blank(raw[fld]) & ~nulls, col)
         return raw
 
     def _scenario(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> pa.Array:
@@ -266,62 +334,78 @@ class ColumnMapping:
             sc = batch.column(c.scenario)
             if _kind(sc.type) == "text":
                 sc, bad = _text(sc)
-                flag("invalid_utf8", bad)
+                flag("invalid_utf8", bad, c.scenario)
             else:
                 sc = pc.cast(sc, pa.string())
         else:
             value = part.partition[c.scenario_from_partition] if c.scenario_from_partition else c.scenario_constant
             sc = pa.repeat(pa.scalar(value, pa.string()), batch.num_rows)
         nulls = _np(pc.is_null(sc))
-        flag("null_scenario", nulls)
-        flag("empty_scenario", _blank(sc) & ~nulls)
+        where = self.scenario_column
+        flag("null_scenario", nulls, where)
+        flag("empty_scenario", _blank(sc) & ~nulls, where)
         if self.scenarios:
-            flag("unknown_scenario", ~_np(pc.is_in(sc, value_set=pa.array(self.scenarios, pa.string()))) & ~nulls)
+            known = _np(pc.is_in(sc, value_set=pa.array(self.scenarios, pa.string())))
+            flag("unknown_scenario", ~known & ~nulls, where)
         return sc
 
-    def _label(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> tuple[pa.Array, pa.Array]:
-        """(raw, int8 0/1): binary labels must be 0/1; graded ones are compared with the threshold.
-        Without a label column (scoring only) the label is null."""
+    def _label(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> tuple[pa.Array, pa.Array, np.ndarray]:
+        """(raw, int8 0/1, label_invalid (n,) bool): binary labels must be 0/1; graded ones are compared with
+        the threshold. Ingestion flags bad ones; at scoring time they become null (label_invalid where a
+        value was present) and the row stays. Without a label column (scoring only) the label is null."""
+        n = batch.num_rows
         if not self.has_label.get(part.path, True):
-            nulls = pa.nulls(batch.num_rows, pa.int8())
-            return nulls, nulls
-        raw = batch.column(self.cols.label)
+            nulls = pa.nulls(n, pa.int8())
+            return nulls, nulls, np.zeros(n, dtype=bool)
+        col = self.cols.label
+        raw = batch.column(col)
+        if part.path in self.label_unusable:  # scoring only: e.g. a list or timestamp column
+            return pa.nulls(n, pa.string()), pa.nulls(n, pa.int8()), _np(pc.is_valid(raw))
         values, bad_type = _numbers(raw)
         nulls = _np(pc.is_null(raw))
-        flag("bad_type", bad_type)
-        flag("null_label", nulls)
         threshold = self.cols.label_threshold
         if threshold is None:
             good, label = (values == 0) | (values == 1), values == 1
         else:
             good, label = np.isfinite(values), values >= threshold
-        flag("bad_label", ~good & ~nulls & ~bad_type)
-        return raw, pa.array(label.astype(np.int8))
+        label = label.astype(np.int8)
+        if self.require_label:
+            flag("bad_type", bad_type, col)
+            flag("null_label", nulls, col)
+            flag("bad_label", ~good & ~nulls & ~bad_type, col)
+            return raw, pa.array(label), np.zeros(n, dtype=bool)
+        if _kind(raw.type) == "text":  # blank text is a missing label, not an invalid one
+            nulls |= _blank(_text(raw)[0])
+        return raw, pa.array(label, mask=~good), ~good & ~nulls
 
-    def _weight(self, batch: pa.RecordBatch, flag: Flag) -> tuple[pa.Array, pa.Array]:
-        """(raw, float32): a weight must be finite and >= 0; 1.0 when no weight column is mapped."""
-        if not self.cols.weight:
+    def _weight(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> tuple[pa.Array, pa.Array]:
+        """(raw, float32): a weight must be finite and >= 0; 1.0 when no weight column is mapped (or it is
+        entirely null)."""
+        col = self._column("weight", part)
+        if not col:
             return pa.nulls(batch.num_rows, pa.string()), pa.array(np.ones(batch.num_rows, dtype=np.float32))
-        raw = batch.column(self.cols.weight)
+        raw = batch.column(col)
         values, bad_type = _numbers(raw)
-        flag("bad_type", bad_type)
-        flag("bad_weight", ~(np.isfinite(values) & (values >= 0)) & ~bad_type)
+        flag("bad_type", bad_type, col)
+        flag("bad_weight", ~(np.isfinite(values) & (values >= 0)) & ~bad_type, col)
         return raw, pa.array(values.astype(np.float32))
 
-    def _cut_overlong(self, raw: dict[str, pa.Array], flag: Flag) -> tuple[dict[str, pa.Array], np.ndarray]:
+    def _cut_overlong(self, raw: dict[str, pa.Array], part: FilePart,
+                      flag: Flag) -> tuple[dict[str, pa.Array], np.ndarray]:
         """Text longer than max_chars: rejected (overlong), or cut and the row flagged as truncated.
         Absent or null description/url become ""."""
         n = len(raw["query"])
         text, truncated = {}, np.zeros(n, dtype=bool)
         for fld in TEXT_FIELDS:
-            if not getattr(self.cols, fld):
+            col = self._column(fld, part)
+            if not col:
                 text[fld] = pa.repeat(pa.scalar("", pa.string()), n)
                 continue
             text[fld] = raw[fld]
             over = _np(pc.greater(pc.utf8_length(raw[fld]), self.data.max_chars))
             if over.any():
                 if self.data.overlong == "reject":
-                    flag("overlong", over)
+                    flag("overlong", over, col)
                 else:
                     text[fld] = pc.utf8_slice_codeunits(raw[fld], 0, self.data.max_chars)
                     truncated |= over
@@ -334,6 +418,18 @@ class ColumnMapping:
             return pc.cast(_text(arr)[0] if _kind(arr.type) == "text" else arr, self.key_types[name])
         except pa.ArrowInvalid as e:
             raise DataError(f"{path}: key column '{name}' cannot be cast to {self.key_types[name]} ({e})") from e
+
+
+def _missing_hint(fld: str) -> str:
+    """How to say that a missing column does not exist in the data at all."""
+    if fld in OPTIONAL:
+        return f"; set data.columns.{fld}: null if your data has none"
+    if fld == "scenario":
+        return ("; name the scenario column in data.columns.scenario, or use data.columns.scenario_from_partition "
+                "or scenario_constant (with scenario: null)")
+    if fld not in CANONICAL:
+        return "; remove it from data.columns.keys if your data has none"
+    return ""
 
 
 def _as_string(arr: pa.Array) -> pa.Array:

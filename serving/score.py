@@ -13,16 +13,30 @@ input file (hive partitions allowed) is one shard; memory stays bounded by ``dat
 ``serving.chunk_rows`` however large the input. Rows are grouped by scenario per chunk and scored with that
 scenario's merged weights (serving.scorer). Output layout and ``--resume`` semantics: serving.shards.
 Output columns: pass-through keys, source_file, source_row, scenario, scored_as, fallback, score (float32
-probability), label (null when absent), model_version, query_len, title_len.
+probability), label (int8; null when absent, null or unusable), label_invalid (bool: a label value was
+present but unusable, e.g. "yes" or 7 for a 0/1 label; such rows are scored, never quarantined over their
+label), model_version, query_len, title_len. Quarantined rows (``_quarantine/``) have ingestion's
+quarantine schema: raw values as strings, reason, column (the user's column that failed), source_file,
+source_row.
+
+Every input is opened and checked before the output folder is created; a run that fails before writing
+any shard removes an output folder it created itself (never one that existed before).
+
+Quarantine gate: when quarantined / rows in of the whole job (every shard, resumed ones included) exceeds
+``serving.max_quarantine_rate`` (a rate equal to it passes), the scores and the quarantine are still
+written, and the job exits 6 (QuarantineRateExceeded). Workers started by hand with ``--rank/--world-size``
+judge their own shards.
 
 Shards are spread over workers by index (shard i goes to worker i % N); ``--rank/--world-size`` run one
-worker by hand (e.g. one per machine). Exit codes: 0 done, 2 bad input or configuration.
+worker by hand (e.g. one per machine). Exit codes (kernel.exit_codes): 0 done, 2 bad input or
+configuration, 6 quarantine rate over serving.max_quarantine_rate.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,18 +47,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kernel.config import Config, add_config_args, dump_config, load_config
-from kernel.errors import DataError, RelevanceError
+from kernel.errors import DataError, QuarantineRateExceeded
+from kernel.exit_codes import run_cli
 from serving import shards as sh
-from serving.scorer import BatchScorer
+from serving.scorer import BatchScorer, check_serving_limits
 
 OUTPUT_FIXED = ["source_file", "source_row", "scenario", "scored_as", "fallback", "score", "label",
-                "model_version", "query_len", "title_len"]
+                "label_invalid", "model_version", "query_len", "title_len"]
 
 
 def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
     fixed = [("source_file", pa.string()), ("source_row", pa.int64()), ("scenario", pa.string()),
              ("scored_as", pa.string()), ("fallback", pa.bool_()), ("score", pa.float32()), ("label", pa.int8()),
-             ("model_version", pa.string()), ("query_len", pa.int32()), ("title_len", pa.int32())]
+             ("label_invalid", pa.bool_()), ("model_version", pa.string()), ("query_len", pa.int32()),
+             ("title_len", pa.int32())]
     return pa.schema(list(key_types.items()) + fixed)
 
 
@@ -94,12 +110,13 @@ class Inputs:
             accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
             yield accepted, quarantined, batch.num_rows
 
-    def to_quarantine(self, table: pa.Table, reason: str) -> pa.Table:
-        """Accepted-schema rows -> quarantine rows (values as strings) with ``reason``."""
+    def to_quarantine(self, table: pa.Table, reason: str, column: str = "") -> pa.Table:
+        """Accepted-schema rows -> quarantine rows (values as strings) with ``reason`` and ``column``."""
         cols = {}
         for f in self.quarantine_schema:
-            if f.name == "reason":
-                cols[f.name] = pa.repeat(pa.scalar(reason, pa.string()), table.num_rows)
+            if f.name in ("reason", "column"):
+                value = reason if f.name == "reason" else column
+                cols[f.name] = pa.repeat(pa.scalar(value, pa.string()), table.num_rows)
             else:
                 cols[f.name] = pc.cast(table.column(f.name), f.type)
         return pa.table(cols, schema=self.quarantine_schema)
@@ -124,7 +141,7 @@ def score_shard(scorer: BatchScorer, inputs: Inputs, shard: sh.Shard, out: Path,
             counts["scored"] += scored.num_rows
             counts["fallback"] += int(pc.sum(scored.column("fallback")).as_py() or 0)
             if unknown.num_rows:
-                quarantine.write(inputs.to_quarantine(unknown, "unknown_scenario"))
+                quarantine.write(inputs.to_quarantine(unknown, "unknown_scenario", inputs.mapping.scenario_column))
                 reasons["unknown_scenario"] += unknown.num_rows
             if progress is not None:
                 progress.update(scored.num_rows + unknown.num_rows)
@@ -184,7 +201,7 @@ def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
 
 def _launch_local(args: argparse.Namespace, cfg: Config, export_dir: Path, model_version: str, out: Path) -> None:
     """``--workers N``: N child processes of this module, each with --rank i; one GPU each if present."""
-    job = out / "_job"
+    job = out / sh.JOB_DIR
     job.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, job / "config.yaml")  # children read the resolved config: one source of truth
     import torch
@@ -198,7 +215,7 @@ def _launch_local(args: argparse.Namespace, cfg: Config, export_dir: Path, model
             env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
         cmd = [sys.executable, "-m", "serving.score", "--model", str(export_dir), "--model-version", model_version,
                "--output", str(out), "--config", str(job / "config.yaml"), "--rank", str(rank),
-               "--world-size", str(args.workers), "--input", *args.input, "--resume"]
+               "--world-size", str(args.workers), "--no-gate", "--input", *args.input, "--resume"]
         if args.quiet:
             cmd.append("--quiet")
         procs.append(subprocess.Popen(cmd, env=env))
@@ -238,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--cache-dir", type=Path, help="where registry downloads are cached")
     p.add_argument("--model-version", help=argparse.SUPPRESS)  # set by the parent for its child workers
+    p.add_argument("--no-gate", action="store_true", help=argparse.SUPPRESS)  # children: the parent judges the job
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
     return p
@@ -251,9 +269,21 @@ def run(args: argparse.Namespace) -> dict:
     export_dir, version = resolve_model(args.model, args.tracking_uri, args.cache_dir)
     version = args.model_version or version
     cfg = load_config(args.config or export_dir / "config.yaml", args.overrides)
+    check_serving_limits(cfg.serving)
+    data = Inputs(cfg, args.input)  # fails fast on a bad input or column mapping, before any folder exists
     out = args.output
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    data = Inputs(cfg, args.input)  # fails fast on a bad input or column mapping, before any worker starts
+    try:
+        return _score_job(args, cfg, export_dir, version, data, out)
+    except BaseException:
+        if created and not sh.holds_results(out):  # failed before writing anything: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _score_job(args: argparse.Namespace, cfg: Config, export_dir: Path, version: str, data: Inputs,
+               out: Path) -> dict:
     skipped = sum(sh.is_done(out, s, version) for s in data.shards) if args.resume else 0
     t0 = time.time()
     if args.engine == "ray":
@@ -269,7 +299,25 @@ def run(args: argparse.Namespace) -> dict:
             sh.remove_stale_temporaries(out)  # only a lone worker may: others could be writing
         run_worker(cfg, export_dir, version, args.input, out, args.resume, args.rank, args.world_size, args.quiet)
     mine = data.shards if args.world_size == 1 else sh.shards_for_rank(data.shards, args.rank, args.world_size)
-    return summarize(out, mine, time.time() - t0, skipped)
+    summary = summarize(out, mine, time.time() - t0, skipped)
+    summary["max_quarantine_rate"] = cfg.serving.max_quarantine_rate
+    return summary
+
+
+def check_quarantine_rate(summary: dict, out: Path) -> None:
+    """QuarantineRateExceeded when quarantined / rows_in > serving.max_quarantine_rate (equal passes)."""
+    n, q, limit = summary["rows_in"], summary["quarantined"], summary["max_quarantine_rate"]
+    if not n or q / n <= limit:
+        return
+    top = ", ".join(f"{r} {c}" for r, c in Counter(summary["by_reason"]).most_common(5))
+    hint = ""
+    if summary["by_reason"].get("unknown_scenario"):
+        hint = (" Rows of scenarios the model does not know can be scored as another one with "
+                "serving.unknown_scenario=fallback serving.fallback_scenario=<scenario>.")
+    raise QuarantineRateExceeded(
+        f"quarantine rate {q / n:.2%} ({q} of {n} rows) exceeds serving.max_quarantine_rate={limit:.2%}; "
+        f"top reasons: {top}. The {summary['scored']} scored rows are in {out}, the quarantined ones in "
+        f"{out / sh.QUARANTINE_DIR}.{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,16 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     moved = [i for i in args.input if "=" in i and not Path(i).exists() and "." in i.split("=", 1)[0]]
     args.input = [i for i in args.input if i not in moved]
     args.overrides = moved + list(args.overrides)
-    try:
-        summary = run(args)
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _work(args))  # errors -> one line on stderr and kernel.exit_codes' code
+
+
+def _work(args: argparse.Namespace) -> int:
+    summary = run(args)
     if args.rank == 0 or args.world_size == 1:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items())) or "none"
         print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['fallback']} via fallback, "
               f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
               f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}")
+    if not args.no_gate:
+        check_quarantine_rate(summary, args.output)
     return 0
 
 

@@ -49,13 +49,20 @@ def route_scenarios(scenarios: pa.Array | pa.ChunkedArray, known: list[str],
     return scored_as, np.zeros(len(names), dtype=bool), unknown
 
 
+def check_serving_limits(serving: ServingConfig) -> None:
+    """The serving values that need no model: sizes >= 1, the quarantine-rate gate in [0, 1]."""
+    for name in ("batch_size", "chunk_rows"):
+        if getattr(serving, name) < 1:
+            raise ConfigError(f"serving.{name}: must be >= 1, got {getattr(serving, name)}")
+    if not 0 <= serving.max_quarantine_rate <= 1:
+        raise ConfigError(f"serving.max_quarantine_rate: must be in [0, 1], got {serving.max_quarantine_rate}")
+
+
 def check_serving(serving: ServingConfig, known: list[str], export_dir: Path) -> None:
     if serving.unknown_scenario == "fallback" and serving.fallback_scenario not in known:
         raise ConfigError(f"serving.fallback_scenario: {serving.fallback_scenario!r} is not a scenario of the "
                           f"model in {export_dir} ({known})")
-    for name in ("batch_size", "chunk_rows"):
-        if getattr(serving, name) < 1:
-            raise ConfigError(f"serving.{name}: must be >= 1, got {getattr(serving, name)}")
+    check_serving_limits(serving)
 
 
 class BatchScorer:
@@ -141,7 +148,8 @@ class BatchScorer:
         """(scored rows, rows of unknown scenarios to quarantine); both keep the input's columns.
 
         Added columns: scored_as (str), fallback (bool), score (float32 probability), model_version (str),
-        query_len and title_len (int32, characters: for drift monitoring).
+        query_len and title_len (int32, characters: for drift monitoring). Input columns such as label and
+        label_invalid pass through unchanged; the label never decides whether a row is scored.
         """
         scored_as, fallback, unknown = route_scenarios(table.column("scenario"), self.scenarios, self.serving)
         rejected = table.filter(pa.array(unknown)) if unknown.any() else table.slice(0, 0)

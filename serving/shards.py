@@ -10,6 +10,7 @@ Layout under the output folder (names starting with "_" are skipped by pyarrow d
     part-00003-<file stem>.parquet      scores of input shard 3
     _quarantine/part-00003-<stem>.parquet   rows of shard 3 that were not scored, with their reason
     _done/part-00003-<stem>.json        completion marker: counts, model version, seconds
+    _job/config.yaml                    (--workers N) the resolved config the worker processes read
 
 A shard's files are written under temporary names and renamed; the marker is written last. A job killed at
 any point leaves either a complete shard (marker present) or one that ``--resume`` redoes from scratch, so
@@ -30,6 +31,7 @@ from kernel.errors import DataError
 
 QUARANTINE_DIR = "_quarantine"
 DONE_DIR = "_done"
+JOB_DIR = "_job"  # --workers N: the resolved config the child processes read
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,14 @@ class ShardWriter:
     def abort(self) -> None:
         self._writer.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def holds_results(out: Path) -> bool:
+    """Whether ``out`` holds any file a scoring run wrote (a shard's output, quarantine or marker), not
+    counting ``_job/`` (the resolved config handed to local workers). False for a missing folder."""
+    if not out.is_dir():
+        return False
+    return any(p.is_file() for p in out.rglob("*") if p.relative_to(out).parts[0] != JOB_DIR)
 
 
 def remove_stale_temporaries(out: Path) -> int:

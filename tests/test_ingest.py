@@ -214,14 +214,17 @@ def test_broken_input_names_file_and_column_and_leaves_nothing(tmp_path, case):
     assert only_inputs_left(data, {"a.parquet", bad.name})
 
 
-def test_reject_rate_over_threshold_fails_clearly_and_writes_nothing(tmp_path):
+def test_reject_rate_over_threshold_fails_clearly_and_writes_only_the_rejected_rows(tmp_path):
     pq.write_table(pa.table({"query": ["a", "b", "c", None], "title": ["t"] * 4, "description": [""] * 4,
                              "url": [""] * 4, "label": [0, 1, 5, 1], "scenario": ["us"] * 4}), tmp_path / "x.parquet")
     with pytest.raises(RejectRateExceeded) as err:
         run_ingest(make_cfg(max_reject_rate=0.25), tmp_path / "x.parquet", tmp_path / "out")
     msg = str(err.value)
     assert "50.00%" in msg and "25.00%" in msg and "bad_label" in msg and "null_query" in msg and "row 2" in msg
-    assert only_inputs_left(tmp_path, {"x.parquet"})
+    assert "in column 'label'" in msg and "in column 'query'" in msg
+    # No splits: only the quarantine and its counts, kept for inspection under out/_rejected.
+    assert only_inputs_left(tmp_path, {"x.parquet", "out"}) and only_inputs_left(tmp_path / "out", {"_rejected"})
+    assert only_inputs_left(tmp_path / "out" / "_rejected", {"quarantine.parquet", "stats.json"})
 
 
 def test_bad_filter_and_split_key_are_config_errors(tmp_path):
