@@ -1,20 +1,31 @@
-"""MLflow tracking with an explicit URI, and a do-nothing tracker so call sites need no ``if`` guards.
+"""MLflow tracking with an explicit URI and bounded waits, and a do-nothing tracker so call sites need no ``if``.
 
-    tracker = open_tracker(cfg, rank)           # MlflowTracker on rank 0 when tracking is on, else NullTracker
+    tracker = open_tracker(cfg, rank, spool_dir)  # rank 0 with tracking on: a SpooledTracker over MLflow
     tracker.start(run_name="demo", params=flat_params(cfg), tags={...})
-    tracker.log_metrics({"val/auc_macro": 0.83}, step=100)
-    tracker.end()
+    tracker.log_metrics({"val/auc_macro": 0.83}, step=100)   # never blocks on the server (kernel.spool)
+    tracker.end()                                             # flushes, within tracking.flush_timeout_s
+
+Every MLflow request waits at most ``tracking.timeout_s`` (set through MLflow's own HTTP settings: request
+timeout, 2 retries, short back-off; MLflow's defaults retry for about 5 minutes). Starting a run against an
+http(s) server first asks its ``/health`` endpoint; a server that does not answer raises ServiceUnavailable
+naming the URI (exit code 5), in seconds rather than minutes. Logging during a run goes through the spool.
 """
 from __future__ import annotations
 
+import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from kernel.config import Config
+from kernel.config import Config, TrackingConfig
+from kernel.errors import ServiceUnavailable
 
 
 class NullTracker:
     run_id: str | None = None
+    uri: str | None = None
 
     def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
               run_id: str | None = None) -> None: ...
@@ -27,26 +38,73 @@ class NullTracker:
     def end(self, status: str = "FINISHED") -> None: ...
 
 
-class MlflowTracker(NullTracker):
-    """One MLflow run, driven through an MlflowClient bound to an explicit tracking URI."""
+def bound_mlflow_requests(timeout_s: float) -> None:
+    """MLflow's HTTP client reads these per request: a bounded wait instead of minutes of retries."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"  # an int for MLflow: pauses of 1 s, 2 s
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
 
-    def __init__(self, tracking_uri: str, experiment: str):
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """For an http(s) tracking URI, one GET of /health; raise ServiceUnavailable naming the URI if it fails."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise ServiceUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}; waited "
+                             f"{time.monotonic() - t0:.1f} s, tracking.timeout_s={timeout_s:g})")
+
+
+def guarded(uri: str, what: str, call):
+    """Run one synchronous MLflow call; a connection failure becomes ServiceUnavailable naming the URI."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as e:
+        if uri.startswith(("http://", "https://")) and _is_connection_error(e):
+            raise ServiceUnavailable(f"MLflow at {uri} did not answer ({what}): {str(e).splitlines()[0][:200]}") from e
+        raise
+    except OSError as e:
+        raise ServiceUnavailable(f"MLflow at {uri} did not answer ({what}): {e}") from e
+
+
+def _is_connection_error(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(k in text for k in ("connection", "max retries", "timed out", "timeout", "refused", "unreachable"))
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run, driven synchronously through an MlflowClient bound to an explicit tracking URI."""
+
+    def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0):
         from mlflow import MlflowClient
 
+        bound_mlflow_requests(timeout_s)
+        check_reachable(tracking_uri, timeout_s)
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_location(tracking_uri, experiment))
+        exp = guarded(tracking_uri, "experiment lookup", lambda: self.client.get_experiment_by_name(experiment))
+        self.experiment_id = exp.experiment_id if exp else guarded(
+            tracking_uri, "experiment creation", lambda: self.client.create_experiment(
+                experiment, artifact_location=artifact_location(tracking_uri, experiment)))
         self.run_id = None
 
     def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
               run_id: str | None = None) -> None:
         if run_id:  # resuming: keep logging into the same run
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            guarded(self.uri, "run resume", lambda: self.client.update_run(run_id, status="RUNNING"))
         else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=tags or {})
+            run = guarded(self.uri, "run creation", lambda: self.client.create_run(
+                self.experiment_id, run_name=run_name or None, tags=tags or {}))
             self.run_id = run.info.run_id
             if params:
                 self.log_params(params)
@@ -58,15 +116,13 @@ class MlflowTracker(NullTracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
@@ -95,11 +151,17 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return None
 
 
-def open_tracker(cfg: Config, rank: int = 0) -> NullTracker:
+def open_tracker(cfg: Config, rank: int = 0, spool_dir: Path | None = None) -> NullTracker:
+    """NullTracker off rank 0 or with tracking off; else MLflow behind a spool in ``spool_dir``
+    (default <work_dir>/tracking_spool), so that a run never blocks on the tracking server."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
+    from kernel.spool import SpooledTracker
+
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
-    return MlflowTracker(cfg.tracking_uri, cfg.tracking.experiment)
+    t: TrackingConfig = cfg.tracking
+    inner = MlflowTracker(cfg.tracking_uri, t.experiment, t.timeout_s)
+    return SpooledTracker(inner, Path(spool_dir or Path(cfg.work_dir) / "tracking_spool"), t.flush_timeout_s)
 
 
 def git_commit() -> str:

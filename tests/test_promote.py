@@ -28,6 +28,7 @@ from monitoring import registry
 from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
 from kernel.config import config_from_dict
 from kernel.errors import RelevanceError
+from mlflow_testkit import MlflowServer
 from monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
 ROWS_PER_SCENARIO = 250
@@ -229,31 +230,8 @@ def test_cli_rollback_and_input_errors(store, capsys):
     assert "no version or alias 'nope'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_promotion_and_rollback_against_a_real_mlflow_server(tmp_path, eval_path, cfg):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-            time.sleep(0.5)
+    with MlflowServer(tmp_path / "server") as uri:
         client = MlflowClient(tracking_uri=uri)
         exp = client.create_experiment("ads-relevance")
         score = make_score_fn(uri, tmp_path / "cache")
@@ -267,11 +245,3 @@ def test_promotion_and_rollback_against_a_real_mlflow_server(tmp_path, eval_path
         assert client.get_model_version("served", v2).tags["promotion.decision"] == "promoted"
         assert rollback("served", uri)["champion_version"] == v1
         assert aliases(client, "served") == {"champion": v1}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers form their own process group
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()

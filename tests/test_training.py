@@ -78,8 +78,8 @@ def test_one_process_trains_tracks_and_freezes_base(tmp_path, data_dir):
     assert {"config/config.yaml", "config/ds_config.json"} <= artifacts
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir, stage):
+def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir):
+    stage = 3
     """2 CPU processes (gloo) via the real launcher; the gathered model reproduces its own metrics."""
     work = tmp_path / "w"
     _run(["--num_gpus", "2", "--master_port", str(29610 + stage), f"work_dir={work}", "--data", str(data_dir),
@@ -101,6 +101,50 @@ def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir, stage)
     assert again["n"] == saved["n"] == len(valid)  # every example counted exactly once across ranks
     for s, m in saved["scenarios"].items():
         assert again["scenarios"][s]["auc"] == pytest.approx(m["auc"], abs=1e-5)
+
+
+def test_two_nodes_without_ssh_match_one_process(tmp_path, data_dir):
+    """Two node launchers on 127.0.0.1 (--node_rank 0 and 1, one process each, ZeRO-2) train exactly what one
+    process does at the same global batch (dropout off: masks depend on the world size)."""
+    common = ["--data", str(data_dir), "tracking.enabled=false", "train.max_steps=6", "train.eval_every=6",
+              "train.zero_stage=2", "model.random_config.hidden_dropout_prob=0.0",
+              "model.random_config.attention_probs_dropout_prob=0.0"]
+    _run([f"work_dir={tmp_path / 'one'}", *common, "train.micro_batch_size=16"], port=29651)
+    port = 29652
+    nodes = [_launch([f"work_dir={tmp_path / 'two'}", *common, "train.micro_batch_size=8", "--num_nodes", "2",
+                      "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port)], port)
+             for rank in (0, 1)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    one = load_file(str(tmp_path / "one" / "train" / "model" / "trainable.safetensors"))
+    two = load_file(str(tmp_path / "two" / "train" / "model" / "trainable.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4)
+    m1 = json.loads((tmp_path / "one" / "train" / "model" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "train" / "model" / "metrics.json").read_text())
+    assert m2["auc_macro"] == pytest.approx(m1["auc_macro"], abs=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_gpus", "0"], "--num_gpus 0"),
+    (["--num_nodes", "2"], "--node_rank N on each node"),
+    (["--num_nodes", "2", "--node_rank", "2"], "--node_rank 2: must be in [0, 2)"),
+    (["--hostfile", "MISSING"], "no such file"),
+    (["--hostfile", "BAD"], "line 2"),
+    (["--num_nodes", "3", "--hostfile", "GOOD"], "lists only 2 hosts"),
+])
+def test_launcher_arguments_are_checked_before_anything_starts(tmp_path, capsys, monkeypatch, args, message):
+    from training.launch import main
+
+    for var in ("NNODES", "NODE_RANK", "SLURM_NNODES", "SLURM_NODEID"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "BAD").write_text("node0 slots=1\nnode1 slots=two\n")
+    (tmp_path / "GOOD").write_text("node0 slots=1\nnode1 slots=1\n")
+    args = [str(tmp_path / a) if a in ("MISSING", "BAD", "GOOD") else a for a in args]
+    assert main(["--config", str(TINY), f"work_dir={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
@@ -284,3 +328,56 @@ def test_step_10_metrics_do_not_depend_on_how_often_validation_ran(tmp_path, dat
     for s in a["scenarios"]:
         assert a["scenarios"][s]["auc"] == pytest.approx(b["scenarios"][s]["auc"], abs=1e-9)
         assert a["scenarios"][s]["log_loss"] == pytest.approx(b["scenarios"][s]["log_loss"], abs=1e-7)
+
+
+# --- the tracking server going away -----------------------------------------------------------------------
+
+def test_an_unreachable_tracking_server_fails_fast_with_one_line(tmp_path, data_dir):
+    t0 = time.time()
+    proc = _launch([f"work_dir={tmp_path}", "--data", str(data_dir), "tracking.uri=http://127.0.0.1:1",
+                    "tracking.timeout_s=3"], port=29661)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 5, out[-3000:]  # kernel.exit_codes.SERVICE_UNAVAILABLE
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "http://127.0.0.1:1" in errors[0] and "Traceback" not in out
+    assert time.time() - t0 < 60
+
+
+def test_training_rides_out_a_tracking_server_outage(tmp_path, data_dir):
+    """The real server is killed (its process group) mid-run: training goes on at full speed, and once the
+    server is back every metric arrives, with the run finished and its model artifact."""
+    from mlflow_testkit import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    uri = server.start()
+    proc = _launch([f"work_dir={tmp_path / 'w'}", "--data", str(data_dir), f"tracking.uri={uri}",
+                    "tracking.timeout_s=2", "tracking.flush_timeout_s=180", "train.max_steps=60",
+                    "train.eval_every=20", "train.checkpoint_every=60"], port=29662)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way, then take the server away
+        lines.append(line)
+        if line.startswith("step 10/"):
+            break
+    server.stop()
+    t_down = time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("best validation") or line.startswith("step 60 val"):
+            break
+    assert time.time() - t_down < 60, "training stalled while the tracking server was down"
+    assert proc.poll() is None  # done training, waiting for the server to deliver the spooled records
+    server.start()
+    try:
+        out = "".join(lines) + proc.communicate(timeout=240)[0]
+        assert proc.returncode == 0, out[-3000:]
+        client = MlflowClient(tracking_uri=uri)
+        run_id = (tmp_path / "w" / "train" / "mlflow_run_id").read_text().strip()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+        assert steps == [1, *range(10, 61, 10)]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val/auc_macro")) == [20, 40, 60]
+        assert any(a.path == "model" for a in client.list_artifacts(run_id))
+        assert not list((tmp_path / "w" / "tracking_spool").glob("*.jsonl"))  # all delivered
+    finally:
+        server.stop()

@@ -2,25 +2,38 @@
 
 One process (runs in this process; CPU with gloo, or one GPU):
     python -m training.launch --config configs/demo.yaml --data runs/demo/data
-Several processes / GPUs / nodes (wraps the ``deepspeed`` launcher; CPU works too, with gloo):
+Several processes / GPUs on this machine (wraps the ``deepspeed`` launcher; CPU works too, with gloo):
     python -m training.launch --config configs/demo.yaml --num_gpus 2 train.zero_stage=3
+Several nodes, one launcher per node, no ssh (Kubernetes, Slurm, or by hand); every node runs the same line
+with its own rank, and rank 0's address is the rendezvous:
+    python -m training.launch --config X.yaml --num_nodes 2 --node_rank 0 --num_gpus 8 --master_addr 10.0.0.1
+    python -m training.launch --config X.yaml --num_nodes 2 --node_rank 1 --num_gpus 8 --master_addr 10.0.0.1
+    # or from the environment: NNODES / NODE_RANK (torchrun, Kubernetes), SLURM_NNODES / SLURM_NODEID,
+    # MASTER_ADDR / MASTER_PORT
+Several nodes from one machine over ssh (needs passwordless ssh and pdsh):
     python -m training.launch --config X.yaml --num_nodes 2 --hostfile hosts --master_addr 10.0.0.1
 Resume a killed run where it stopped (same out dir):
     python -m training.launch --config configs/demo.yaml --resume
 
-Data is the ingested folder (train.parquet, valid.parquet; see ``python -m pipeline.ingest``); the default
-is <work_dir>/data. Output goes to <work_dir>/train unless --out is given.
+Data is the ingested folder (train.parquet, valid.parquet, task_map.json; see ``python -m pipeline.ingest``);
+the default is <work_dir>/data. Output goes to <work_dir>/train unless --out is given. Exit codes:
+kernel.exit_codes (2: bad arguments or config, 5: tracking server unreachable, 7: training diverged).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from kernel import exit_codes
 from kernel.config import Config, add_config_args, dump_config, load_config
-from kernel.errors import RelevanceError
+from kernel.errors import ConfigError
+
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,21 +44,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <work_dir>/train)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the out folder")
     p.add_argument("--num_gpus", type=int, default=None, help="processes per node (GPUs, or CPU processes)")
-    p.add_argument("--num_nodes", type=int, default=None)
-    p.add_argument("--hostfile", default=None)
-    p.add_argument("--master_addr", default=None)
-    p.add_argument("--master_port", type=int, default=None)
+    p.add_argument("--num_nodes", type=int, default=None, help="nodes (default: $NNODES, $SLURM_NNODES or 1)")
+    p.add_argument("--node_rank", type=int, default=None,
+                   help="this node's rank: one launcher per node, no ssh (default: $NODE_RANK or $SLURM_NODEID)")
+    p.add_argument("--hostfile", default=None, help="'host slots=N' lines (ssh launch, or node list for --node_rank)")
+    p.add_argument("--master_addr", default=None, help="rank 0's address (default: $MASTER_ADDR or 127.0.0.1)")
+    p.add_argument("--master_port", type=int, default=None, help="rendezvous port (default: $MASTER_PORT or 29500)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def _launcher_command(args: argparse.Namespace, resolved_config: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    for flag in ("num_gpus", "num_nodes", "hostfile", "master_addr", "master_port"):
-        value = getattr(args, flag)
-        if value is not None:
-            cmd += [f"--{flag}", str(value)]
+@dataclass
+class Topology:
+    """How many processes where: the launcher's arguments after defaults from the environment."""
+
+    num_gpus: int
+    num_nodes: int
+    node_rank: int | None  # set: one launcher per node (no ssh)
+    hostfile: Path | None
+    master_addr: str
+    master_port: int
+
+    @property
+    def multi(self) -> bool:
+        return self.num_gpus > 1 or self.num_nodes > 1 or self.hostfile is not None
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            try:
+                return int(os.environ[name])
+            except ValueError as e:
+                raise ConfigError(f"${name}={os.environ[name]!r} is not an integer") from e
+    return None
+
+
+def read_hostfile(path: Path) -> list[tuple[str, int]]:
+    """(host, slots) per line of a DeepSpeed hostfile; ConfigError names the file and the bad line."""
+    if not path.is_file():
+        raise ConfigError(f"--hostfile {path}: no such file")
+    hosts = []
+    for i, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = HOSTFILE_LINE.match(line)
+        if not m or int(m.group(2)) < 1:
+            raise ConfigError(f"--hostfile {path}, line {i}: {raw!r} is not 'HOST slots=N' (N >= 1)")
+        if m.group(1) in {h for h, _ in hosts}:
+            raise ConfigError(f"--hostfile {path}, line {i}: host {m.group(1)!r} is listed twice")
+        hosts.append((m.group(1), int(m.group(2))))
+    if not hosts:
+        raise ConfigError(f"--hostfile {path}: lists no host")
+    return hosts
+
+
+def topology(args: argparse.Namespace) -> Topology:
+    """Check the launcher's arguments before anything starts; every problem names the flag."""
+    num_gpus = args.num_gpus if args.num_gpus is not None else 1
+    num_nodes = args.num_nodes if args.num_nodes is not None else (_env_int("NNODES", "SLURM_NNODES") or 1)
+    node_rank = args.node_rank if args.node_rank is not None else _env_int("NODE_RANK", "SLURM_NODEID")
+    if num_nodes == 1 and args.node_rank is None:
+        node_rank = None  # a single node needs no node rank, even if the environment carries one
+    port = args.master_port if args.master_port is not None else (_env_int("MASTER_PORT") or 29500)
+    addr = args.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    hostfile = Path(args.hostfile) if args.hostfile else None
+    if num_gpus < 1:
+        raise ConfigError(f"--num_gpus {num_gpus}: need at least 1 process per node")
+    if num_nodes < 1:
+        raise ConfigError(f"--num_nodes {num_nodes}: need at least 1 node")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--master_port {port}: not a TCP port")
+    if hostfile is not None:
+        hosts = read_hostfile(hostfile)
+        if num_nodes > len(hosts):
+            raise ConfigError(f"--num_nodes {num_nodes}: --hostfile {hostfile} lists only {len(hosts)} hosts")
+    elif num_nodes > 1 and node_rank is None:
+        raise ConfigError(f"--num_nodes {num_nodes}: say how the nodes start: --node_rank N on each node "
+                          "(one launcher per node, no ssh), or --hostfile for an ssh launch from here")
+    if node_rank is not None and not 0 <= node_rank < num_nodes:
+        raise ConfigError(f"--node_rank {node_rank}: must be in [0, {num_nodes})")
+    return Topology(num_gpus, num_nodes, node_rank, hostfile, addr, port)
+
+
+def launcher_command(args: argparse.Namespace, topo: Topology, resolved_config: Path, work: Path) -> list[str]:
+    """The deepspeed launcher's command line; with a node rank it starts this node's processes only."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(topo.num_gpus),
+           "--num_nodes", str(topo.num_nodes), "--master_addr", topo.master_addr,
+           "--master_port", str(topo.master_port)]
+    hostfile = topo.hostfile
+    if topo.node_rank is not None:
+        if hostfile is None:  # the launcher learns the world from a hostfile; without ssh, names are labels
+            hostfile = work / f"hostfile.node{topo.node_rank}"
+            hostfile.write_text("".join(f"node{i} slots={topo.num_gpus}\n" for i in range(topo.num_nodes)))
+        cmd += ["--no_ssh", "--node_rank", str(topo.node_rank)]
+    if hostfile is not None:
+        cmd += ["--hostfile", str(hostfile)]
     cmd += ["--module", "training.launch", "--worker", "--config", str(resolved_config)]
     for flag in ("data", "out"):
         if getattr(args, flag):
@@ -78,27 +174,29 @@ def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False):
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+def _main(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        data_dir = Path(args.data or Path(cfg.work_dir) / "data")
-        out_dir = Path(args.out or Path(cfg.work_dir) / "train")
-        multi = (args.num_gpus or 1) > 1 or (args.num_nodes or 1) > 1 or args.hostfile
-        if multi and not args.worker:
+    cfg = load_config(args.config, args.overrides)
+    data_dir = Path(args.data or Path(cfg.work_dir) / "data")
+    out_dir = Path(args.out or Path(cfg.work_dir) / "train")
+    if not args.worker:
+        topo = topology(args)
+        if topo.multi:
             out_dir.mkdir(parents=True, exist_ok=True)
-            resolved = out_dir / "launch_config.yaml"
+            resolved = out_dir / "launch_config.yaml"  # workers read the resolved config: one source of truth
             dump_config(cfg, resolved)
-            return subprocess.call(_launcher_command(args, resolved))
-        result = run(cfg, data_dir, out_dir, resume=args.resume)
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            code = subprocess.call(launcher_command(args, topo, resolved, out_dir))
+            return code if code in exit_codes.TABLE else exit_codes.FAILURE
+    result = run(cfg, data_dir, out_dir, resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:
         best = result.best_metrics or {}
         print(f"best validation macro AUC {best.get('auc_macro')} after {result.steps} steps; model: {result.model_dir}")
-    return 0
+    return exit_codes.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    return exit_codes.run_cli(lambda: _main(args))
 
 
 def _has_cuda() -> bool:
