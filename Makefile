@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m pipeline.run --config configs/demo.yaml
+	$(PY) -m job.run --config configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q

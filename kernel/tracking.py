@@ -62,6 +62,16 @@ def check_reachable(uri: str, timeout_s: float) -> None:
                              f"{time.monotonic() - t0:.1f} s, tracking.timeout_s={timeout_s:g})")
 
 
+def mlflow_client(uri: str, timeout_s: float = 10.0):
+    """An MlflowClient bound to ``uri`` for tracking and registry, with bounded waits; an http(s) server
+    that does not answer raises ServiceUnavailable (exit 5) before any call is made."""
+    from mlflow import MlflowClient
+
+    bound_mlflow_requests(timeout_s)
+    check_reachable(uri, timeout_s)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def guarded(uri: str, what: str, call):
     """Run one synchronous MLflow call; a connection failure becomes ServiceUnavailable naming the URI."""
     from mlflow.exceptions import MlflowException

@@ -15,10 +15,9 @@ files whose names start with "_" or "." are not read as scores.
 Output: ``out/report.html`` (+ ``out/plots/*.png``) and ``out/summary.json``; both are logged to the MLflow run
 (artifact path ``monitoring``) when a tracking URI is given, with the headline numbers as metrics.
 
-Exit codes (for schedulers):
-    0  no breach
-    2  bad input or configuration (the message names the file, column, row or key); argparse errors too
-    3  at least one breach: drift above a threshold, unseen scenarios, quarantine rate, or AUC alert
+Exit codes (kernel.exit_codes): 0 no breach; 2 bad input or configuration (the message names the file,
+column, row or key); 3 at least one breach (drift above a threshold, unseen scenarios, quarantine rate, or
+AUC alert); 5 the MLflow server did not answer.
 """
 from __future__ import annotations
 
@@ -37,10 +36,11 @@ import pyarrow.dataset as ds
 from monitoring.drift import drift_report, load_reference
 from monitoring.metrics import scenario_metrics, summarize
 from monitoring.report import atomic_write_json, write_report
+from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
-from kernel.errors import DataError, RelevanceError
+from kernel.errors import DataError
 
-EXIT_OK, EXIT_INPUT, EXIT_BREACH = 0, 2, 3
+EXIT_OK, EXIT_INPUT, EXIT_BREACH = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH
 QUARANTINE_DIR = "_quarantine"  # batch scoring writes its rejected rows here, inside the output folder
 
 
@@ -196,25 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", help="MLflow run to log to (default: a new run in tracking.experiment)")
     add_config_args(p)
     args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        tracker = None
-        if args.tracking_uri:
-            from kernel.tracking import MlflowTracker  # mlflow is imported only when logging
+    return exit_codes.run_cli(lambda: _work(args))
 
-            tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment)
-            tracker.start(run_name="monitoring-check", run_id=args.run_id)
-        try:
-            summary = run_check(args.scored, args.reference, args.out, cfg, args.quarantine, tracker)
-        except BaseException:
-            if tracker is not None:
-                tracker.end("FAILED")
-            raise
+
+def _work(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    tracker = None
+    if args.tracking_uri:
+        from kernel.tracking import MlflowTracker  # mlflow is imported only when logging
+
+        tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment, cfg.tracking.timeout_s)
+        tracker.start(run_name="monitoring-check", run_id=args.run_id)
+    try:
+        summary = run_check(args.scored, args.reference, args.out, cfg, args.quarantine, tracker)
+    except BaseException:
         if tracker is not None:
-            tracker.end()
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        tracker.end()
     for b in summary["breaches"]:
         print(f"BREACH: {b}", file=sys.stderr)
     print(f"report: {Path(args.out) / 'report.html'} ({len(summary['breaches'])} breaches)")

@@ -16,8 +16,9 @@ Pass: ``previous`` -> the old champion, ``champion`` -> the candidate. Fail: no 
 candidate is tagged with the decision (who, when, metrics, reasons; see ``monitoring.registry``).
 ``--rollback`` points ``champion`` back at ``previous`` and clears ``previous``. Aliases only: no stages.
 
-Exit codes: 0 promoted / rolled back; 2 bad input (unknown model, version, alias, unreadable eval set);
-3 the gate failed (nothing moved; the reasons are printed and tagged).
+Exit codes (kernel.exit_codes): 0 promoted / rolled back; 2 bad input (unknown model, version, alias,
+unreadable eval set); 4 the gate failed (nothing moved; the reasons are printed and tagged); 5 the MLflow
+server did not answer.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ import pyarrow as pa
 
 from monitoring import registry
 from monitoring.metrics import scenario_metrics, summarize
+from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
-from kernel.errors import DataError, RelevanceError
+from kernel.errors import ConfigError, DataError, RelevanceError
 
-EXIT_OK, EXIT_INPUT, EXIT_REJECTED = 0, 2, 3
+EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 
@@ -200,19 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the config's)")
     add_config_args(p)
     args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        uri = args.tracking_uri or cfg.tracking_uri
-        if args.rollback:
-            print(json.dumps(rollback(args.name, uri), indent=1))
-            return EXIT_OK
-        eval_path = args.eval_path or cfg.data.score_input
-        if not args.candidate or not eval_path:
-            p.error("--candidate and --eval (or data.score_input) are required unless --rollback")
-        result = promote(args.name, args.candidate, eval_path, cfg, uri)
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    if not args.rollback and not args.candidate:
+        p.error("--candidate is required unless --rollback")
+    return exit_codes.run_cli(lambda: _work(args))
+
+
+def _work(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    uri = args.tracking_uri or cfg.tracking_uri
+    if args.rollback:
+        print(json.dumps(rollback(args.name, uri), indent=1))
+        return EXIT_OK
+    eval_path = args.eval_path or cfg.data.score_input
+    if not eval_path:
+        raise ConfigError("--eval (or data.score_input): a pinned, labelled evaluation Parquet is required")
+    result = promote(args.name, args.candidate, eval_path, cfg, uri)
     print(json.dumps({k: result[k] for k in ("passed", "reasons", "candidate_version", "champion_version")},
                      indent=1))
     return EXIT_OK if result["passed"] else EXIT_REJECTED

@@ -22,14 +22,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from kernel.errors import RelevanceError
+from kernel.tracking import mlflow_client
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
 
 
-def registry_client(tracking_uri: str) -> MlflowClient:
-    """A client bound to an explicit URI; the registry lives in the same store as the tracking data."""
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+def registry_client(tracking_uri: str, timeout_s: float = 10.0) -> MlflowClient:
+    """A client bound to an explicit URI (the registry lives in the same store as the tracking data), with
+    bounded waits: an unreachable server is ServiceUnavailable (exit 5), not minutes of retries."""
+    return mlflow_client(tracking_uri, timeout_s)
 
 
 def model_uri(name: str, version: str | int) -> str:

@@ -27,6 +27,10 @@ With ``--valid`` (a canonical Parquet, e.g. <work_dir>/data/valid.parquet) the e
 per-scenario calibration (calibration.json), an F1-maximising threshold per scenario, and the drift
 reference profile (reference.json). With ``--name`` the folder is logged as artifact ``model`` of a new
 run (tagged with the source run) and registered, so ``models:/<name>@<alias>`` resolves to it.
+``--config`` and ``key=value`` overrides set the export's deployment sections (serving, monitoring, tracking,
+data mapping), which scoring uses as defaults; the sections the weights were trained with cannot change.
+
+Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did not answer).
 """
 from __future__ import annotations
 
@@ -44,12 +48,13 @@ import torch
 from safetensors.torch import save_file
 
 from features.pairs import resolve_pair_format
-from kernel.config import Config, to_dict
+from kernel.config import Config, add_config_args, apply_overrides, config_from_dict, dump_config, load_config, to_dict
+from kernel.exit_codes import run_cli
+from kernel.tracking import artifact_location, mlflow_client
 from kernel.atomic import write_json_atomic
-from kernel.errors import DataError, RelevanceError
+from kernel.errors import ConfigError, DataError
 from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
                             SCENARIOS_DIR, factor_key, scenario_dirname)
-from kernel.tracking import artifact_location
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
                 "max(sum_i mask_i, 1) over the backbone's last_hidden_state h (batch, tokens, hidden)")
@@ -66,6 +71,8 @@ def resolve_source(run: str, tracking_uri: str | None, scratch: Path) -> tuple[P
                         "(config.yaml, task_map.json, trainable.safetensors)")
     import mlflow
 
+    if tracking_uri:
+        mlflow_client(tracking_uri)  # bounded waits; an unreachable server is ServiceUnavailable, now
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run}/model", tracking_uri=tracking_uri,
                                                     dst_path=str(scratch))
@@ -82,7 +89,7 @@ def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags)
+        return dict(mlflow_client(tracking_uri).get_run(run_id).data.tags)
     except MlflowException as e:
         raise DataError(f"source run {run_id}: not found at {tracking_uri} ({e.message})") from e
 
@@ -125,7 +132,7 @@ def best_f1_thresholds(scenarios: np.ndarray, labels: np.ndarray, scores: np.nda
     return out
 
 
-def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict) -> None:
+def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict, method: str = "isotonic") -> None:
     """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
     import pyarrow.parquet as pq
 
@@ -145,7 +152,7 @@ def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict) -> No
     scen = np.asarray(scored["scenario"].to_pylist(), dtype=object)[keep].astype(str)
     labels = scored["label"].to_numpy(zero_copy_only=False)[keep].astype(np.int64)
     raw = scored["score"].to_numpy(zero_copy_only=False)[keep].astype(np.float64)
-    cal = ScenarioCalibrator.fit(scen, labels, raw, method="isotonic")
+    cal = ScenarioCalibrator.fit(scen, labels, raw, method=method)
     cal.save(out / CALIBRATION_FILE)
     calibrated = cal.apply(scen, raw)
     q_len = scored["query_len"].to_numpy(zero_copy_only=False)[keep]
@@ -159,13 +166,39 @@ def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict) -> No
     manifest["thresholds"] = {"f1_max_calibrated": best_f1_thresholds(scen, labels, calibrated)}
 
 
+MODEL_SECTIONS = ("model", "adapter", "features", "train")  # what the trained weights depend on
+
+
+def serving_config(trained: Config, config_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The trained config with the deployment sections (data mapping, serving, monitoring, tracking) taken from
+    ``config_path`` and ``overrides``; the sections the weights depend on stay as trained (changing one is
+    an error)."""
+    overrides = list(overrides or [])
+    touched = sorted({o.split("=", 1)[0] for o in overrides if o.split(".", 1)[0] in MODEL_SECTIONS})
+    if touched:
+        raise ConfigError(f"overrides {touched}: the exported weights were trained with these; retrain to change them")
+    if not config_path and not overrides:
+        return trained
+    deployed = to_dict(load_config(config_path)) if config_path else to_dict(trained)
+    apply_overrides(deployed, overrides)
+    for section in MODEL_SECTIONS:
+        deployed[section] = to_dict(trained)[section]
+    deployed["work_dir"] = trained.work_dir
+    return config_from_dict(deployed)
+
+
 def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None, tracking_uri: str | None = None,
-                 name: str | None = None, alias: str | None = None, source_run_id: str | None = None) -> dict:
+                 name: str | None = None, alias: str | None = None, source_run_id: str | None = None,
+                 calibration_method: str | None = None, config_path: str | Path | None = None,
+                 overrides: list[str] | None = None) -> dict:
     """Write the export folder and optionally register it; return the manifest.
 
     The folder is built beside ``out_dir`` and renamed into place, so readers see the old export or the
     new one, never a mix. An existing export there is replaced; any other non-empty folder is an error.
     ``source_run_id`` names the training run when ``run`` is a folder (recorded, tags read from it).
+    ``calibration_method`` (isotonic, platt) defaults to the config's monitoring.calibration_method.
+    ``config_path`` / ``overrides`` set the deployment sections of the exported config (``serving_config``):
+    scoring reads its defaults (serving.*, data.columns) from the export.
     """
     from training.artifact import load_trained
     from kernel.hashing import fingerprint_files
@@ -178,7 +211,8 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as scratch:
         model_dir, source_run = resolve_source(run, tracking_uri, Path(scratch))
         source_run = source_run or source_run_id
-        cfg, task_map, model = load_trained(model_dir)
+        trained, task_map, model = load_trained(model_dir)
+        cfg = serving_config(trained, config_path, overrides)
         tracking_uri = tracking_uri or cfg.tracking_uri
         tags = _run_tags(source_run, tracking_uri)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -213,10 +247,11 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
                 "config": to_dict(cfg),
             }
             write_json_atomic(stage / MANIFEST_FILE, manifest)
-            (stage / "config.yaml").write_text((model_dir / "config.yaml").read_text())
+            dump_config(cfg, stage / "config.yaml")
             task_map.save(stage / "task_map.json")
             if valid:
-                fit_on_validation(stage, Path(valid), cfg, manifest)
+                fit_on_validation(stage, Path(valid), cfg, manifest,
+                                  calibration_method or cfg.monitoring.calibration_method)
                 write_json_atomic(stage / MANIFEST_FILE, manifest)
             old = out.with_name(f".{out.name}.old-{stage.name[-8:]}")
             if out.exists():
@@ -236,7 +271,7 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_location(tracking_uri, experiment))
@@ -259,6 +294,7 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)  # deployment sections only: serving.*, monitoring.*, tracking.*, data.columns
     p.add_argument("--run", required=True, help="MLflow run id, training output dir (with model/) or model dir")
     p.add_argument("--out", required=True, type=Path, help="export folder to write")
     p.add_argument("--valid", type=Path, help="canonical validation Parquet: fit calibration, thresholds, drift reference")
@@ -270,13 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        manifest = export_model(args.run, args.out, args.valid, args.tracking_uri, args.name, args.alias,
-                                args.source_run_id)
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_intermixed_args(argv)
+    return run_cli(lambda: _work(args))
+
+
+def _work(args: argparse.Namespace) -> int:
+    manifest = export_model(args.run, args.out, args.valid, args.tracking_uri, args.name, args.alias,
+                            args.source_run_id, config_path=args.config, overrides=args.overrides)
     print(f"exported {len(manifest['scenarios'])} scenarios ({manifest['pooling']} pooling) to {args.out}")
     if "registered" in manifest:
         print(f"registered {manifest['registered']['uri']} (version {manifest['registered']['version']})")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kernel.atomic import write_json_atomic
 from kernel.errors import ConfigError, DataError
+from kernel.tracking import mlflow_client
 from serving.layout import FACTORS_FILE, MANIFEST_FILE, read_manifest
 
 IDENTITY_FILE = "_registry.json"
@@ -95,7 +96,7 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
 
     uri = registry_uri(tracking_uri, f"--model {text}")
     name, ref, is_alias = parse_model_ref(text)
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = mlflow_client(uri)
     try:
         mv = client.get_model_version_by_alias(name, ref) if is_alias else client.get_model_version(name, ref)
     except MlflowException as e:

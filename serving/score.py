@@ -29,7 +29,7 @@ judge their own shards.
 
 Shards are spread over workers by index (shard i goes to worker i % N); ``--rank/--world-size`` run one
 worker by hand (e.g. one per machine). Exit codes (kernel.exit_codes): 0 done, 2 bad input or
-configuration, 6 quarantine rate over serving.max_quarantine_rate.
+configuration, 5 the MLflow registry did not answer, 6 quarantine rate over serving.max_quarantine_rate.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -199,7 +200,7 @@ def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
     return results
 
 
-def _launch_local(args: argparse.Namespace, cfg: Config, export_dir: Path, model_version: str, out: Path) -> None:
+def _launch_local(req: ScoreRequest, cfg: Config, export_dir: Path, model_version: str, out: Path) -> None:
     """``--workers N``: N child processes of this module, each with --rank i; one GPU each if present."""
     job = out / sh.JOB_DIR
     job.mkdir(parents=True, exist_ok=True)
@@ -207,16 +208,16 @@ def _launch_local(args: argparse.Namespace, cfg: Config, export_dir: Path, model
     import torch
 
     gpus = torch.cuda.device_count()
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    threads = max(1, (os.cpu_count() or 1) // req.workers)
     procs = []
-    for rank in range(args.workers):
+    for rank in range(req.workers):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
         cmd = [sys.executable, "-m", "serving.score", "--model", str(export_dir), "--model-version", model_version,
                "--output", str(out), "--config", str(job / "config.yaml"), "--rank", str(rank),
-               "--world-size", str(args.workers), "--no-gate", "--input", *args.input, "--resume"]
-        if args.quiet:
+               "--world-size", str(req.workers), "--no-gate", "--input", *req.input, "--resume"]
+        if req.quiet:
             cmd.append("--quiet")
         procs.append(subprocess.Popen(cmd, env=env))
     failed = [i for i, p in enumerate(procs) if p.wait() != 0]
@@ -261,44 +262,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class ScoreRequest:
+    """What to score, where, and how: the command line's flags as one typed value (the job builds one)."""
+
+    input: list[str]
+    output: Path
+    resume: bool = False
+    workers: int = 1
+    engine: str = "local"
+    ray_address: str = "local"
+    rank: int = 0
+    world_size: int = 1
+    quiet: bool = False
+    no_gate: bool = False  # set for child workers: the parent judges the whole job's quarantine rate
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ScoreRequest":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def run(args: argparse.Namespace) -> dict:
+    """The command line: resolve the model (folder or registry), its config (or --config), then score."""
     from serving.registry_cache import resolve_model
 
     if not args.input:
         raise DataError("--input: no Parquet file or directory given")
     export_dir, version = resolve_model(args.model, args.tracking_uri, args.cache_dir)
-    version = args.model_version or version
     cfg = load_config(args.config or export_dir / "config.yaml", args.overrides)
+    return score_files(ScoreRequest.from_args(args), cfg, export_dir, args.model_version or version)
+
+
+def score_files(req: ScoreRequest, cfg: Config, export_dir: Path, version: str) -> dict:
+    """Score ``req.input`` into ``req.output`` with the export in ``export_dir``; the job's summary."""
     check_serving_limits(cfg.serving)
-    data = Inputs(cfg, args.input)  # fails fast on a bad input or column mapping, before any folder exists
-    out = args.output
+    data = Inputs(cfg, req.input)  # fails fast on a bad input or column mapping, before any folder exists
+    out = Path(req.output)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _score_job(args, cfg, export_dir, version, data, out)
+        return _score_job(req, cfg, Path(export_dir), version, data, out)
     except BaseException:
         if created and not sh.holds_results(out):  # failed before writing anything: leave no trace
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _score_job(args: argparse.Namespace, cfg: Config, export_dir: Path, version: str, data: Inputs,
-               out: Path) -> dict:
-    skipped = sum(sh.is_done(out, s, version) for s in data.shards) if args.resume else 0
+def _score_job(req: ScoreRequest, cfg: Config, export_dir: Path, version: str, data: Inputs, out: Path) -> dict:
+    skipped = sum(sh.is_done(out, s, version) for s in data.shards) if req.resume else 0
     t0 = time.time()
-    if args.engine == "ray":
+    if req.engine == "ray":
         from serving.ray_engine import run_on_ray
 
         sh.remove_stale_temporaries(out)
-        run_on_ray(cfg, export_dir, version, args.input, out, args.resume, args.workers, args.ray_address)
-    elif args.workers > 1:
+        run_on_ray(cfg, export_dir, version, req.input, out, req.resume, req.workers, req.ray_address)
+    elif req.workers > 1:
         sh.remove_stale_temporaries(out)
-        _launch_local(args, cfg, export_dir, version, out)
+        _launch_local(req, cfg, export_dir, version, out)
     else:
-        if args.world_size == 1:
+        if req.world_size == 1:
             sh.remove_stale_temporaries(out)  # only a lone worker may: others could be writing
-        run_worker(cfg, export_dir, version, args.input, out, args.resume, args.rank, args.world_size, args.quiet)
-    mine = data.shards if args.world_size == 1 else sh.shards_for_rank(data.shards, args.rank, args.world_size)
+        run_worker(cfg, export_dir, version, req.input, out, req.resume, req.rank, req.world_size, req.quiet)
+    mine = data.shards if req.world_size == 1 else sh.shards_for_rank(data.shards, req.rank, req.world_size)
     summary = summarize(out, mine, time.time() - t0, skipped)
     summary["max_quarantine_rate"] = cfg.serving.max_quarantine_rate
     return summary

@@ -1,4 +1,6 @@
-"""The whole scheduled job on a tiny random-init model: generate → ingest → train → export → score → monitor → promote."""
+"""The whole scheduled job on a tiny random-init model: generate → ingest → train → export → score → monitor →
+promote, and what a scheduler sees when it runs the job again: nothing redone when nothing changed, the
+steps whose inputs changed (and everything after them) redone, and the real outcome reported every time."""
 from __future__ import annotations
 
 import json
@@ -7,37 +9,86 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
-from pipeline.run import EXIT_BAD_INPUT, EXIT_OK, main
+from job.run import main
+from kernel.exit_codes import BAD_INPUT, GATE_FAILED, OK
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+STEPS = ("generate", "ingest", "train", "export", "score", "monitor", "promote")
 
 
-def test_whole_job_then_restart_skips_finished_steps(tmp_path, capsys):
+def ran(out: str) -> list[str]:
+    return [s for s in STEPS if f"[{s}] running" in out]
+
+
+def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     work = tmp_path / "job"
-    assert main(["--config", str(TINY), f"work_dir={work}"]) == EXIT_OK
+    job = ["--config", str(TINY), f"work_dir={work}"]
+    # The first night: a gate no tiny model can pass (every scenario's AUC >= 0.99 for a first champion).
+    assert main([*job, "monitoring.min_auc=0.99"]) == GATE_FAILED
     out = capsys.readouterr().out
-    for step in ("generate", "ingest", "train", "export", "score", "monitor", "promote"):
-        assert (work / "state" / f"{step}.json").is_file(), step
-    assert "=== summary ===" in out and "macro" in out
-
-    # One score per held-out row, each with its scenario and the registered model version.
+    assert ran(out) == list(STEPS) and "=== summary ===" in out and "macro" in out
     test_rows = pq.read_table(work / "data" / "test.parquet").num_rows
     scores = pq.read_table(sorted((work / "scores").glob("part-*.parquet")))
-    assert scores.num_rows == test_rows
-    assert set(scores.column("scenario").to_pylist()) <= set(json.loads((work / "export" / "manifest.json").read_text())["task_map"])
+    assert scores.num_rows == test_rows  # one score per held-out row
+    manifest = json.loads((work / "export" / "manifest.json").read_text())
+    assert set(scores.column("scenario").to_pylist()) <= set(manifest["task_map"])
+    assert set(scores.column("model_version").to_pylist()) == {"tiny/1"}
 
-    # The registry holds the model, and the gate made it champion (tiny config: min_auc 0).
+    # Replayed as it is: nothing is redone, and the failed gate is still a failed gate.
+    assert main([*job, "monitoring.min_auc=0.99"]) == GATE_FAILED
+    out = capsys.readouterr().out
+    assert ran(out) == [] and out.count("up to date") == 7 and "promotion gate failed" in out
+
+    # Only the gate's setting changes: only promotion runs again, and passes.
+    assert main(job) == OK
+    out = capsys.readouterr().out
+    assert ran(out) == ["promote"] and "changed: config monitoring.min_auc" in out
     client = MlflowClient(tracking_uri=f"sqlite:///{work.resolve() / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
-    # Per-scenario validation AUC was logged by training.
-    train_run = client.get_run(json.loads((work / "state" / "train.json").read_text())["run_id"])
-    assert any(k.startswith("val/auc/") for k in train_run.data.metrics)
 
-    # A rerun (as after a crash) redoes nothing that finished.
-    assert main(["--config", str(TINY), f"work_dir={work}"]) == EXIT_OK
-    assert capsys.readouterr().out.count("already done") == 7
+    # A training setting changes: training and everything after it run again; ingestion does not. Whether the
+    # retrained tiny model passes the gate against the champion is the gate's business; a replay says the same.
+    code = main([*job, "train.max_steps=12"])
+    assert code in (OK, GATE_FAILED)
+    out = capsys.readouterr().out
+    assert ran(out) == ["train", "export", "score", "monitor", "promote"]
+    assert "changed: config train" in out
+    train = json.loads((work / "state" / "train.json").read_text())
+    assert train["info"]["steps"] == 12
+    train_run = client.get_run(train["info"]["run_id"])
+    assert any(k.startswith("val/auc/") for k in train_run.data.metrics)  # per-scenario validation AUC
+    champion = "2" if code == OK else "1"
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == champion
+    assert set(pq.read_table(work / "scores").column("model_version").to_pylist()) == {"tiny/2"}
+    assert main([*job, "train.max_steps=12"]) == code and ran(capsys.readouterr().out) == []
+
+
+def test_a_run_key_gives_each_scheduled_run_its_own_replayable_state(tmp_path, capsys):
+    src = tmp_path / "incoming"
+    job = ["--config", str(TINY), f"work_dir={tmp_path / 'job'}", "--only", "ingest"]
+    for night in ("2026-11-30", "2026-12-01"):
+        from pipeline.synthetic import generate
+        from kernel.config import SyntheticConfig
+
+        generate(src / night / "ads.parquet", SyntheticConfig(rows_per_scenario=60, seed=len(night)))
+    src_override = f"data.source={src}/{{run_date}}"
+    assert main([*job, src_override, "--run-date", "2026-11-30"]) == OK
+    assert ran(capsys.readouterr().out) == ["ingest"]
+    assert main([*job, src_override, "--run-date", "2026-11-30"]) == OK  # a replay: nothing to do
+    assert "[ingest] up to date" in capsys.readouterr().out
+    assert main([*job, src_override, "--run-date", "2026-12-01"]) == OK  # the next night: its own data
+    assert ran(capsys.readouterr().out) == ["ingest"]
+    for night in ("2026-11-30", "2026-12-01"):
+        state = json.loads((tmp_path / "job" / "runs" / night / "state" / "ingest.json").read_text())
+        assert state["info"]["rows_in"] == 240
+    # New data in the same night's folder (a late file): ingestion sees it and runs again.
+    generate(src / "2026-12-01" / "late.parquet", SyntheticConfig(rows_per_scenario=10, seed=9))
+    assert main([*job, src_override, "--run-date", "2026-12-01"]) == OK
+    out = capsys.readouterr().out
+    assert ran(out) == ["ingest"] and "changed: input data" in out
+    assert main([*job, src_override, "--run-date", "../escape"]) == BAD_INPUT
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
-    assert main(["--config", str(TINY), f"work_dir={tmp_path}", "train.nope=1"]) == EXIT_BAD_INPUT
+    assert main(["--config", str(TINY), f"work_dir={tmp_path}", "train.nope=1"]) == BAD_INPUT
     assert "train.nope" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""One exit-code table (kernel.exit_codes) kept by every entry point: a test per code."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kernel import exit_codes
+from kernel.errors import DataError, QuarantineRateExceeded, ServiceUnavailable, TrainingDiverged
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+ENTRY_POINTS = ["job.run", "pipeline.ingest", "training.launch", "serving.export", "serving.score",
+                "monitoring.check", "monitoring.promote"]
+UNREACHABLE = "http://127.0.0.1:1"  # nothing listens on port 1
+
+
+def test_the_table_is_what_the_docs_say():
+    assert (exit_codes.OK, exit_codes.FAILURE, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH,
+            exit_codes.GATE_FAILED, exit_codes.SERVICE_UNAVAILABLE, exit_codes.DATA_GATE,
+            exit_codes.TRAINING_DIVERGED, exit_codes.INTERRUPTED) == (0, 1, 2, 3, 4, 5, 6, 7, 130)
+    for module in ENTRY_POINTS:  # every entry point documents the table it keeps
+        assert "exit_codes" in (importlib.import_module(module).__doc__ or ""), module
+
+
+@pytest.mark.parametrize("error,code", [
+    (RuntimeError("a bug"), exit_codes.FAILURE), (DataError("bad file"), exit_codes.BAD_INPUT),
+    (ServiceUnavailable("down"), exit_codes.SERVICE_UNAVAILABLE), (QuarantineRateExceeded("10%"), exit_codes.DATA_GATE),
+    (TrainingDiverged("nan"), exit_codes.TRAINING_DIVERGED), (KeyboardInterrupt(), exit_codes.INTERRUPTED),
+])
+def test_run_cli_maps_errors_to_codes_with_one_line(error, code, capsys):
+    def work():
+        raise error
+
+    assert exit_codes.run_cli(work) == code
+    err = capsys.readouterr().err
+    assert ("Traceback" in err) == (code == exit_codes.FAILURE)  # only a bug gets a traceback
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_bad_configuration_is_2_everywhere(module, tmp_path, capsys):
+    main = importlib.import_module(module).main
+    required = {"job.run": [], "pipeline.ingest": [], "training.launch": [],
+                "serving.export": ["--run", str(tmp_path), "--out", str(tmp_path / "x")],
+                "serving.score": ["--model", str(tmp_path), "--input", str(tmp_path), "--output", str(tmp_path / "o")],
+                "monitoring.check": ["--scored", str(tmp_path), "--reference", str(tmp_path / "r"), "--out", str(tmp_path)],
+                "monitoring.promote": ["--name", "m", "--candidate", "1"]}[module]
+    assert main([*required, "--config", str(TINY), f"work_dir={tmp_path}", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_an_unreachable_mlflow_is_5_from_the_job_scoring_and_promotion(tmp_path, capsys):
+    from job.run import main as job
+    from monitoring.promote import main as promote
+    from serving.score import main as score
+
+    assert job(["--config", str(TINY), f"work_dir={tmp_path}", f"tracking.uri={UNREACHABLE}",
+                "tracking.timeout_s=2"]) == 5
+    assert score(["--model", "models:/m@champion", "--tracking-uri", UNREACHABLE, "--input", str(TINY),
+                  "--output", str(tmp_path / "o")]) == 5
+    assert promote(["--name", "m", "--candidate", "1", "--eval", str(TINY), "--tracking-uri", UNREACHABLE]) == 5
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and all(UNREACHABLE in e for e in errors)
+
+
+def test_a_diverging_training_is_7(tmp_path, capsys):
+    from job.run import main
+
+    code = main(["--config", str(TINY), f"work_dir={tmp_path}", "tracking.enabled=false", "train.lr=1e30",
+                 "train.grad_clip=0.0", "train.warmup_steps=0", "train.max_steps=30", "--only",
+                 "generate,ingest,train"])
+    assert code == exit_codes.TRAINING_DIVERGED and "last good checkpoint" in capsys.readouterr().err
+
+
+def test_a_scoring_quarantine_gate_is_6_from_the_job(tmp_path, capsys):
+    from job.run import main
+
+    traffic = tmp_path / "traffic.parquet"
+    pq.write_table(pa.table({"query": ["q"] * 10, "title": ["t"] * 10, "scenario": ["us"] * 4 + ["mars"] * 6}), traffic)
+    code = main(["--config", str(TINY), f"work_dir={tmp_path}", "tracking.enabled=false", "train.max_steps=2",
+                 f"data.score_input={traffic}", "--only", "generate,ingest,train,export,score"])
+    assert code == exit_codes.DATA_GATE  # 6 of 10 rows of a scenario the model does not know
+    assert "serving.max_quarantine_rate" in capsys.readouterr().err
