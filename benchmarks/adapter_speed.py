@@ -8,11 +8,11 @@
 Training cases, one step = forward + backward + AdamW on one mixed-scenario batch, same random base
 model, rank, targets (q, k, v, o), dropout and optimizer:
     peft_lora   PEFT's LoRA (one shared adapter; adapter weights kept in the model dtype)
-    mtl_lora    training.mtl_lora (fused: one shared down-projection, one K = T·r GEMM into the base output)
+    mtl_lora    modeling.mtl_lora (fused: one shared down-projection, one K = T·r GEMM into the base output)
     reference   the reference code's approach (benchmarks/reference_mtl_lora.py): per-row copies of A,
                 per-row Λ_t and pre-mixed B̃_t gathered per row, three batched matmuls
 Scoring cases (inference mode, the same mixed batch):
-    merged      a merged checkpoint for one scenario (training.merge): exactly the base model's cost
+    merged      a merged checkpoint for one scenario (modeling.merge): exactly the base model's cost
     unmerged    the MTL-LoRA model scoring the mixed batch per row
 With --compile each case also runs with every transformer block compiled (torch.compile, regional:
 one compiled block is reused by all layers). Cases are interleaved in rounds (A B C A B C ...) so machine
@@ -94,7 +94,7 @@ def with_peft(base: nn.Module, args):
 
 def _mtl_lora_model(base: nn.Module, args):
     from kernel.config import AdapterConfig
-    from training.inject import inject_adapters
+    from modeling.inject import inject_adapters
 
     model = copy.deepcopy(base)
     acfg = AdapterConfig(r=args.rank, alpha=2 * args.rank, n_up=args.n_up, dropout=args.dropout, targets=TARGETS)
@@ -103,7 +103,7 @@ def _mtl_lora_model(base: nn.Module, args):
 
 
 def with_mtl_lora(base: nn.Module, args, path: str = "auto"):
-    from training.inject import adapter_layers
+    from modeling.inject import adapter_layers
 
     model, router = _mtl_lora_model(base, args)
     for layer in adapter_layers(model).values():
@@ -121,8 +121,8 @@ def with_reference(base: nn.Module, args):
 
 
 def with_merged(base: nn.Module, args):
-    from training.merge import merged_backbone
-    from training.model import RelevanceModel
+    from modeling.merge import merged_backbone
+    from modeling.model import RelevanceModel
 
     model, router = _mtl_lora_model(base, args)
     return merged_backbone(RelevanceModel(model, "last", router), task=0), lambda ids: None
@@ -130,7 +130,7 @@ def with_merged(base: nn.Module, args):
 
 def check_agreement(base: nn.Module, args, batch) -> None:
     """Same adapter values in the fused, gather and reference layouts: the scores must agree."""
-    from training.inject import adapter_layers
+    from modeling.inject import adapter_layers
 
     models = {"fused": with_mtl_lora(base, args, "fused"), "gather": with_mtl_lora(base, args, "gather"),
               "reference": with_reference(base, args), "base": (copy.deepcopy(base), lambda ids: None)}

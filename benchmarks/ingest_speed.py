@@ -124,7 +124,7 @@ def bench_tokenize(train: Path, tokenizer_path: str, rows: int, repeats: int) ->
 
     from kernel.task_map import TaskMap
     from features.tokenize import ad_text, build_features
-    from training.model import resolve_model_path
+    from modeling.base import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path))
     table = pq.read_table(train).slice(0, rows)

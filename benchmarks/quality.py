@@ -150,15 +150,15 @@ def prepare(dataset: str, cfg: Config, work: Path) -> Path:
 
 def adapter_shapes(cfg: Config, num_tasks: int) -> list[tuple[int, int]]:
     """(in, out) of every layer the config's targets adapt."""
-    from training.inject import adapter_layers
-    from training.model import build_model
+    from modeling.inject import adapter_layers
+    from modeling.model import build_model
 
     model = build_model(cfg, num_tasks)
     return [(m.base_layer.in_features, m.base_layer.out_features) for m in adapter_layers(model).values()]
 
 
 def mtl_adapter_params(shapes: list[tuple[int, int]], cfg: Config, num_tasks: int) -> int:
-    from training.mtl_lora import expected_trainable_params
+    from modeling.mtl_lora import expected_trainable_params
 
     a = cfg.adapter
     return sum(expected_trainable_params(i, o, a.r, num_tasks, a.n_up, "mtl_lora", a.lambda_type) for i, o in shapes)
@@ -166,7 +166,7 @@ def mtl_adapter_params(shapes: list[tuple[int, int]], cfg: Config, num_tasks: in
 
 def matched_lora_rank(shapes: list[tuple[int, int]], target: int) -> int:
     """The rank r >= 1 whose shared-LoRA adapter count, r · Σ(in + out), is closest to ``target``."""
-    from training.mtl_lora import expected_trainable_params
+    from modeling.mtl_lora import expected_trainable_params
 
     per_rank = sum(expected_trainable_params(i, o, 1, 1, 1, "lora") for i, o in shapes)
     low = max(1, target // per_rank)
@@ -189,10 +189,10 @@ def score_test(model_dir: Path, data_dir: Path, precision: str) -> tuple[dict, i
     import torch
 
     from features.tokenize import build_features
-    from training.artifact import load_trained
+    from modeling.artifact import load_trained
     from training.evaluate import evaluate
-    from training.inject import adapter_param_count
-    from training.trainer import load_tokenizer
+    from modeling.inject import adapter_param_count
+    from modeling.base import load_tokenizer
 
     cfg, task_map, model = load_trained(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ matmuls and adds the result into the base output::
     B̃_rows   = B̃[ids]                        (b, out, r)
     y       += s · bmm(bmm(bmm(dropout(x), A_rowsᵀ), Λ_rowsᵀ), B̃_rowsᵀ)
 
-Same parameters, shapes and initialisation as ``training.mtl_lora.MTLLoRALinear`` (full Λ), so a model
+Same parameters, shapes and initialisation as ``modeling.mtl_lora.MTLLoRALinear`` (full Λ), so a model
 built either way computes the same function; only the arithmetic layout differs.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.mtl_lora import TaskRouter
+from modeling.mtl_lora import TaskRouter
 
 
 class GatherMTLLoRALinear(nn.Module):

@@ -48,7 +48,7 @@ PRESETS = {  # BERT-shaped encoders; vocab of the MiniLM tokenizer
 def build(preset: str, tasks: int, r: int, pooling: str, dtype: torch.dtype, device: str):
     from kernel.config import config_from_dict
     from serving.scoring_model import ScoringModel
-    from training.model import build_model
+    from modeling.model import build_model
 
     cfg = config_from_dict({
         "model": {"init": "random", "pooling": pooling,
@@ -74,7 +74,7 @@ def sync(device: str) -> None:
 @torch.no_grad()
 def speed(args) -> dict:
     from serving.scoring_model import pooled_logits
-    from training.merge import base_backbone
+    from modeling.merge import base_backbone
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, merged, scenarios = build(args.preset, args.tasks, args.r, args.pooling, dtype, args.device)
@@ -151,8 +151,8 @@ def rss(args) -> dict:
     from kernel.task_map import TaskMap
     from kernel.config import config_from_dict
     from serving.export import export_model
-    from training.artifact import save_trained
-    from training.model import build_model
+    from modeling.artifact import save_trained
+    from modeling.model import build_model
 
     words = np.array("camera lens zoom laptop ssd ram shoe leather size watch strap steel black red blue "
                      "pro max mini ultra 4k usb wifi sport men women kids case kit".split())

@@ -2,7 +2,7 @@
 
     python -m benchmarks.task_params runs/quality250/wdc/runs/mtl_lora-seed0/model [more model folders]
 
-For each folder (``training.artifact`` layout) it rebuilds the initial model from the saved config and seed
+For each folder (``modeling.artifact`` layout) it rebuilds the initial model from the saved config and seed
 (the trainer seeds ``torch`` with ``train.seed`` just before building), then compares, over all adapted
 layers:
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from training.artifact import load_trained
-from training.inject import adapter_layers
-from training.model import build_model
-from training.mtl_lora import MTLLoRALinear
+from modeling.artifact import load_trained
+from modeling.inject import adapter_layers
+from modeling.model import build_model
+from modeling.mtl_lora import MTLLoRALinear
 
 
 def _lambda_distance(layer: MTLLoRALinear) -> torch.Tensor:

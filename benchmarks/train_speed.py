@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from kernel.config import config_from_dict
 from training.ds_config import build_optimizer, deepspeed_config
-from training.model import build_model
+from modeling.model import build_model
 
 PRESETS = {
     "tiny": {"model_type": "bert", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,

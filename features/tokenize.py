@@ -8,7 +8,7 @@
 ``table`` holds the canonical columns of ``pipeline.ingest`` (query, title, description, url, label,
 scenario, weight). The ad side of each pair is ``ad_text``: "title | description | url", empty parts
 skipped. The base model's fast tokenizer encodes pairs in batches, with its pair template or, for a
-tokenizer without one, the text pair format (``features.pairs``); its ids are flattened into Arrow list
+tokenizer without one, the text pair format (``modeling.pairs``); its ids are flattened into Arrow list
 arrays with numpy. The cache key hashes the tokenizer's serialised state (vocabulary, normaliser, special
 tokens, template), max_length, the pair format, the task map and the table's values (per-row content
 hashes, so chunking does not matter); a hit reads the shards back without tokenising anything.
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from features.pairs import PairFormat, encode_pairs, resolve_pair_format
+from modeling.pairs import PairFormat, encode_pairs, resolve_pair_format
 from kernel.task_map import TaskMap
 from kernel.hashing import stable_hash
 
@@ -207,7 +207,7 @@ def build_features(table: pa.Table, tokenizer, task_map: TaskMap, max_length: in
                    batch_size: int = 1000, pair_format: PairFormat | str = "auto") -> FeatureSet:
     """Tokenise ``table``'s (query, ad text) pairs, or load them from ``cache_dir`` when cached.
 
-    ``pair_format``: a resolved ``PairFormat`` or a kind for ``resolve_pair_format`` (features.pairs)."""
+    ``pair_format``: a resolved ``PairFormat`` or a kind for ``resolve_pair_format`` (modeling.pairs)."""
     fmt = pair_format if isinstance(pair_format, PairFormat) else resolve_pair_format(tokenizer, pair_format)
     folder = Path(cache_dir) / cache_key(table, tokenizer, task_map, max_length, fmt) if cache_dir is not None else None
     if folder is not None:

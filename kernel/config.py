@@ -92,7 +92,7 @@ class FeaturesConfig:
     sampler_alpha: float = 0.5  # temperature sampling: p(scenario) ∝ n^alpha
     length_bucketing: bool = True
     tokenize_batch_size: int = 1000
-    # How a (query, ad) pair becomes one sequence (features.pairs): "template" is the tokenizer's pair
+    # How a (query, ad) pair becomes one sequence (modeling.pairs): "template" is the tokenizer's pair
     # template; "text" writes "Query: q\nAd: ad" for tokenizers without one; "auto" picks.
     pair_format: Literal["auto", "template", "text"] = "auto"
 
@@ -122,7 +122,7 @@ class AdapterConfig:
     tau: float = 0.1  # softmax temperature of the mixing weights
     dropout: float = 0.05
     lambda_type: Literal["full", "diagonal"] = "full"
-    # Module-name suffixes at dot boundaries, presets (training.inject.TARGET_PRESETS), or regular
+    # Module-name suffixes at dot boundaries, presets (modeling.inject.TARGET_PRESETS), or regular
     # expressions (a target holding any of *+?[](){}|^$\ is searched as a regex in the full name).
     targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "attention.output.dense"])
 

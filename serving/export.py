@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from features.pairs import resolve_pair_format
-from kernel.config import Config, add_config_args, apply_overrides, config_from_dict, dump_config, load_config, to_dict
+from modeling.pairs import resolve_pair_format
+from kernel.config import (Config, add_config_args, apply_overrides, config_from_dict, dump_config, load_config,
+                           to_dict)
 from kernel.exit_codes import run_cli
 from kernel.tracking import artifact_location, mlflow_client
 from kernel.atomic import write_json_atomic
@@ -96,8 +97,8 @@ def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
 
 def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str], dict]:
     """base/, factors.safetensors, scenarios/<s>/ and adapters/<s>/ under ``out``; returns (layers, entries)."""
-    from training.inject import adapter_layers
-    from training.merge import base_backbone, merged_backbone, save_peft_adapter, save_plain
+    from modeling.inject import adapter_layers
+    from modeling.merge import base_backbone, merged_backbone, save_peft_adapter, save_plain
 
     layers = adapter_layers(model.backbone)  # names relative to the backbone
     save_plain(model, base_backbone(model), out / BASE_DIR, tokenizer)
@@ -200,9 +201,9 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     ``config_path`` / ``overrides`` set the deployment sections of the exported config (``serving_config``):
     scoring reads its defaults (serving.*, data.columns) from the export.
     """
-    from training.artifact import load_trained
+    from modeling.artifact import load_trained
     from kernel.hashing import fingerprint_files
-    from training.trainer import load_tokenizer
+    from modeling.base import load_tokenizer
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from features.pairs import pair_format_from
+from modeling.base import load_saved_tokenizer
+from modeling.pairs import pair_format_from
 from kernel.config import ServingConfig
 from kernel.errors import ConfigError, DataError
 from serving.layout import BASE_DIR
@@ -70,8 +71,6 @@ class BatchScorer:
 
     def __init__(self, export_dir: str | Path, serving: ServingConfig, model_version: str,
                  device: str | None = None):
-        from transformers import AutoTokenizer
-
         self.export_dir = Path(export_dir)
         self.serving = serving
         self.model_version = model_version
@@ -79,10 +78,7 @@ class BatchScorer:
         self.max_length = int(self.model.manifest["max_length"])
         self.pair_format = pair_format_from(self.model.manifest["input"].get("pair_format"))
         check_serving(serving, self.model.scenarios, self.export_dir)
-        # Never run code from an artifact: the tokenizer needs none (mean-pooling folders carry model code).
-        self.tokenizer = AutoTokenizer.from_pretrained(self.export_dir / BASE_DIR, trust_remote_code=False)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_saved_tokenizer(self.export_dir / BASE_DIR)
         self.calibrator = None
         if serving.calibrate:
             from monitoring.calibration import CALIBRATION_FILE, ScenarioCalibrator

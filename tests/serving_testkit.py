@@ -14,8 +14,8 @@ import torch
 from kernel.task_map import TaskMap
 from features.tokenize import build_features
 from kernel.config import Config, config_from_dict
-from training.artifact import save_trained
-from training.model import build_model
+from modeling.artifact import save_trained
+from modeling.model import build_model
 
 # <repo root>/../shared/data: the WDC products pairs (left, right, label int8, category) per category.
 WDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
@@ -48,7 +48,7 @@ def tiny_config(work_dir: Path, pooling: str = "cls", arch: str = "bert", servin
 
 def trained_folder(root: Path, pooling: str = "cls", arch: str = "bert", serving: dict | None = None,
                    tokenizer: str = "minilm", vocab_size: int = 30522) -> Path:
-    """A trained-model folder (training.artifact) of a tiny random model whose B factors and head are
+    """A trained-model folder (modeling.artifact) of a tiny random model whose B factors and head are
     random non-zero, so every scenario's ΔW differs. Returns <root>/model."""
     cfg = tiny_config(root, pooling, arch, serving, tokenizer, vocab_size)
     task_map = TaskMap(SCENARIOS)
@@ -87,8 +87,8 @@ def canonical(raw: pa.Table) -> pa.Table:
 def training_logits(model_dir: Path, table: pa.Table, batch_size: int = 5) -> np.ndarray:
     """Logits of the training-time model (adapters unmerged, every scenario mixed in each batch),
     tokenised and padded by training's own code, in input order."""
-    from training.artifact import load_trained
-    from training.trainer import load_tokenizer
+    from modeling.artifact import load_trained
+    from modeling.base import load_tokenizer
 
     cfg, task_map, model = load_trained(model_dir)
     tok = load_tokenizer(cfg)

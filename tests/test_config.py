@@ -83,7 +83,7 @@ def test_every_trainable_parameter_is_in_exactly_one_group(method):
     import torch
 
     from training.ds_config import build_optimizer, group_lrs
-    from training.model import build_model, is_task_param
+    from modeling.model import build_model, is_task_param
 
     cfg = load_config(CONFIGS / "tiny.yaml", [f"adapter.method={method}", "train.task_lr=7e-3"])
     model = build_model(cfg, num_tasks=3, dtype=torch.float32)

@@ -15,7 +15,8 @@ from features.tokenize import ad_text, build_features
 from kernel.config import SyntheticConfig, config_from_dict
 from kernel.errors import UnknownScenario
 from pipeline.synthetic import generate
-from training.model import build_model, resolve_model_path
+from modeling.base import resolve_model_path
+from modeling.model import build_model
 
 TASKS = TaskMap(["de", "jp", "uk", "us"])
 

@@ -8,8 +8,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from kernel.config import AdapterConfig
 from kernel.errors import ConfigError
-from training.inject import adapter_layers, adapter_param_count, inject_adapters
-from training.mtl_lora import MTLLoRALinear
+from modeling.inject import adapter_layers, adapter_param_count, inject_adapters
+from modeling.mtl_lora import MTLLoRALinear
 
 BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 64, "vocab_size": 1000}

@@ -16,11 +16,11 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 
 from kernel.config import config_from_dict
 from kernel.errors import TrainingDiverged, UnknownScenario
-from training.inject import adapter_layers
-from training.merge import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, base_backbone, merged_backbone, merged_model,
+from modeling.inject import adapter_layers
+from modeling.merge import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, base_backbone, merged_backbone, merged_model,
                             peft_lora_state, save_peft_adapter, save_plain)
-from training.model import build_model
-from training.mtl_lora import MTLLoRALinear
+from modeling.model import build_model
+from modeling.mtl_lora import MTLLoRALinear
 
 T = 3
 BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -15,9 +15,9 @@ from torch import nn
 
 from kernel.config import config_from_dict
 from kernel.errors import UnknownScenario
-from training.inject import adapter_layers, adapter_param_count
-from training.model import build_model, enable_activation_checkpointing, is_adapter_param
-from training.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
+from modeling.inject import adapter_layers, adapter_param_count
+from modeling.model import build_model, enable_activation_checkpointing, is_adapter_param
+from modeling.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
 
 T = 3
 ARCHS = {
@@ -171,7 +171,7 @@ def test_autocast_with_fp32_parameters(path):
 
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_hand_written_backward_passes_gradcheck(diagonal):
-    from training.mtl_lora import _GatheredUpdate
+    from modeling.mtl_lora import _GatheredUpdate
 
     g = torch.Generator().manual_seed(0)
     d = dict(dtype=torch.float64)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an inst
 from benchmarks import quality  # noqa: E402
 from benchmarks.quality_report import BEGIN, END, insert_block, mean_std, paired_differences, summarize  # noqa: E402
 from kernel.config import load_config  # noqa: E402
-from training.inject import adapter_param_count  # noqa: E402
-from training.model import build_model  # noqa: E402
+from modeling.inject import adapter_param_count  # noqa: E402
+from modeling.model import build_model  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
 WDC = ROOT.parent / "shared" / "data" / "wdc_products"

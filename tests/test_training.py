@@ -90,9 +90,9 @@ def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir):
     # Reload the (ZeRO-gathered) folder in one plain process and evaluate: the same per-scenario AUCs.
     from features.tokenize import build_features
     import pyarrow.parquet as pq
-    from training.artifact import load_trained
+    from modeling.artifact import load_trained
     from training.evaluate import evaluate
-    from training.trainer import load_tokenizer
+    from modeling.base import load_tokenizer
 
     cfg, task_map, model = load_trained(model_dir)
     tok = load_tokenizer(cfg)
@@ -240,8 +240,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, data_
 
 def test_task_lr_drives_only_the_per_scenario_parameters(tmp_path, data_dir, monkeypatch):
     """Λ_t and w_t sit in their own optimizer group: at a ~0 task lr they keep their init while A, B train."""
-    from training.artifact import load_trained
-    from training.model import build_model, is_task_param
+    from modeling.artifact import load_trained
+    from modeling.model import build_model, is_task_param
     from training.trainer import train
 
     _one_in_process_rank(monkeypatch, port=29632)
@@ -274,7 +274,7 @@ def _fresh_logits(cfg, trainer) -> torch.Tensor:
     import numpy as np
 
     from training.evaluate import predict
-    from training.model import build_model
+    from modeling.model import build_model
 
     fresh = build_model(cfg, len(trainer.task_map), dtype=torch.float32)
     fresh.load_state_dict(trainer.gathered_trainable_state(), strict=False)

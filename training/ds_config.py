@@ -19,7 +19,7 @@ import torch
 
 from kernel.config import Config
 from kernel.errors import ConfigError
-from training.model import RelevanceModel, is_adapter_param, is_task_param
+from modeling.model import RelevanceModel, is_adapter_param, is_task_param
 
 
 def group_lrs(cfg: Config) -> dict[str, float]:

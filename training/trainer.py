@@ -38,12 +38,13 @@ from features.tokenize import FeatureSet, build_features
 from kernel.atomic import read_json, write_json_atomic
 from kernel.config import Config, flat_params, to_dict
 from kernel.errors import ConfigError, DataError, TrainingDiverged
-from training.artifact import save_trained
+from modeling.artifact import save_trained
 from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import describe_macro, evaluate, flat_metrics
-from training.inject import adapter_param_count
-from training.model import build_model, enable_activation_checkpointing, gguf_file, resolve_model_path
+from modeling.inject import adapter_param_count
+from modeling.base import load_tokenizer
+from modeling.model import build_model, enable_activation_checkpointing
 from kernel.hashing import fingerprint_files
 from kernel.tracking import NullTracker, git_commit
 
@@ -58,16 +59,6 @@ class TrainResult:
     steps: int
     run_id: str | None
     history: list[dict] = field(default_factory=list)
-
-
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    src = cfg.model.tokenizer or cfg.model.path
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(src), gguf_file=None if cfg.model.tokenizer else gguf_file(cfg))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def task_map_for(cfg: Config, data_dir: Path) -> TaskMap:

@@ -17,7 +17,7 @@ from torch import nn
 
 from kernel.config import AdapterConfig
 from kernel.errors import ConfigError
-from training.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
+from modeling.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
 
 # Common presets, so configs can say "bert_all" instead of listing names.
 TARGET_PRESETS = {

