@@ -5,7 +5,7 @@
 
 Cases, each computing the same stratified bootstrap (identical resample draws, so the AUCs agree to 1e-12):
     sklearn_loop  the obvious way: per round, draw indices and call sklearn.metrics.roc_auc_score
-    vectorised    monitoring.metrics.bootstrap_auc: per chunk of rounds, resample counts by one bincount,
+    vectorised    evaluation.metrics.bootstrap_auc: per chunk of rounds, resample counts by one bincount,
                   one sort of the scores, AUC of every round from grouped cumulative sums
 Cases are interleaved (A B A B ...) so machine noise hits both alike; medians and the ratio are printed.
 """
@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from monitoring.metrics import bootstrap_auc, scenario_seed
+from evaluation.metrics import bootstrap_auc, scenario_seed
 
 
 def sklearn_loop(labels: np.ndarray, scores: np.ndarray, rounds: int, rng: np.random.Generator) -> np.ndarray:

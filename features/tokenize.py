@@ -18,9 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ import torch
 
 from modeling.pairs import PairFormat, encode_pairs, resolve_pair_format
 from kernel.task_map import TaskMap
+from kernel.atomic import publish_dir, staging_dir
 from kernel.hashing import stable_hash
 
 FEATURES_VERSION = 1  # bump when the layout or the ad-text recipe changes: old cache entries are ignored
@@ -184,23 +182,15 @@ def _read_cache(folder: Path) -> pa.Table | None:
 
 
 def _write_cache(folder: Path, table: pa.Table) -> None:
-    """Shards and manifest into a temporary folder, renamed into place (a concurrent writer may win)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    """Shards and manifest into a staging folder, published whole (a concurrent writer of the same key wins)."""
+    with staging_dir(folder) as stage:
         shards = []
         for i, start in enumerate(range(0, max(table.num_rows, 1), SHARD_ROWS)):
             name = f"part-{i:05d}.parquet"
-            pq.write_table(table.slice(start, SHARD_ROWS), tmp / name)
+            pq.write_table(table.slice(start, SHARD_ROWS), stage / name)
             shards.append(name)
-        (tmp / "manifest.json").write_text(json.dumps({"rows": table.num_rows, "shards": shards}, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (stage / "manifest.json").write_text(json.dumps({"rows": table.num_rows, "shards": shards}, indent=2))
+        publish_dir(stage, folder, replace=False)
 
 
 def build_features(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, cache_dir: Path | None = None,

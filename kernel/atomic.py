@@ -1,13 +1,20 @@
-"""Outputs appear whole or not at all: write under a temporary name, then rename.
+"""Outputs appear whole or not at all: write under a temporary name, then rename. The one implementation of
+atomic publication in the project, for files and for folders.
 
     with atomic_path(out / "stats.json") as tmp:       # tmp sits next to the target, same filesystem
         tmp.write_text(...)                              # on error tmp is removed, the target untouched
     write_json_atomic(out / "stats.json", stats)
 
+    f = AtomicFile(out / "part-00003.parquet")           # a file written over many calls (a streamed shard)
+    ... write to f.tmp ...;  f.commit()  (or f.abort())
 
     with staging_dir(out_dir) as stage:                  # a hidden sibling folder of out_dir
         ... write several files into stage ...
         publish(stage, out_dir, ["train.parquet", "stats.json"])   # renamed in order; last one = done marker
+        publish_dir(stage, out_dir)                      # or: the whole folder replaces out_dir
+
+Temporary names start with "." and hold ".tmp" or ".staging", so readers that skip hidden files never see
+them and a crashed writer's leftovers are easy to find.
 """
 from __future__ import annotations
 
@@ -24,18 +31,38 @@ def _tmp_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+class AtomicFile:
+    """A file written under a temporary name beside ``final``; ``commit`` renames it onto ``final``."""
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _tmp_name(self.final, "tmp")
+
+    def commit(self) -> Path:
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path; on success rename it onto ``path``, on error delete it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(target, "tmp")
+    f = AtomicFile(path)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        yield f.tmp
+        f.commit()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        f.abort()
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj: object) -> Path:
@@ -68,6 +95,35 @@ def staging_dir(final_dir: str | Path) -> Iterator[Path]:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish_dir(stage: Path, final_dir: str | Path, replace: bool = True) -> bool:
+    """Put the finished folder ``stage`` at ``final_dir`` by renames; True when it took its place.
+
+    replace=True: an existing ``final_dir`` is renamed aside first and removed after, so readers see the old
+    folder or the new one, never a mix. replace=False: an existing ``final_dir`` (another writer finished
+    the same content first) wins, and ``stage`` is discarded.
+    """
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not replace:
+        shutil.rmtree(stage, ignore_errors=True)
+        return False
+    old = _tmp_name(final, "old") if final.exists() else None
+    if old is not None:
+        final.rename(old)
+    try:
+        Path(stage).rename(final)
+    except OSError:
+        if old is not None and not final.exists():
+            old.rename(final)  # put the old one back: never leave nothing
+        if not replace and final.exists():  # lost a race to a concurrent writer of the same content
+            shutil.rmtree(stage, ignore_errors=True)
+            return False
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def publish(stage: Path, final_dir: str | Path, names: Sequence[str]) -> list[Path]:

@@ -1,7 +1,9 @@
-"""The scenario -> task-id map: fixed at training, saved with the model, reused at scoring.
+"""The scenario -> task-id map. Ingestion writes it once (``<data>/task_map.json``); every later stage
+reads that file, and the trained-model folder and the export carry byte-for-byte copies of it.
 
     tm = TaskMap(["cameras", "computers"]);  tm.id_of("computers") == 1
     tm.ids(pa.array(["cameras", "computers"]))  -> np.array([0, 1])
+    tm = TaskMap.load(data_dir / TASK_MAP_FILE);  tm.save(model_dir / TASK_MAP_FILE)   # a copy of that file
 """
 from __future__ import annotations
 
@@ -13,15 +15,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kernel.errors import UnknownScenario
+from kernel.atomic import read_json, write_bytes_atomic
+from kernel.errors import DataError, UnknownScenario
+
+
+TASK_MAP_FILE = "task_map.json"
 
 
 class TaskMap:
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], source: Path | None = None):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate scenario names in {list(names)}")
         self.names = list(names)
         self._index = {n: i for i, n in enumerate(self.names)}
+        self.source = source  # the file it was read from, if any
 
     def __len__(self) -> int:
         return len(self.names)
@@ -47,8 +54,15 @@ class TaskMap:
         return idx.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"scenarios": self.names}, indent=2))
+        """Write the map; a map read from a file is copied as it is (the file ingestion wrote stays the one)."""
+        data = (Path(self.source).read_bytes() if self.source is not None
+                else json.dumps({"scenarios": self.names}, indent=2).encode())
+        write_bytes_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskMap":
-        return cls(json.loads(Path(path).read_text())["scenarios"])
+        """Read a task map file; DataError names the file when it is missing or malformed."""
+        d = read_json(path, "task map")
+        if not isinstance(d, dict) or not isinstance(d.get("scenarios"), list):
+            raise DataError(f"{path}: a task map needs a list under 'scenarios'")
+        return cls(d["scenarios"], source=Path(path))

@@ -20,8 +20,6 @@ the library it calls.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from kernel.atomic import atomic_path, write_json_atomic
 from kernel.errors import RelevanceError, TrainingDiverged, UnknownScenario
 from modeling import modeling_ads_relevance
 from modeling.inject import adapter_layers
@@ -146,19 +145,14 @@ def peft_lora_state(model: RelevanceModel, task: int) -> tuple[dict, dict[str, t
     return config, state
 
 
-def _replace_atomically(write, final: Path) -> None:
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, final)
-
-
 def save_peft_adapter(model: RelevanceModel, task: int, out_dir: Path) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for one scenario; return out_dir."""
     config, state = peft_lora_state(model, task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(lambda p: save_file(state, str(p)), out / PEFT_WEIGHTS_FILE)
-    _replace_atomically(lambda p: p.write_text(json.dumps(config, indent=2)), out / PEFT_CONFIG_FILE)
+    with atomic_path(out / PEFT_WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    write_json_atomic(out / PEFT_CONFIG_FILE, config)
     return out
 
 

@@ -33,10 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from monitoring.drift import drift_report, load_reference
-from monitoring.metrics import scenario_metrics, summarize
-from monitoring.report import atomic_write_json, write_report
+from evaluation.drift import drift_report, load_reference
+from evaluation.metrics import scenario_metrics, summarize
+from monitoring.report import write_report
 from kernel import exit_codes
+from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError
 
@@ -178,7 +179,7 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_report(summary, out, reference)
-    atomic_write_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     if tracker is not None:
         tracker.log_metrics(headline_metrics(summary))
         tracker.log_artifacts(str(out), "monitoring")

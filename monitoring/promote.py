@@ -6,7 +6,7 @@
 
 The candidate (a version number or an alias) and the current ``champion`` are scored on the same pinned,
 labelled evaluation set. Per scenario the AUC change gets a paired bootstrap CI (both models see the same
-resamples, see ``monitoring.metrics``). The gate passes when:
+resamples, see ``evaluation.metrics``). The gate passes when:
   * no scenario's AUC falls by more than ``monitoring.auc_tolerance`` *and* significantly (the upper end of
     the 95% CI of the change is below zero): a drop inside the noise is not a regression;
   * the macro AUC over the scenarios both models score does not fall;
@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from monitoring import registry
-from monitoring.metrics import scenario_metrics, summarize
+from evaluation.metrics import scenario_metrics, summarize
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError

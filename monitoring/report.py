@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: Agg canvas, no pyplot global state
+
+from kernel.atomic import atomic_path, write_bytes_atomic
 
 PLOTS_DIR = "plots"
 
@@ -30,19 +31,6 @@ td.breach { background: #f8d0d0; color: #900; font-weight: bold; }
 .ok { background: #e8f6e8; border: 1px solid #3a3; padding: 0.5em 1em; }
 img { max-width: 720px; }
 """
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def plot_name(index: int, scenario: str) -> str:
@@ -76,9 +64,8 @@ def scenario_figure(name: str, curve: list[dict] | None, hist: list[float], ref_
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -166,4 +153,4 @@ def write_report(summary: dict, out_dir: str | Path, reference: dict | None = No
           f'alt="reliability and score histogram of {html.escape(n)}">' for n in names),
         "</body></html>",
     ]
-    return atomic_write_bytes(out / "report.html", "\n".join(parts).encode())
+    return write_bytes_atomic(out / "report.html", "\n".join(parts).encode())

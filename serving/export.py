@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -52,8 +51,9 @@ from kernel.config import (Config, add_config_args, apply_overrides, config_from
                            to_dict)
 from kernel.exit_codes import run_cli
 from kernel.tracking import artifact_location, mlflow_client
-from kernel.atomic import write_json_atomic
+from kernel.atomic import publish_dir, staging_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
+from kernel.task_map import TASK_MAP_FILE
 from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
                             SCENARIOS_DIR, factor_key, scenario_dirname)
 
@@ -113,7 +113,7 @@ def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str],
         sub = scenario_dirname(name, tid)
         save_plain(model, merged_backbone(model, tid), out / SCENARIOS_DIR / sub, tokenizer)
         save_peft_adapter(model, tid, out / ADAPTERS_DIR / sub)
-        entries[name] = {"task_id": tid, "merged": f"{SCENARIOS_DIR}/{sub}", "adapter": f"{ADAPTERS_DIR}/{sub}"}
+        entries[name] = {"merged": f"{SCENARIOS_DIR}/{sub}", "adapter": f"{ADAPTERS_DIR}/{sub}"}
     save_file(factors, str(out / FACTORS_FILE))
     return sorted(layers), entries
 
@@ -137,8 +137,8 @@ def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict, metho
     """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
     import pyarrow.parquet as pq
 
-    from monitoring.calibration import CALIBRATION_FILE, ScenarioCalibrator
-    from monitoring.drift import reference_profile, save_reference
+    from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
+    from evaluation.drift import reference_profile, save_reference
     from serving.score import score_table
 
     if not valid.is_file():
@@ -216,8 +216,7 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
         cfg = serving_config(trained, config_path, overrides)
         tracking_uri = tracking_uri or cfg.tracking_uri
         tags = _run_tags(source_run, tracking_uri)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
+        with staging_dir(out) as stage:
             tokenizer = load_tokenizer(cfg)
             layers, entries = write_checkpoints(model, tokenizer, task_map, stage)
             metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
@@ -239,28 +238,22 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
                          if cfg.model.pooling == "mean" else
                          {"backbone_class": "AutoModelForSequenceClassification", "formula": "sigmoid(logits[:, 0])"}),
                 "base": BASE_DIR, "factors": FACTORS_FILE, "adapted_layers": layers,
-                "task_map": task_map.names, "scenarios": entries,
+                "task_map": TASK_MAP_FILE, "scenarios": entries,
                 "calibration": None, "reference": None, "thresholds": None,
                 "metrics": metrics,
                 "source": {"run_id": source_run, "model_dir": str(model_dir) if source_run is None else f"runs:/{source_run}/model",
                            "git_commit": tags.get("git_commit")},
                 "data_fingerprint": fingerprint,
-                "config": to_dict(cfg),
+                "config": "config.yaml",
             }
             write_json_atomic(stage / MANIFEST_FILE, manifest)
             dump_config(cfg, stage / "config.yaml")
-            task_map.save(stage / "task_map.json")
+            task_map.save(stage / TASK_MAP_FILE)  # a copy of the file ingestion wrote
             if valid:
                 fit_on_validation(stage, Path(valid), cfg, manifest,
                                   calibration_method or cfg.monitoring.calibration_method)
                 write_json_atomic(stage / MANIFEST_FILE, manifest)
-            old = out.with_name(f".{out.name}.old-{stage.name[-8:]}")
-            if out.exists():
-                out.rename(old)  # swap: the old export stays whole until the new one is in place
-            stage.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            publish_dir(stage, out)  # swap: the old export stays whole until the new one is in place
     if name:
         manifest["registered"] = register_export(out, tracking_uri, cfg.tracking.experiment, name, alias, source_run)
     return manifest

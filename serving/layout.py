@@ -1,9 +1,10 @@
 """The export folder: file names, the manifest, and atomic writes shared by export and scoring.
 
     <export>/
-        manifest.json              scenario -> task id, directories, pooling, metrics, source run, data
+        manifest.json              per scenario its directories, pooling, metrics, source run, data
                                    fingerprint, calibration/thresholds when present, model version
-        config.yaml                the resolved training Config
+        task_map.json              scenario -> task id: a copy of the file ingestion wrote
+        config.yaml                the resolved Config: as trained, deployment sections as exported
         base/                      compact artifact, part 1: the frozen base weights once (plus the shared
                                    trained head), a plain transformers checkpoint + tokenizer
         factors.safetensors        compact artifact, part 2: per scenario and adapted layer the LoRA pair
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from kernel.atomic import read_json
 from kernel.errors import DataError
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 
 MANIFEST_FILE = "manifest.json"
 BASE_DIR = "base"
@@ -63,7 +65,18 @@ def read_manifest(export_dir: str | Path) -> dict:
         if key not in manifest:
             raise DataError(f"{path}: key {key!r} is missing")
     for name, entry in manifest["scenarios"].items():
-        for key in ("task_id", "merged", "adapter"):
+        for key in ("merged", "adapter"):
             if key not in entry:
                 raise DataError(f"{path}: scenarios.{name}.{key} is missing")
+    task_map = read_task_map(d)
+    if sorted(task_map.names) != sorted(manifest["scenarios"]):
+        raise DataError(f"{d / TASK_MAP_FILE} lists {task_map.names}, the manifest {sorted(manifest['scenarios'])}")
     return manifest
+
+
+def read_task_map(export_dir: str | Path) -> TaskMap:
+    """The export's copy of the task map ingestion wrote: scenario -> task id."""
+    path = Path(export_dir) / TASK_MAP_FILE
+    if not path.is_file():
+        raise DataError(f"{export_dir} is not an exported model folder: {TASK_MAP_FILE} is missing")
+    return TaskMap.load(path)

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kernel.atomic import write_json_atomic
+from kernel.atomic import publish_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
 from kernel.tracking import mlflow_client
 from serving.layout import FACTORS_FILE, MANIFEST_FILE, read_manifest
@@ -126,10 +126,8 @@ def _download(client, uri: str, name: str, version: str, identity: dict, target:
             raise DataError(f"{text} (version {version}): factors do not match the manifest's model_version "
                             "(a damaged or altered artifact)")
         write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
-        if target.exists():
-            if _intact(target, identity):  # another process finished the same download first
-                return
-            shutil.rmtree(target)  # stale or damaged: replace it
-        os.replace(local, target)
+        if target.exists() and _intact(target, identity):  # another process finished the same download first
+            return
+        publish_dir(local, target)  # a stale or damaged copy is replaced whole
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -81,7 +81,7 @@ class BatchScorer:
         self.tokenizer = load_saved_tokenizer(self.export_dir / BASE_DIR)
         self.calibrator = None
         if serving.calibrate:
-            from monitoring.calibration import CALIBRATION_FILE, ScenarioCalibrator
+            from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
 
             path = self.export_dir / CALIBRATION_FILE
             if not path.is_file():
@@ -97,7 +97,6 @@ class BatchScorer:
 
         Tokenisation and padding are training's own (features.tokenize.build_features / collate).
         """
-        from kernel.task_map import TaskMap
         from features.tokenize import build_features
 
         out = np.empty(table.num_rows, dtype=np.float32)
@@ -105,7 +104,7 @@ class BatchScorer:
             return out
         routed = table.set_column(table.schema.get_field_index("scenario"), "scenario",
                                   pa.array(scored_as.tolist(), pa.string()))
-        feats = build_features(routed, self.tokenizer, TaskMap(self.scenarios), self.max_length, cache_dir=None,
+        feats = build_features(routed, self.tokenizer, self.model.task_map, self.max_length, cache_dir=None,
                                batch_size=self.serving.chunk_rows, pair_format=self.pair_format)
         pad_id, bs = self.tokenizer.pad_token_id, self.serving.batch_size
         tasks = np.unique(feats.task_ids).tolist()

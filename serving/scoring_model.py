@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kernel.errors import DataError, UnknownScenario
-from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest
+from kernel.task_map import TaskMap
+from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest, read_task_map
 from modeling.modeling_ads_relevance import MeanPoolRelevanceModel, masked_mean
 
 
@@ -80,6 +81,7 @@ class ScoringModel:
         self._pairs = {name: {layer: (a.float().to(self.device), u.float().to(self.device))
                               for layer, (a, u) in layers.items()} for name, layers in pairs.items()}
         self.current: str | None = None
+        self.task_map = TaskMap(list(pairs))  # scenario -> task id, in the order the pairs were given
 
     @classmethod
     def load(cls, export_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -90,8 +92,9 @@ class ScoringModel:
         backbone, head = load_plain(export_dir / BASE_DIR, manifest["pooling"], dtype)
         factors = load_file(str(export_dir / FACTORS_FILE))
         pairs = {}
-        for name, entry in sorted(manifest["scenarios"].items(), key=lambda kv: kv[1]["task_id"]):
-            tid, layers = entry["task_id"], {}
+        task_map = read_task_map(export_dir)
+        for name in task_map.names:
+            tid, layers = task_map.id_of(name), {}
             for layer in manifest["adapted_layers"]:
                 a, u = factor_key(tid, layer, "A"), factor_key(tid, layer, "U")
                 if a not in factors or u not in factors:
@@ -99,7 +102,9 @@ class ScoringModel:
                                     "are missing")
                 layers[layer] = (factors[a], factors[u])
             pairs[name] = layers
-        return cls(backbone, head, manifest["pooling"], pairs, device, manifest)
+        model = cls(backbone, head, manifest["pooling"], pairs, device, manifest)
+        model.task_map = task_map  # the export's copy of ingestion's file (pairs were built in its order)
+        return model
 
     @classmethod
     def from_trained(cls, model: nn.Module, scenarios: list[str], device: str | None = None) -> "ScoringModel":
@@ -118,7 +123,7 @@ class ScoringModel:
     @property
     def scenarios(self) -> list[str]:
         """Scenario names in task-id order."""
-        return list(self._pairs)
+        return self.task_map.names
 
     @torch.no_grad()
     def use(self, scenario: str) -> None:

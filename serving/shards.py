@@ -19,14 +19,13 @@ every input row is scored exactly once.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kernel.atomic import write_json_atomic
+from kernel.atomic import AtomicFile, write_json_atomic
 from kernel.errors import DataError
 
 QUARANTINE_DIR = "_quarantine"
@@ -117,9 +116,8 @@ class ShardWriter:
     """
 
     def __init__(self, final: Path, schema: pa.Schema):
-        self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp{os.getpid()}")
+        self._file = AtomicFile(final)
+        self.final, self.tmp = self._file.final, self._file.tmp
         self.schema = schema
         self.rows = 0
         self._writer = pq.ParquetWriter(self.tmp, schema)
@@ -131,12 +129,11 @@ class ShardWriter:
 
     def commit(self) -> Path:
         self._writer.close()
-        os.replace(self.tmp, self.final)
-        return self.final
+        return self._file.commit()
 
     def abort(self) -> None:
         self._writer.close()
-        self.tmp.unlink(missing_ok=True)
+        self._file.abort()
 
 
 def holds_results(out: Path) -> bool:

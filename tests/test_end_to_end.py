@@ -30,8 +30,10 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     test_rows = pq.read_table(work / "data" / "test.parquet").num_rows
     scores = pq.read_table(sorted((work / "scores").glob("part-*.parquet")))
     assert scores.num_rows == test_rows  # one score per held-out row
-    manifest = json.loads((work / "export" / "manifest.json").read_text())
-    assert set(scores.column("scenario").to_pylist()) <= set(manifest["task_map"])
+    scenarios = json.loads((work / "export" / "task_map.json").read_text())["scenarios"]
+    assert set(scores.column("scenario").to_pylist()) <= set(scenarios)
+    for copy in (work / "train" / "model" / "task_map.json", work / "export" / "task_map.json"):
+        assert copy.read_bytes() == (work / "data" / "task_map.json").read_bytes()  # written once by ingestion
     assert set(scores.column("model_version").to_pylist()) == {"tiny/1"}
 
     # Replayed as it is: nothing is redone, and the failed gate is still a failed gate.

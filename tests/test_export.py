@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from kernel.config import ServingConfig
+from kernel.config import ServingConfig, load_config
 from serving.export import export_model
 from serving.layout import read_manifest
 from serving.scorer import BatchScorer
@@ -45,8 +45,9 @@ def test_exported_artifacts_reproduce_training_scores(tmp_path, pooling, arch):
     out = tmp_path / "export"
     manifest = export_model(str(model_dir), out)
     assert read_manifest(out) == json.loads((out / "manifest.json").read_text())
-    assert manifest["task_map"] == SCENARIOS and manifest["pooling"] == pooling
-    assert manifest["config"]["model"]["pooling"] == pooling
+    assert json.loads((out / "task_map.json").read_text())["scenarios"] == SCENARIOS
+    assert (out / "task_map.json").read_bytes() == (model_dir / "task_map.json").read_bytes()  # one file, copied
+    assert manifest["pooling"] == pooling and load_config(out / "config.yaml").model.pooling == pooling
 
     table = canonical(wdc_raw(per_category=6))
     ref = training_logits(model_dir, table)

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
-from monitoring.drift import drift_report, load_reference, reference_profile, save_reference
-from monitoring.metrics import scenario_metrics
+from evaluation.drift import drift_report, load_reference, reference_profile, save_reference
+from evaluation.metrics import scenario_metrics
 from kernel.config import config_from_dict
 from monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
@@ -201,7 +201,7 @@ def test_length_psi_has_no_false_alarm_between_held_out_splits(tmp_path):
     """Valid and test splits of the demo data (grouped by query, so head queries make them clumpy) come
     from one distribution: bins sized to the sample keep their length PSI under the alarm level, while a
     real shift of the same rows still crosses it."""
-    from monitoring.drift import bin_fractions, psi, quantile_bins
+    from evaluation.drift import bin_fractions, psi, quantile_bins
     from kernel.config import SyntheticConfig
     from kernel.hashing import stable_hash
     from pipeline.split import assign_splits

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from monitoring.calibration import ScenarioCalibrator
-from monitoring.metrics import bootstrap_auc, scenario_metrics, scenario_seed, summarize, weighted_auc
+from evaluation.calibration import ScenarioCalibrator
+from evaluation.metrics import bootstrap_auc, scenario_metrics, scenario_seed, summarize, weighted_auc
 from kernel.errors import DataError
 from monitoring_testkit import DATA, overlap_scores
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from features.sampler import MixedScenarioSampler
-from kernel.task_map import TaskMap
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 from features.tokenize import FeatureSet, build_features
 from kernel.atomic import read_json, write_json_atomic
 from kernel.config import Config, flat_params, to_dict
@@ -63,10 +63,10 @@ class TrainResult:
 
 def task_map_for(cfg: Config, data_dir: Path) -> TaskMap:
     """The task map ingestion wrote (``<data_dir>/task_map.json``); ``data.scenarios``, when set, must agree."""
-    path = Path(data_dir) / "task_map.json"
+    path = Path(data_dir) / TASK_MAP_FILE
     if not path.is_file():
         raise DataError(f"{path} is missing: run ingestion first (python -m pipeline.ingest)")
-    task_map = TaskMap(read_json(path, "task map")["scenarios"])
+    task_map = TaskMap.load(path)
     if cfg.data.scenarios and list(cfg.data.scenarios) != task_map.names:
         raise ConfigError(f"data.scenarios {cfg.data.scenarios} differs from the task map {task_map.names} "
                           f"that ingestion wrote to {path}: ingest again with this config")

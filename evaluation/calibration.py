@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from monitoring.metrics import EPS, check_inputs
+from evaluation.metrics import EPS, check_inputs
 from kernel.atomic import read_json, write_json_atomic
 from kernel.errors import DataError
 
