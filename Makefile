@@ -25,6 +25,7 @@ demo: setup
 	$(PY) -m job.run --config configs/demo.yaml
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

@@ -122,8 +122,8 @@ def peak_rss(path: Path, out: Path) -> dict:
 def bench_tokenize(train: Path, tokenizer_path: str, rows: int, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
-    from kernel.task_map import TaskMap
     from features.tokenize import ad_text, build_features
+    from kernel.task_map import TaskMap
     from modeling.base import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path))

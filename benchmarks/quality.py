@@ -71,9 +71,9 @@ def prepare_wdc(cfg: Config, root: Path, out: Path) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from kernel.hashing import stable_hash
     from kernel.task_map import TaskMap
     from pipeline.ingest import run_ingest
-    from kernel.hashing import stable_hash
     from pipeline.split import SPLITS
 
     files = {s: sorted(root.glob(f"*/{s}.parquet")) for s in SPLITS}
@@ -190,9 +190,9 @@ def score_test(model_dir: Path, data_dir: Path, precision: str) -> tuple[dict, i
 
     from features.tokenize import build_features
     from modeling.artifact import load_trained
-    from training.evaluate import evaluate
-    from modeling.inject import adapter_param_count
     from modeling.base import load_tokenizer
+    from modeling.inject import adapter_param_count
+    from training.evaluate import evaluate
 
     cfg, task_map, model = load_trained(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,7 +286,7 @@ def _load_results(path: Path, settings: dict) -> dict:
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     from benchmarks.quality_report import write_reports
-    from kernel.tracking import MlflowTracker
+    from kernel.mlflow_client import MlflowTracker
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

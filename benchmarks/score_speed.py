@@ -47,8 +47,8 @@ PRESETS = {  # BERT-shaped encoders; vocab of the MiniLM tokenizer
 
 def build(preset: str, tasks: int, r: int, pooling: str, dtype: torch.dtype, device: str):
     from kernel.config import config_from_dict
-    from serving.scoring_model import ScoringModel
     from modeling.model import build_model
+    from serving.scoring_model import ScoringModel
 
     cfg = config_from_dict({
         "model": {"init": "random", "pooling": pooling,
@@ -73,8 +73,8 @@ def sync(device: str) -> None:
 
 @torch.no_grad()
 def speed(args) -> dict:
-    from serving.scoring_model import pooled_logits
     from modeling.merge import base_backbone
+    from serving.scoring_model import pooled_logits
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, merged, scenarios = build(args.preset, args.tasks, args.r, args.pooling, dtype, args.device)
@@ -148,11 +148,11 @@ def rss(args) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kernel.task_map import TaskMap
     from kernel.config import config_from_dict
-    from serving.export import export_model
+    from kernel.task_map import TaskMap
     from modeling.artifact import save_trained
     from modeling.model import build_model
+    from serving.export import export_model
 
     words = np.array("camera lens zoom laptop ssd ram shoe leather size watch strap steel black red blue "
                      "pro max mini ultra 4k usb wifi sport men women kids case kit".split())

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from kernel.config import config_from_dict
-from training.ds_config import build_optimizer, deepspeed_config
 from modeling.model import build_model
+from training.ds_config import build_optimizer, deepspeed_config
 
 PRESETS = {
     "tiny": {"model_type": "bert", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kernel.config import MonitoringConfig
 from kernel.atomic import read_json, write_json_atomic
+from kernel.config import MonitoringConfig
 from kernel.errors import DataError
 
 REFERENCE_FILE = "reference.json"

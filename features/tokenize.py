@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from modeling.pairs import PairFormat, encode_pairs, resolve_pair_format
-from kernel.task_map import TaskMap
 from kernel.atomic import publish_dir, staging_dir
 from kernel.hashing import stable_hash
+from kernel.task_map import TaskMap
+from modeling.pairs import PairFormat, encode_pairs, resolve_pair_format
 
 FEATURES_VERSION = 1  # bump when the layout or the ad-text recipe changes: old cache entries are ignored
 SHARD_ROWS = 100_000  # rows per cached Parquet shard

@@ -28,11 +28,12 @@ import re
 import sys
 import time
 
+from job.state import Fingerprint, JobState, code_version
+from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError
-from job.state import Fingerprint, JobState, code_version
-from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
+from training.evaluate import describe_macro
 
 RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -112,7 +113,6 @@ def print_summary(ctx: JobContext) -> None:
     cfg, p = ctx.cfg, ctx.paths
     print("\n=== summary ===" + (f" (run {p.run_key})" if p.run_key else ""))
     if train.get("val"):
-        from training.evaluate import describe_macro
 
         print(f"validation macro AUC {describe_macro(train['val'])} (MLflow run {train.get('run_id')})")
     per = (mon.get("summary") or {}).get("metrics") or {}

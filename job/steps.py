@@ -17,9 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from job.state import listing
 from kernel import exit_codes
 from kernel.config import Config, to_dict
-from job.state import listing
+from kernel.tracking import open_tracker
+from monitoring import registry
+from monitoring.check import run_check
+from monitoring.promote import promote
+from pipeline.ingest import run_ingest as ingest
+from pipeline.synthetic import generate
+from serving.export import export_model
+from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
+from serving.score import ScoreRequest, check_quarantine_rate, score_files
+from training.launch import run as train
 
 STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
 
@@ -96,15 +106,12 @@ def config_section(cfg: Config, keys: list[str]) -> dict:
 # --- the runners ---------------------------------------------------------------------------------------------
 
 def run_generate(ctx: JobContext, resume: bool) -> Outcome:
-    from pipeline.synthetic import generate
 
     generate(ctx.paths.raw, ctx.cfg.data.synthetic)
     return Outcome({"path": str(ctx.paths.raw)}, [ctx.paths.raw])
 
 
 def run_ingest(ctx: JobContext, resume: bool) -> Outcome:
-    from kernel.tracking import open_tracker
-    from pipeline.ingest import run_ingest as ingest
 
     tracker = open_tracker(ctx.cfg)
     tracker.start(run_name="ingest")
@@ -119,7 +126,6 @@ def run_ingest(ctx: JobContext, resume: bool) -> Outcome:
 
 
 def run_train(ctx: JobContext, resume: bool) -> Outcome:
-    from training.launch import run as train
 
     p = ctx.paths
     result = train(ctx.cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file())
@@ -128,7 +134,6 @@ def run_train(ctx: JobContext, resume: bool) -> Outcome:
 
 
 def run_export(ctx: JobContext, resume: bool) -> Outcome:
-    from serving.export import export_model
 
     cfg, p = ctx.cfg, ctx.paths
     manifest = export_model(str(p.train / "model"), p.export, valid=p.data / "valid.parquet",
@@ -150,7 +155,6 @@ def served_version(ctx: JobContext) -> str:
 
 
 def run_score(ctx: JobContext, resume: bool) -> Outcome:
-    from serving.score import ScoreRequest, check_quarantine_rate, score_files
 
     p = ctx.paths
     if not resume:  # other inputs or another model: nothing of an earlier scoring may stay behind
@@ -165,8 +169,6 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
 
 
 def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
-    from monitoring.check import run_check
-    from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
 
     p = ctx.paths
     reference = CALIBRATED_REFERENCE_FILE if ctx.cfg.serving.calibrate else REFERENCE_FILE
@@ -176,7 +178,6 @@ def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
 
 
 def run_promote(ctx: JobContext, resume: bool) -> Outcome:
-    from monitoring.promote import promote
 
     version = ctx.info("export").get("version")
     if version is None:
@@ -195,7 +196,6 @@ def champion_now(ctx: JobContext) -> dict:
     cfg = ctx.cfg
     if not cfg.tracking.enabled:
         return {}
-    from monitoring import registry
 
     client = registry.registry_client(cfg.tracking_uri)
     try:

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from kernel.errors import DataError
+
 
 def _tmp_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -73,7 +75,6 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
 
 def read_json(path: str | Path, what: str) -> object:
     """Parse a JSON file; a missing or malformed file raises DataError naming the path and ``what`` it is."""
-    from kernel.errors import DataError
 
     path = Path(path)
     if not path.is_file():

@@ -18,7 +18,6 @@ import pyarrow.compute as pc
 from kernel.atomic import read_json, write_bytes_atomic
 from kernel.errors import DataError, UnknownScenario
 
-
 TASK_MAP_FILE = "task_map.json"
 
 

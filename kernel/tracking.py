@@ -1,164 +1,199 @@
-"""MLflow tracking with an explicit URI and bounded waits, and a do-nothing tracker so call sites need no ``if``.
+"""Tracking for the stages: MLflow behind a local spool, so that logging never blocks and loses nothing.
 
-    tracker = open_tracker(cfg, rank, spool_dir)  # rank 0 with tracking on: a SpooledTracker over MLflow
-    tracker.start(run_name="demo", params=flat_params(cfg), tags={...})
-    tracker.log_metrics({"val/auc_macro": 0.83}, step=100)   # never blocks on the server (kernel.spool)
-    tracker.end()                                             # flushes, within tracking.flush_timeout_s
+    tracker = open_tracker(cfg, rank)          # rank 0 with tracking on: SpooledTracker over MLflow; else a no-op
+    tracker.start(run_name="train")            # synchronous: a run id is needed (ServiceUnavailable if down)
+    tracker.log_metrics({"train/loss": 0.4}, step=10)   # returns at once
+    tracker.end()                              # waits up to tracking.flush_timeout_s for the spool to drain
 
-Every MLflow request waits at most ``tracking.timeout_s`` (set through MLflow's own HTTP settings: request
-timeout, 2 retries, short back-off; MLflow's defaults retry for about 5 minutes). Starting a run against an
-http(s) server first asks its ``/health`` endpoint; a server that does not answer raises ServiceUnavailable
-naming the URI (exit code 5), in seconds rather than minutes. Logging during a run goes through the spool.
+Every call after ``start`` becomes one JSON line appended to ``<spool_dir>/<run id>.jsonl`` and is sent by a
+background thread, in order; ``<run id>.sent`` holds how many lines have been sent. While the server is down
+the thread retries with a growing pause (0.5 s up to 10 s) and the caller carries on. A run that ends while
+the server is still down keeps its spool on disk and says so in one line; the next tracker opened on the
+same spool folder (the next job, or a resumed training) sends those lines first, with their original
+timestamps. Metrics keep the time of the logging call, not of the send. The synchronous MLflow layer
+(bounded waits, the client) is ``kernel.mlflow_client``.
 """
 from __future__ import annotations
 
-import os
+import json
 import subprocess
+import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+from collections import deque
 from pathlib import Path
 
+from kernel.atomic import write_json_atomic
 from kernel.config import Config, TrackingConfig
-from kernel.errors import ServiceUnavailable
+from kernel.mlflow_client import MlflowTracker, NullTracker
+
+MAX_PAUSE_S = 10.0
 
 
-class NullTracker:
-    run_id: str | None = None
-    uri: str | None = None
+class SpooledTracker(NullTracker):
+    def __init__(self, inner: MlflowTracker, spool_dir: Path, flush_timeout_s: float = 60.0):
+        self.inner = inner
+        self.uri = inner.uri
+        self.dir = Path(spool_dir)
+        self.flush_timeout_s = flush_timeout_s
+        self.run_id: str | None = None
+        self._queue: deque[tuple[Path, int, dict]] = deque()  # (spool file, line number, record)
+        self._totals: dict[Path, int] = {}  # lines written to each spool file so far
+        self._lock = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.unsent = 0  # after end(): records left in the spool (0: all delivered)
 
-    def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
-              run_id: str | None = None) -> None: ...
-    def log_params(self, params: dict) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_dict(self, data: dict, artifact_file: str) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict) -> None: ...
-    def end(self, status: str = "FINISHED") -> None: ...
-
-
-def bound_mlflow_requests(timeout_s: float) -> None:
-    """MLflow's HTTP client reads these per request: a bounded wait instead of minutes of retries."""
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"  # an int for MLflow: pauses of 1 s, 2 s
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
-
-
-def check_reachable(uri: str, timeout_s: float) -> None:
-    """For an http(s) tracking URI, one GET of /health; raise ServiceUnavailable naming the URI if it fails."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    t0 = time.monotonic()
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return
-            reason = f"HTTP {r.status}"
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e))
-    raise ServiceUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}; waited "
-                             f"{time.monotonic() - t0:.1f} s, tracking.timeout_s={timeout_s:g})")
-
-
-def mlflow_client(uri: str, timeout_s: float = 10.0):
-    """An MlflowClient bound to ``uri`` for tracking and registry, with bounded waits; an http(s) server
-    that does not answer raises ServiceUnavailable (exit 5) before any call is made."""
-    from mlflow import MlflowClient
-
-    bound_mlflow_requests(timeout_s)
-    check_reachable(uri, timeout_s)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def guarded(uri: str, what: str, call):
-    """Run one synchronous MLflow call; a connection failure becomes ServiceUnavailable naming the URI."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return call()
-    except MlflowException as e:
-        if uri.startswith(("http://", "https://")) and _is_connection_error(e):
-            raise ServiceUnavailable(f"MLflow at {uri} did not answer ({what}): {str(e).splitlines()[0][:200]}") from e
-        raise
-    except OSError as e:
-        raise ServiceUnavailable(f"MLflow at {uri} did not answer ({what}): {e}") from e
-
-
-def _is_connection_error(e: Exception) -> bool:
-    text = str(e).lower()
-    return any(k in text for k in ("connection", "max retries", "timed out", "timeout", "refused", "unreachable"))
-
-
-class MlflowTracker(NullTracker):
-    """One MLflow run, driven synchronously through an MlflowClient bound to an explicit tracking URI."""
-
-    def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0):
-        from mlflow import MlflowClient
-
-        bound_mlflow_requests(timeout_s)
-        check_reachable(tracking_uri, timeout_s)
-        self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = guarded(tracking_uri, "experiment lookup", lambda: self.client.get_experiment_by_name(experiment))
-        self.experiment_id = exp.experiment_id if exp else guarded(
-            tracking_uri, "experiment creation", lambda: self.client.create_experiment(
-                experiment, artifact_location=artifact_location(tracking_uri, experiment)))
-        self.run_id = None
+    # --- the caller's side -------------------------------------------------------------------------------
 
     def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
               run_id: str | None = None) -> None:
-        if run_id:  # resuming: keep logging into the same run
-            self.run_id = run_id
-            guarded(self.uri, "run resume", lambda: self.client.update_run(run_id, status="RUNNING"))
-        else:
-            run = guarded(self.uri, "run creation", lambda: self.client.create_run(
-                self.experiment_id, run_name=run_name or None, tags=tags or {}))
-            self.run_id = run.info.run_id
-            if params:
-                self.log_params(params)
+        self.inner.start(run_name=run_name, tags=tags, run_id=run_id)
+        self.run_id = self.inner.run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for leftover in sorted(self.dir.glob("*.jsonl")):  # earlier runs' lines that never reached the server
+            self._enqueue_unsent(leftover)
+        self._totals.setdefault(self._file, _count_lines(self._file))
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-spool", daemon=True)
+        self._thread.start()
+        if params:
+            self.log_params(params)
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
+        self._record("params", {k: str(v)[:6000] for k, v in params.items()})
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp_ms: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = timestamp_ms or int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        if values:
+            self._record("metrics", {"metrics": values, "step": step or 0, "ts": int(time.time() * 1000)})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self._record("dict", {"data": data, "file": artifact_file})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._record("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        self._record("artifacts", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._record("tags", {k: str(v) for k, v in tags.items()})
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+        if self.run_id is None:
+            return
+        self._record("end", {"status": status})
+        deadline = time.monotonic() + self.flush_timeout_s
+        with self._lock:
+            while self._queue and time.monotonic() < deadline:
+                self._lock.wait(timeout=0.2)
+            self._closing = True
+            self.unsent = len(self._queue)
+            self._lock.notify_all()
+        if self.unsent:
+            print(f"tracking: {self.unsent} records for MLflow run {self.run_id} were not delivered to {self.uri} "
+                  f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; kept in {self.dir}, sent by the "
+                  "next run that tracks there", file=sys.stderr, flush=True)
+
+    @property
+    def _file(self) -> Path:
+        return self.dir / f"{self.run_id}.jsonl"
+
+    def _record(self, op: str, payload: dict) -> None:
+        record = {"op": op, "run_id": self.run_id, **payload}
+        with self._lock:
+            with open(self._file, "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            line = self._totals.get(self._file, 0)
+            self._totals[self._file] = line + 1
+            self._queue.append((self._file, line, record))
+            self._lock.notify_all()
+
+    def _enqueue_unsent(self, spool: Path) -> None:
+        sent, total = _read_sent(spool), 0
+        with open(spool) as f:
+            for i, line in enumerate(f):
+                total = i + 1
+                if i >= sent and line.strip():
+                    self._queue.append((spool, i, json.loads(line)))
+        self._totals[spool] = total
+
+    # --- the sender's side -----------------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        pause = 0.5
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if self._closing:
+                    return
+                spool, line, record = self._queue[0]
+            try:
+                _send(self.inner, record)
+            except Exception:  # noqa: BLE001 - any failure to deliver: keep the line, wait, retry
+                with self._lock:
+                    self._lock.wait(timeout=pause)
+                pause = min(pause * 2, MAX_PAUSE_S)
+                continue
+            pause = 0.5
+            with self._lock:
+                finished = record["op"] == "end" and line + 1 == self._totals.get(spool)
+            _mark_sent(spool, line + 1, finished)
+            with self._lock:
+                self._queue.popleft()
+                self._lock.notify_all()
 
 
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """For a sqlite store, artifacts beside the database file (MLflow's default is ./mlruns under the
-    current directory, wherever the job happens to run); None (the server's choice) otherwise."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
-    return None
+def _send(inner: MlflowTracker, r: dict) -> None:
+    from mlflow.entities import Metric, Param
+
+    client, run_id, op = inner.client, r["run_id"], r["op"]
+    if op == "params":
+        items = [Param(k, v) for k, v in r.items() if k not in ("op", "run_id")]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    elif op == "metrics":
+        items = [Metric(k, v, r["ts"], r["step"]) for k, v in r["metrics"].items()]
+        client.log_batch(run_id, metrics=items)
+    elif op == "dict":
+        client.log_dict(run_id, r["data"], r["file"])
+    elif op in ("artifact", "artifacts"):
+        if Path(r["path"]).exists():  # a folder removed since (a replaced checkpoint) has nothing to send
+            (client.log_artifact if op == "artifact" else client.log_artifacts)(run_id, r["path"], r["artifact_path"])
+    elif op == "tags":
+        for k, v in r.items():
+            if k not in ("op", "run_id"):
+                client.set_tag(run_id, k, v)
+    elif op == "end":
+        client.set_terminated(run_id, status=r["status"])
+
+
+def _sent_path(spool: Path) -> Path:
+    return spool.with_suffix(".sent")
+
+
+def _read_sent(spool: Path) -> int:
+    try:
+        return int(json.loads(_sent_path(spool).read_text())["lines"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _mark_sent(spool: Path, lines: int, finished: bool) -> None:
+    """Record progress; a spool whose every line is delivered, its run's end included, is removed."""
+    if finished:
+        spool.unlink(missing_ok=True)
+        _sent_path(spool).unlink(missing_ok=True)
+        return
+    write_json_atomic(_sent_path(spool), {"lines": lines})
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def open_tracker(cfg: Config, rank: int = 0, spool_dir: Path | None = None) -> NullTracker:
@@ -166,8 +201,6 @@ def open_tracker(cfg: Config, rank: int = 0, spool_dir: Path | None = None) -> N
     (default <work_dir>/tracking_spool), so that a run never blocks on the tracking server."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    from kernel.spool import SpooledTracker
-
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     t: TrackingConfig = cfg.tracking
     inner = MlflowTracker(cfg.tracking_uri, t.experiment, t.timeout_s)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernel.task_map import TaskMap
 from kernel.config import Config, dump_config, load_config
 from kernel.errors import DataError
+from kernel.task_map import TaskMap
 from modeling.model import RelevanceModel, build_model
 
 TRAINABLE_FILE = "trainable.safetensors"

@@ -35,18 +35,19 @@ import pyarrow.dataset as ds
 
 from evaluation.drift import drift_report, load_reference
 from evaluation.metrics import scenario_metrics, summarize
-from monitoring.report import write_report
 from kernel import exit_codes
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError
+from kernel.mlflow_client import MlflowTracker
+from monitoring.report import write_report
 
 EXIT_OK, EXIT_INPUT, EXIT_BREACH = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH
 QUARANTINE_DIR = "_quarantine"  # batch scoring writes its rejected rows here, inside the output folder
 
 
 class Tracker(Protocol):
-    """What run_check logs to, e.g. ``kernel.tracking.MlflowTracker`` after ``start()``."""
+    """What run_check logs to, e.g. ``kernel.mlflow_client.MlflowTracker`` after ``start()``."""
 
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_artifacts(self, path: str, artifact_path: str | None = None) -> None: ...
@@ -204,7 +205,6 @@ def _work(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     tracker = None
     if args.tracking_uri:
-        from kernel.tracking import MlflowTracker  # mlflow is imported only when logging
 
         tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment, cfg.tracking.timeout_s)
         tracker.start(run_name="monitoring-check", run_id=args.run_id)

@@ -25,17 +25,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from monitoring import registry
 from evaluation.metrics import scenario_metrics, summarize
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
+from monitoring import registry
+from serving.scorer import score_table
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
@@ -51,7 +51,6 @@ def default_score_fn(model_uri: str, eval_path: str, tracking_uri: str | None = 
 
     import pyarrow.dataset as ds
 
-    from serving.score import score_table
 
     if not Path(eval_path).exists():
         raise DataError(f"{eval_path}: evaluation set does not exist")

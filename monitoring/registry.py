@@ -22,7 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from kernel.errors import RelevanceError
-from kernel.tracking import mlflow_client
+from kernel.mlflow_client import mlflow_client
 
 CHAMPION = "champion"
 PREVIOUS = "previous"

@@ -40,16 +40,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kernel.task_map import TaskMap
 from kernel.atomic import publish, staging_dir, write_json_atomic
 from kernel.config import Config, add_config_args, load_config
-from pipeline.dedupe import Spill, bucket_count, find_duplicates
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from kernel.exit_codes import run_cli
-from pipeline.reader import ParquetSource, build_filter
 from kernel.hashing import stable_hash
+from kernel.task_map import TaskMap
+from kernel.tracking import open_tracker
+from pipeline.dedupe import Spill, bucket_count, find_duplicates
+from pipeline.reader import ParquetSource, build_filter
 from pipeline.split import SPLITS, assign_splits
 from pipeline.stats import IngestStats
+from pipeline.synthetic import generate
 from pipeline.validate import REASON_NAMES, ColumnMapping, empty_batch, quarantine_schema
 
 OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", "task_map.json", "stats.json"]
@@ -275,10 +277,8 @@ def _work(args: argparse.Namespace) -> int:
     source = args.input or cfg.data.source
     out = Path(args.out) if args.out else Path(cfg.work_dir) / "data"
     if source == "synthetic":
-        from pipeline.synthetic import generate
 
         source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
-    from kernel.tracking import open_tracker
 
     tracker = open_tracker(cfg)
     tracker.start(run_name="ingest")

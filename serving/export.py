@@ -46,16 +46,33 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from modeling.pairs import resolve_pair_format
-from kernel.config import (Config, add_config_args, apply_overrides, config_from_dict, dump_config, load_config,
-                           to_dict)
-from kernel.exit_codes import run_cli
-from kernel.tracking import artifact_location, mlflow_client
+from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
+from evaluation.drift import reference_profile, save_reference
 from kernel.atomic import publish_dir, staging_dir, write_json_atomic
+from kernel.config import Config, add_config_args, apply_overrides, config_from_dict, dump_config, load_config, to_dict
 from kernel.errors import ConfigError, DataError
+from kernel.exit_codes import run_cli
+from kernel.hashing import fingerprint_files
+from kernel.mlflow_client import artifact_location, mlflow_client
 from kernel.task_map import TASK_MAP_FILE
-from serving.layout import (ADAPTERS_DIR, BASE_DIR, CALIBRATED_REFERENCE_FILE, FACTORS_FILE, FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE,
-                            SCENARIOS_DIR, factor_key, scenario_dirname)
+from modeling.artifact import load_trained
+from modeling.base import load_tokenizer
+from modeling.inject import adapter_layers
+from modeling.merge import base_backbone, merged_backbone, save_peft_adapter, save_plain
+from modeling.pairs import resolve_pair_format
+from serving.layout import (
+    ADAPTERS_DIR,
+    BASE_DIR,
+    CALIBRATED_REFERENCE_FILE,
+    FACTORS_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    REFERENCE_FILE,
+    SCENARIOS_DIR,
+    factor_key,
+    scenario_dirname,
+)
+from serving.scorer import score_table
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
                 "max(sum_i mask_i, 1) over the backbone's last_hidden_state h (batch, tokens, hidden)")
@@ -86,7 +103,6 @@ def resolve_source(run: str, tracking_uri: str | None, scratch: Path) -> tuple[P
 def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
     if not run_id:
         return {}
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
@@ -97,8 +113,6 @@ def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
 
 def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str], dict]:
     """base/, factors.safetensors, scenarios/<s>/ and adapters/<s>/ under ``out``; returns (layers, entries)."""
-    from modeling.inject import adapter_layers
-    from modeling.merge import base_backbone, merged_backbone, save_peft_adapter, save_plain
 
     layers = adapter_layers(model.backbone)  # names relative to the backbone
     save_plain(model, base_backbone(model), out / BASE_DIR, tokenizer)
@@ -137,9 +151,6 @@ def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict, metho
     """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
     import pyarrow.parquet as pq
 
-    from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
-    from evaluation.drift import reference_profile, save_reference
-    from serving.score import score_table
 
     if not valid.is_file():
         raise DataError(f"--valid {valid}: no such Parquet file")
@@ -201,9 +212,6 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     ``config_path`` / ``overrides`` set the deployment sections of the exported config (``serving_config``):
     scoring reads its defaults (serving.*, data.columns) from the export.
     """
-    from modeling.artifact import load_trained
-    from kernel.hashing import fingerprint_files
-    from modeling.base import load_tokenizer
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
@@ -262,7 +270,6 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
 def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None,
                     source_run: str | None) -> dict:
     """Log ``out`` as artifact ``model`` of a new run and register it as a new version of ``name``."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(tracking_uri)

@@ -20,23 +20,21 @@ import numpy as np
 
 from kernel.config import Config, config_from_dict, to_dict
 from kernel.errors import ConfigError
+from serving import shards as sh
+from serving.batch import Inputs, score_shard
+from serving.scorer import BatchScorer
 
 
 class ShardScorer:
     """A Ray Data actor: one BatchScorer for its lifetime; each call scores the shards it is given."""
 
     def __init__(self, cfg: dict, export_dir: str, model_version: str, inputs: list[str], out: str):
-        from serving.score import Inputs
-        from serving.scorer import BatchScorer
-
         self.cfg = config_from_dict(cfg)
         self.data = Inputs(self.cfg, inputs)
         self.scorer = BatchScorer(export_dir, self.cfg.serving, model_version)
         self.out = Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from serving.score import score_shard
-
         rows, scored = [], []
         for index in batch["shard"]:
             summary = score_shard(self.scorer, self.data, self.data.shards[int(index)], self.out)
@@ -79,9 +77,6 @@ def init_ray(address: str = "local"):
 def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
                actors: int, address: str = "local") -> list[dict]:
     """Score every (unfinished, with ``resume``) shard on Ray; returns one row per shard scored."""
-    from serving import shards as sh
-    from serving.score import Inputs
-
     data = Inputs(cfg, inputs)
     todo = [s.index for s in data.shards if not (resume and sh.is_done(out, s, model_version))]
     if not todo:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kernel.atomic import publish_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
-from kernel.tracking import mlflow_client
+from kernel.mlflow_client import mlflow_client
 from serving.layout import FACTORS_FILE, MANIFEST_FILE, read_manifest
 
 IDENTITY_FILE = "_registry.json"
@@ -91,7 +91,6 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
     if not text.startswith("models:/"):
         d = Path(text)
         return d, str(read_manifest(d)["model_version"])
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = registry_uri(tracking_uri, f"--model {text}")

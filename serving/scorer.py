@@ -22,11 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
+from features.tokenize import build_features
+from kernel.config import ServingConfig, load_config
+from kernel.errors import ConfigError, DataError
 from modeling.base import load_saved_tokenizer
 from modeling.pairs import pair_format_from
-from kernel.config import ServingConfig
-from kernel.errors import ConfigError, DataError
 from serving.layout import BASE_DIR
+from serving.registry_cache import resolve_model
 from serving.scoring_model import ScoringModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -81,7 +84,6 @@ class BatchScorer:
         self.tokenizer = load_saved_tokenizer(self.export_dir / BASE_DIR)
         self.calibrator = None
         if serving.calibrate:
-            from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
 
             path = self.export_dir / CALIBRATION_FILE
             if not path.is_file():
@@ -97,7 +99,6 @@ class BatchScorer:
 
         Tokenisation and padding are training's own (features.tokenize.build_features / collate).
         """
-        from features.tokenize import build_features
 
         out = np.empty(table.num_rows, dtype=np.float32)
         if table.num_rows == 0:
@@ -162,3 +163,30 @@ class BatchScorer:
             sub = table.filter(pa.array(keep)) if unknown.any() else table
             probs[keep] = self.probabilities(self.logits(sub, scored_as[keep]), scored_as[keep])
         return self._annotate(table, scored_as, fallback, pa.array(probs, pa.float32(), mask=unknown))
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process scoring of a canonical table (monitoring, export validation).
+
+_SCORERS: dict[tuple, BatchScorer] = {}
+
+
+def score_table(model: str | Path, table: pa.Table, tracking_uri: str | None = None,
+                calibrate: bool | None = None) -> pa.Table:
+    """``table`` (canonical columns: query, title, ..., scenario) with scored_as, fallback, score (float32
+    probability), model_version, query_len and title_len appended; row order and count are kept. Rows of an
+    unknown scenario get a null score unless the model's config routes them to a fallback scenario.
+    ``calibrate`` overrides serving.calibrate. The loaded model is cached per (folder, version, options)."""
+    export_dir, version = resolve_model(model, tracking_uri)
+    cfg = load_config(export_dir / "config.yaml")
+    if calibrate is not None:
+        cfg.serving.calibrate = calibrate
+    key = (str(Path(export_dir).resolve()), version, cfg.serving.calibrate, cfg.serving.dtype,
+           cfg.serving.unknown_scenario, cfg.serving.fallback_scenario)
+    if key not in _SCORERS:
+        _SCORERS.clear()  # keep one model in memory
+        _SCORERS[key] = BatchScorer(export_dir, cfg.serving, version)
+    scorer = _SCORERS[key]
+    parts = [scorer.score_all(table.slice(i, cfg.serving.chunk_rows))
+             for i in range(0, table.num_rows, cfg.serving.chunk_rows)]
+    return pa.concat_tables(parts) if parts else scorer.score_all(table)

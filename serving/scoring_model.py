@@ -23,8 +23,10 @@ from torch import nn
 
 from kernel.errors import DataError, UnknownScenario
 from kernel.task_map import TaskMap
-from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest, read_task_map
+from modeling.inject import adapter_layers
+from modeling.merge import base_backbone
 from modeling.modeling_ads_relevance import MeanPoolRelevanceModel, masked_mean
+from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest, read_task_map
 
 
 def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, input_ids: torch.Tensor,
@@ -111,8 +113,6 @@ class ScoringModel:
         """From an in-memory RelevanceModel (no files): its base weights and each task's LoRA pairs."""
         import copy
 
-        from modeling.inject import adapter_layers
-        from modeling.merge import base_backbone
 
         layers = adapter_layers(model.backbone)
         pairs = {name: {ln: layer.lora_pair(t, dtype=torch.float32) for ln, layer in layers.items()}

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
+from tests.shared import WDC
+
+DATA = WDC
 CATEGORIES = ("cameras", "computers", "shoes", "watches")
 
 

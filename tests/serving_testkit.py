@@ -11,20 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kernel.task_map import TaskMap
 from features.tokenize import build_features
 from kernel.config import Config, config_from_dict
+from kernel.task_map import TaskMap
 from modeling.artifact import save_trained
 from modeling.model import build_model
+from tests.shared import BERT, LLAMA, WDC
 
-# <repo root>/../shared/data: the WDC products pairs (left, right, label int8, category) per category.
-WDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
 SCENARIOS = ["cameras", "computers", "shoes"]  # what the tiny models are "trained" on; watches is unseen
 
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "vocab_size": 30522}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522, "pad_token_id": 0}
 # How the WDC files map onto the canonical fields (what a user would put in data.columns).
 WDC_COLUMNS = {"query": "left", "title": "right", "description": None, "url": None, "label": "label",
                "scenario": "category"}

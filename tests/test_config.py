@@ -1,13 +1,13 @@
 """The typed config: YAML + overrides, every problem reported at once, derived DeepSpeed config."""
-from pathlib import Path
 
 import pytest
 
 from kernel.config import config_from_dict, flat_params, load_config
 from kernel.errors import ConfigError
+from tests.shared import REPO
 from training.ds_config import deepspeed_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO / "configs"
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
@@ -82,8 +82,8 @@ def test_optimizer_groups_follow_the_method():
 def test_every_trainable_parameter_is_in_exactly_one_group(method):
     import torch
 
-    from training.ds_config import build_optimizer, group_lrs
     from modeling.model import build_model, is_task_param
+    from training.ds_config import build_optimizer, group_lrs
 
     cfg = load_config(CONFIGS / "tiny.yaml", [f"adapter.method={method}", "train.task_lr=7e-3"])
     model = build_model(cfg, num_tasks=3, dtype=torch.float32)

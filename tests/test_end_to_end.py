@@ -4,15 +4,15 @@ steps whose inputs changed (and everything after them) redone, and the real outc
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
 from job.run import main
 from kernel.exit_codes import BAD_INPUT, GATE_FAILED, OK
+from tests.shared import TINY_CONFIG
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = TINY_CONFIG
 STEPS = ("generate", "ingest", "train", "export", "score", "monitor", "promote")
 
 
@@ -69,8 +69,8 @@ def test_a_run_key_gives_each_scheduled_run_its_own_replayable_state(tmp_path, c
     src = tmp_path / "incoming"
     job = ["--config", str(TINY), f"work_dir={tmp_path / 'job'}", "--only", "ingest"]
     for night in ("2026-11-30", "2026-12-01"):
-        from pipeline.synthetic import generate
         from kernel.config import SyntheticConfig
+        from pipeline.synthetic import generate
 
         generate(src / night / "ads.parquet", SyntheticConfig(rows_per_scenario=60, seed=len(night)))
     src_override = f"data.source={src}/{{run_date}}"

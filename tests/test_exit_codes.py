@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,8 +9,9 @@ import pytest
 
 from kernel import exit_codes
 from kernel.errors import DataError, QuarantineRateExceeded, ServiceUnavailable, TrainingDiverged
+from tests.shared import TINY_CONFIG
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = TINY_CONFIG
 ENTRY_POINTS = ["job.run", "pipeline.ingest", "training.launch", "serving.export", "serving.score",
                 "monitoring.check", "monitoring.promote"]
 UNREACHABLE = "http://127.0.0.1:1"  # nothing listens on port 1

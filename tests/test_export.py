@@ -21,7 +21,7 @@ from serving.export import export_model
 from serving.layout import read_manifest
 from serving.scorer import BatchScorer
 from serving.scoring_model import ScoringModel
-from serving_testkit import SCENARIOS, canonical, sigmoid, training_logits, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, canonical, sigmoid, trained_folder, training_logits, wdc_raw
 
 ATOL = 1e-5
 

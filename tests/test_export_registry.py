@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from serving.export import main
 from serving.layout import read_manifest
 from serving.registry_cache import resolve_model
-from serving_testkit import SCENARIOS, canonical, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, canonical, trained_folder, wdc_raw
 
 
 def test_export_from_run_id_with_validation_registers_a_resolvable_model(tmp_path, capsys):
@@ -60,10 +60,9 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
     """Two work dirs, each with its own sqlite registry holding `relevance` version 1 of a different model:
     scoring models:/relevance/1 from each registry returns that registry's model, through one shared cache."""
     import numpy as np
-    import pyarrow as pa
 
     from serving.export import export_model
-    from serving.score import score_table
+    from serving.scorer import score_table
 
     cache = tmp_path / "shared-cache"
     table = canonical(wdc_raw(per_category=5))

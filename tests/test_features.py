@@ -10,13 +10,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import features.tokenize as tokenize_mod
-from kernel.task_map import TaskMap
 from features.tokenize import ad_text, build_features
 from kernel.config import SyntheticConfig, config_from_dict
 from kernel.errors import UnknownScenario
-from pipeline.synthetic import generate
+from kernel.task_map import TaskMap
 from modeling.base import resolve_model_path
 from modeling.model import build_model
+from pipeline.synthetic import generate
 
 TASKS = TaskMap(["de", "jp", "uk", "us"])
 
@@ -117,10 +117,8 @@ def test_tokenizer_without_token_types():
     assert b["weights"].tolist() == [1.0, 1.0]
 
 
-def test_a_padded_batch_scores_like_each_row_alone(table, tokenizer):
-    cfg = config_from_dict({"model": {"init": "random", "pooling": "mean", "random_config": {
-        "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "vocab_size": 30522}}})
+def test_a_padded_batch_scores_like_each_row_alone(table, tokenizer, tiny_bert):
+    cfg = config_from_dict({"model": {"init": "random", "pooling": "mean", "random_config": tiny_bert}})
     model = build_model(cfg, num_tasks=len(TASKS)).eval()
     fs = build_features(table, tokenizer, TASKS, max_length=48)
     # The shortest row and each scenario's longest: lengths and task ids mixed in one batch.

@@ -12,9 +12,9 @@ import pytest
 
 from kernel.config import SyntheticConfig, config_from_dict
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
+from kernel.hashing import stable_hash
 from pipeline.ingest import OUTPUT_FILES, main, read_validated, run_ingest
 from pipeline.reader import ParquetSource, build_filter
-from kernel.hashing import stable_hash
 from pipeline.split import SPLITS, assign_splits
 from pipeline.synthetic import generate
 
@@ -301,7 +301,7 @@ def test_stats_match_the_written_rows(tmp_path):
 def test_stats_are_logged_to_a_real_mlflow(tmp_path):
     from mlflow import MlflowClient
 
-    from kernel.tracking import MlflowTracker
+    from kernel.mlflow_client import MlflowTracker
 
     generate(tmp_path / "s.parquet", SyntheticConfig(rows_per_scenario=100))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

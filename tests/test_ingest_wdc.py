@@ -1,8 +1,6 @@
 """The real WDC products data read as a user's data: left -> query, right -> ad title, category -> scenario."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,8 +9,8 @@ import pyarrow.parquet as pq
 from kernel.config import config_from_dict
 from pipeline.ingest import read_validated, run_ingest
 from pipeline.split import SPLITS
+from tests.shared import WDC
 
-WDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wdc_products"
 MAPPING = {"query": "left", "title": "right", "description": None, "url": None, "scenario": "category"}
 
 

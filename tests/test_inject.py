@@ -10,11 +10,7 @@ from kernel.config import AdapterConfig
 from kernel.errors import ConfigError
 from modeling.inject import adapter_layers, adapter_param_count, inject_adapters
 from modeling.mtl_lora import MTLLoRALinear
-
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "vocab_size": 1000}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
+from tests.shared import BERT, LLAMA
 
 
 def hf_model(spec: dict, seq_cls: bool = False, **overrides) -> nn.Module:

@@ -11,22 +11,26 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from kernel.config import config_from_dict
 from kernel.errors import TrainingDiverged, UnknownScenario
 from modeling.inject import adapter_layers
-from modeling.merge import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, base_backbone, merged_backbone, merged_model,
-                            peft_lora_state, save_peft_adapter, save_plain)
+from modeling.merge import (
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    base_backbone,
+    merged_backbone,
+    merged_model,
+    peft_lora_state,
+    save_peft_adapter,
+    save_plain,
+)
 from modeling.model import build_model
 from modeling.mtl_lora import MTLLoRALinear
+from tests.shared import BERT, LLAMA
 
 T = 3
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "vocab_size": 1000}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
 CASES = {  # name: (random_config, pooling, targets)
     "bert_cls": (BERT, "cls", ["bert_all"]),
     "bert_mean": (BERT, "mean", ["query", "key", "value", "attention.output.dense"]),

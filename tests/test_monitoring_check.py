@@ -11,12 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
 from evaluation.drift import drift_report, load_reference, reference_profile, save_reference
 from evaluation.metrics import scenario_metrics
 from kernel.config import config_from_dict
-from monitoring_testkit import CATEGORIES, DATA, overlap_scores
-
+from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
+from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
 
 def scored_split(split: str) -> pa.Table:

@@ -11,8 +11,7 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from evaluation.calibration import ScenarioCalibrator
 from evaluation.metrics import bootstrap_auc, scenario_metrics, scenario_seed, summarize, weighted_auc
 from kernel.errors import DataError
-from monitoring_testkit import DATA, overlap_scores
-
+from tests.monitoring_testkit import DATA, overlap_scores
 
 
 @pytest.fixture(scope="module")

@@ -18,23 +18,17 @@ from kernel.errors import UnknownScenario
 from modeling.inject import adapter_layers, adapter_param_count
 from modeling.model import build_model, enable_activation_checkpointing, is_adapter_param
 from modeling.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
+from tests.shared import BERT, LLAMA, NO_DROPOUT
 
 T = 3
 ARCHS = {
     "bert": {
-        "random_config": {
-            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 64, "vocab_size": 1000, "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0,
-        },
+        "random_config": {**BERT, **NO_DROPOUT},
         "pooling": "mean",
         "targets": ["query", "key", "value", "attention.output.dense"],
     },
     "llama": {
-        "random_config": {
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
-        },
+        "random_config": LLAMA,
         "pooling": "last",
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     },

@@ -10,13 +10,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from modeling.pairs import encode_pairs, longest_first, resolve_pair_format, separates_pairs
 from kernel.config import ServingConfig, SyntheticConfig
+from modeling.base import resolve_model_path
+from modeling.pairs import encode_pairs, longest_first, resolve_pair_format, separates_pairs
 from pipeline.synthetic import generate
 from serving.export import export_model
 from serving.scorer import BatchScorer
-from serving_testkit import canonical, sigmoid, trained_folder, training_logits, wdc_raw
-from modeling.base import resolve_model_path
+from tests.serving_testkit import canonical, sigmoid, trained_folder, training_logits, wdc_raw
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +85,12 @@ def test_a_gguf_decoder_exports_a_dequantized_safetensors_base(tmp_path):
     safetensors base whose scores, like every scenario's, equal the training model's."""
     from transformers import AutoModelForSequenceClassification
 
-    from gguf_testkit import write_tiny_gguf
-    from serving_testkit import tiny_config
     from kernel.task_map import TaskMap
     from modeling.artifact import save_trained
     from modeling.base import gguf_file
     from modeling.model import build_model
+    from tests.gguf_testkit import write_tiny_gguf
+    from tests.serving_testkit import tiny_config
 
     wdc = wdc_raw(per_category=40)
     folder = write_tiny_gguf(tmp_path / "gguf", wdc["left"].to_pylist() + wdc["right"].to_pylist())

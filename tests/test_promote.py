@@ -8,13 +8,6 @@ inverted or dropped. Versions therefore differ in quality the way retrained mode
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -24,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from monitoring import registry
-from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
 from kernel.config import config_from_dict
 from kernel.errors import RelevanceError
-from mlflow_testkit import MlflowServer
-from monitoring_testkit import CATEGORIES, DATA, overlap_scores
+from monitoring import registry
+from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
+from tests.mlflow_testkit import MlflowServer
+from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
 ROWS_PER_SCENARIO = 250
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,17 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts, not an installed package
-
-from benchmarks import quality  # noqa: E402
-from benchmarks.quality_report import BEGIN, END, insert_block, mean_std, paired_differences, summarize  # noqa: E402
-from kernel.config import load_config  # noqa: E402
-from modeling.inject import adapter_param_count  # noqa: E402
-from modeling.model import build_model  # noqa: E402
-
-TINY = ROOT / "configs" / "tiny.yaml"
-WDC = ROOT.parent / "shared" / "data" / "wdc_products"
+from benchmarks import quality
+from benchmarks.quality_report import BEGIN, END, insert_block, mean_std, paired_differences, summarize
+from kernel.config import load_config
+from modeling.inject import adapter_param_count
+from modeling.model import build_model
+from tests.shared import TINY_CONFIG as TINY
+from tests.shared import WDC
 
 
 def test_matched_rank_is_the_closest_over_all_ranks():

@@ -21,7 +21,7 @@ from pipeline.ingest import run_ingest
 from pipeline.split import SPLITS
 from serving.export import export_model
 from serving.score import main as score_main
-from serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
 
 
 def cfg_of(**data):
@@ -235,7 +235,7 @@ def test_scoring_never_drops_rows_over_the_label(tmp_path, export_dir):
     assert s["label"].to_pylist() == [1, None, None, 0] * 10
     assert s["label_invalid"].to_pylist() == [False, False, True, False] * 10
     # Ingestion (training data) still quarantines such rows.
-    from serving_testkit import tiny_config
+    from tests.serving_testkit import tiny_config
 
     cfg = tiny_config(tmp_path)
     cfg.data.max_reject_rate = 1.0

@@ -12,8 +12,9 @@ import pytest
 
 from serving.export import export_model
 from serving.layout import read_manifest
-from serving.score import main, score_table
-from serving_testkit import SCENARIOS, canonical, sigmoid, tiny_config, training_logits, trained_folder, wdc_raw
+from serving.score import main
+from serving.scorer import score_table
+from tests.serving_testkit import SCENARIOS, canonical, sigmoid, tiny_config, trained_folder, training_logits, wdc_raw
 
 
 @pytest.fixture(scope="module")

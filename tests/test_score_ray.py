@@ -9,7 +9,7 @@ import pytest
 
 from serving.export import export_model
 from serving.score import main
-from serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' to run the Ray engine test")
 

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 
 from serving.export import export_model
 from serving.score import main
-from serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.shared import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHARDS = 6
 
 

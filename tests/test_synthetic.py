@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import synthetic
 from kernel.config import SyntheticConfig
+from pipeline import synthetic
 from pipeline.synthetic import BRANDS, MARKETS, PRICE_INTENT, PRODUCTS, SHIPPING, generate, main
 
 SYNONYMS = sorted(((s, i) for i, p in enumerate(PRODUCTS) for s in p), key=lambda x: -len(x[0]))

@@ -16,28 +16,17 @@ from safetensors.torch import load_file
 
 from kernel.config import load_config
 from kernel.errors import TrainingDiverged
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+from tests.shared import REPO as ROOT
+from tests.shared import TINY_CONFIG as TINY
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Synthetic multi-market data, ingested for real: train/valid/test Parquet."""
-    from pipeline.ingest import run_ingest
-    from pipeline.synthetic import generate
-
-    work = tmp_path_factory.mktemp("data")
-    cfg = load_config(TINY, [f"work_dir={work}"])
-    raw = generate(work / "raw.parquet", cfg.data.synthetic)
-    run_ingest(cfg, raw, work / "data")
-    return work / "data"
+def data_dir(tiny_data_dir) -> Path:
+    return tiny_data_dir
 
 
 def _env(port: int) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", MASTER_PORT=str(port))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", MASTER_PORT=str(port))
 
 
 def _launch(args: list[str], port: int, **kw) -> subprocess.Popen:
@@ -88,11 +77,12 @@ def test_two_processes_through_the_deepspeed_launcher(tmp_path, data_dir):
     model_dir = work / "train" / "model"
     saved = json.loads((model_dir / "metrics.json").read_text())
     # Reload the (ZeRO-gathered) folder in one plain process and evaluate: the same per-scenario AUCs.
-    from features.tokenize import build_features
     import pyarrow.parquet as pq
+
+    from features.tokenize import build_features
     from modeling.artifact import load_trained
-    from training.evaluate import evaluate
     from modeling.base import load_tokenizer
+    from training.evaluate import evaluate
 
     cfg, task_map, model = load_trained(model_dir)
     tok = load_tokenizer(cfg)
@@ -273,8 +263,8 @@ def _fresh_logits(cfg, trainer) -> torch.Tensor:
     """Logits on the validation rows of a newly built model loaded with the trainer's current weights."""
     import numpy as np
 
-    from training.evaluate import predict
     from modeling.model import build_model
+    from training.evaluate import predict
 
     fresh = build_model(cfg, len(trainer.task_map), dtype=torch.float32)
     fresh.load_state_dict(trainer.gathered_trainable_state(), strict=False)
@@ -346,7 +336,7 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_line(tmp_path, data_
 def test_training_rides_out_a_tracking_server_outage(tmp_path, data_dir):
     """The real server is killed (its process group) mid-run: training goes on at full speed, and once the
     server is back every metric arrives, with the run finished and its model artifact."""
-    from mlflow_testkit import MlflowServer
+    from tests.mlflow_testkit import MlflowServer
 
     server = MlflowServer(tmp_path / "server")
     uri = server.start()

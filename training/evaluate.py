@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from kernel.task_map import TaskMap
 from features.tokenize import FeatureSet
+from kernel.task_map import TaskMap
 
 
 def rank_slice(n: int, rank: int, world: int) -> np.ndarray:

@@ -32,6 +32,8 @@ from pathlib import Path
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import ConfigError
+from kernel.tracking import open_tracker
+from training.trainer import train
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
@@ -153,8 +155,6 @@ def launcher_command(args: argparse.Namespace, topo: Topology, resolved_config: 
 
 def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False):
     """Train in this process (rank and world size come from the environment the launcher sets)."""
-    from kernel.tracking import open_tracker
-    from training.trainer import train
 
     rank = int(os.environ.get("RANK", 0))
     tracker = open_tracker(cfg, rank)

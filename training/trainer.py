@@ -20,7 +20,6 @@ forwards; DeepSpeed writes updated weights through ``.data``, so every optimizer
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -33,20 +32,21 @@ import torch
 import torch.nn.functional as F
 
 from features.sampler import MixedScenarioSampler
-from kernel.task_map import TASK_MAP_FILE, TaskMap
 from features.tokenize import FeatureSet, build_features
-from kernel.atomic import read_json, write_json_atomic
+from kernel.atomic import write_json_atomic
 from kernel.config import Config, flat_params, to_dict
 from kernel.errors import ConfigError, DataError, TrainingDiverged
+from kernel.hashing import fingerprint_files
+from kernel.mlflow_client import NullTracker
+from kernel.task_map import TASK_MAP_FILE, TaskMap
+from kernel.tracking import git_commit
 from modeling.artifact import save_trained
+from modeling.base import load_tokenizer
+from modeling.inject import adapter_param_count
+from modeling.model import build_model, enable_activation_checkpointing
 from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import describe_macro, evaluate, flat_metrics
-from modeling.inject import adapter_param_count
-from modeling.base import load_tokenizer
-from modeling.model import build_model, enable_activation_checkpointing
-from kernel.hashing import fingerprint_files
-from kernel.tracking import NullTracker, git_commit
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HISTORY_FILE = "history.json"

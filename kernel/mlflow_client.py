@@ -1,0 +1,157 @@
+"""MLflow, synchronously, with bounded waits: the client, the reachability check, and one run's logger.
+
+    client = mlflow_client("http://mlflow:5000", timeout_s=10)   # ServiceUnavailable (exit 5) if it does not answer
+    tracker = MlflowTracker(uri, "experiment", timeout_s=10); tracker.start(run_name="x"); tracker.log_metrics(...)
+
+Every MLflow request waits at most ``timeout_s`` (set through MLflow's own HTTP settings: request timeout,
+2 retries, short back-off; MLflow's defaults retry for about 5 minutes). An http(s) server is first asked its
+``/health`` endpoint, so one that does not answer fails in seconds with a message naming the URI. Stages log
+through ``kernel.tracking.open_tracker``, which puts a spool in front of this logger.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kernel.errors import ServiceUnavailable
+
+
+class NullTracker:
+    run_id: str | None = None
+    uri: str | None = None
+
+    def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
+              run_id: str | None = None) -> None: ...
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_dict(self, data: dict, artifact_file: str) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+def bound_mlflow_requests(timeout_s: float) -> None:
+    """MLflow's HTTP client reads these per request: a bounded wait instead of minutes of retries."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(timeout_s))))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"  # an int for MLflow: pauses of 1 s, 2 s
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """For an http(s) tracking URI, one GET of /health; raise ServiceUnavailable naming the URI if it fails."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise ServiceUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}; waited "
+                             f"{time.monotonic() - t0:.1f} s, tracking.timeout_s={timeout_s:g})")
+
+
+def mlflow_client(uri: str, timeout_s: float = 10.0):
+    """An MlflowClient bound to ``uri`` for tracking and registry, with bounded waits; an http(s) server
+    that does not answer raises ServiceUnavailable (exit 5) before any call is made."""
+    from mlflow import MlflowClient
+
+    bound_mlflow_requests(timeout_s)
+    check_reachable(uri, timeout_s)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def guarded(uri: str, what: str, call):
+    """Run one synchronous MLflow call; a connection failure becomes ServiceUnavailable naming the URI."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except MlflowException as e:
+        if uri.startswith(("http://", "https://")) and _is_connection_error(e):
+            raise ServiceUnavailable(f"MLflow at {uri} did not answer ({what}): {str(e).splitlines()[0][:200]}") from e
+        raise
+    except OSError as e:
+        raise ServiceUnavailable(f"MLflow at {uri} did not answer ({what}): {e}") from e
+
+
+def _is_connection_error(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(k in text for k in ("connection", "max retries", "timed out", "timeout", "refused", "unreachable"))
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run, driven synchronously through an MlflowClient bound to an explicit tracking URI."""
+
+    def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0):
+        from mlflow import MlflowClient
+
+        bound_mlflow_requests(timeout_s)
+        check_reachable(tracking_uri, timeout_s)
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = guarded(tracking_uri, "experiment lookup", lambda: self.client.get_experiment_by_name(experiment))
+        self.experiment_id = exp.experiment_id if exp else guarded(
+            tracking_uri, "experiment creation", lambda: self.client.create_experiment(
+                experiment, artifact_location=artifact_location(tracking_uri, experiment)))
+        self.run_id = None
+
+    def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
+              run_id: str | None = None) -> None:
+        if run_id:  # resuming: keep logging into the same run
+            self.run_id = run_id
+            guarded(self.uri, "run resume", lambda: self.client.update_run(run_id, status="RUNNING"))
+        else:
+            run = guarded(self.uri, "run creation", lambda: self.client.create_run(
+                self.experiment_id, run_name=run_name or None, tags=tags or {}))
+            self.run_id = run.info.run_id
+            if params:
+                self.log_params(params)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp_ms: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = timestamp_ms or int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts beside the database file (MLflow's default is ./mlruns under the
+    current directory, wherever the job happens to run); None (the server's choice) otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None

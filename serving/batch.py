@@ -1,0 +1,170 @@
+"""One worker's share of a batch-scoring job: the input shards, and each shard scored into its own files.
+
+    data = Inputs(cfg, ["traffic/"])             # every file's columns checked against data.columns up front
+    run_worker(cfg, export_dir, "ads-relevance/3", ["traffic/"], out, resume=True, rank=0, world=1)
+    score_shard(scorer, data, data.shards[3], out)   # one shard: outputs + quarantine + marker
+
+Inputs are read with ingestion's column mapping and validation (pipeline.reader, pipeline.validate); files
+written by ingestion itself are read with the identity mapping. A shard's output, its quarantine and its
+marker are written atomically (serving.shards), so any engine (one process, local workers, Ray actors)
+that runs ``score_shard`` resumes exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kernel.config import Config
+from pipeline.reader import ParquetSource, build_filter
+from pipeline.validate import ColumnMapping, quarantine_schema
+from serving import shards as sh
+from serving.scorer import BatchScorer
+
+OUTPUT_FIXED = ["source_file", "source_row", "scenario", "scored_as", "fallback", "score", "label",
+                "label_invalid", "model_version", "query_len", "title_len"]
+
+
+def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
+    fixed = [("source_file", pa.string()), ("source_row", pa.int64()), ("scenario", pa.string()),
+             ("scored_as", pa.string()), ("fallback", pa.bool_()), ("score", pa.float32()), ("label", pa.int8()),
+             ("label_invalid", pa.bool_()), ("model_version", pa.string()), ("query_len", pa.int32()),
+             ("title_len", pa.int32())]
+    return pa.schema(list(key_types.items()) + fixed)
+
+
+# Columns that only ingestion's output has together: such input is read with the identity mapping.
+INGESTED_SIGNATURE = {"query", "title", "description", "url", "label", "scenario", "weight", "source_file",
+                      "source_row", "truncated"}
+
+
+class Inputs:
+    """The input files as shards, with ingestion's column mapping checked against every file up front.
+
+    Files written by ingestion (all of INGESTED_SIGNATURE present) are already canonical and are read with
+    the identity mapping; anything else goes through ``data.columns``.
+    """
+
+    def __init__(self, cfg: Config, inputs: list[str]):
+        self.filter = build_filter(cfg.data.filters)
+        parts = []
+        for item in inputs:
+            parts.extend(ParquetSource.open(Path(item).resolve()).parts(self.filter))
+        data = cfg.data
+        self.canonical = bool(parts) and all(INGESTED_SIGNATURE <= set(p.schema.names) for p in parts)
+        if self.canonical:  # ingestion's own output (e.g. <work_dir>/data/test.parquet): identity mapping
+            data = dataclasses.replace(data, columns=dataclasses.replace(
+                data.columns, query="query", title="title", description="description", url="url", label="label",
+                label_threshold=None, scenario="scenario", scenario_from_partition=None, scenario_constant=None,
+                weight="weight"))
+        # scenarios=[]: ingestion accepts every scenario; unknown ones are routed here (fallback/quarantine).
+        self.mapping = ColumnMapping(data, scenarios=[], require_label=False)
+        self.mapping.check_parts(parts)
+        self.parts = parts
+        self.shards = [sh.Shard(i, Path(p.path)) for i, p in enumerate(parts)]
+        self.batch_rows = cfg.data.batch_rows
+        self.schema = output_schema(self.mapping.key_types)
+        self.quarantine_schema = quarantine_schema(self.mapping.keys)
+
+    def rows(self, shard: sh.Shard) -> int:
+        return self.parts[shard.index].num_rows
+
+    def batches(self, shard: sh.Shard):
+        """(accepted canonical batch, quarantined batch, rows read) of one shard, streamed."""
+        part = self.parts[shard.index]
+        for batch, rows in part.batches(self.mapping.read_columns(), self.batch_rows, self.filter):
+            accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
+            yield accepted, quarantined, batch.num_rows
+
+    def to_quarantine(self, table: pa.Table, reason: str, column: str = "") -> pa.Table:
+        """Accepted-schema rows -> quarantine rows (values as strings) with ``reason`` and ``column``."""
+        cols = {}
+        for f in self.quarantine_schema:
+            if f.name in ("reason", "column"):
+                value = reason if f.name == "reason" else column
+                cols[f.name] = pa.repeat(pa.scalar(value, pa.string()), table.num_rows)
+            else:
+                cols[f.name] = pc.cast(table.column(f.name), f.type)
+        return pa.table(cols, schema=self.quarantine_schema)
+
+
+def score_shard(scorer: BatchScorer, inputs: Inputs, shard: sh.Shard, out: Path, progress=None) -> dict:
+    """Score one shard into its output + quarantine files (atomically), then write its marker."""
+    t0 = time.time()
+    sh.clear_shard(out, shard)
+    writer = sh.ShardWriter(sh.output_path(out, shard), inputs.schema)
+    quarantine = sh.ShardWriter(sh.quarantine_path(out, shard), inputs.quarantine_schema)
+    counts = Counter()
+    reasons = Counter()
+    pending: list[pa.RecordBatch] = []
+
+    def flush() -> None:
+        table = pa.Table.from_batches(pending).combine_chunks()
+        pending.clear()
+        for start in range(0, table.num_rows, scorer.serving.chunk_rows):
+            scored, unknown = scorer.score(table.slice(start, scorer.serving.chunk_rows))
+            writer.write(scored)
+            counts["scored"] += scored.num_rows
+            counts["fallback"] += int(pc.sum(scored.column("fallback")).as_py() or 0)
+            if unknown.num_rows:
+                quarantine.write(inputs.to_quarantine(unknown, "unknown_scenario", inputs.mapping.scenario_column))
+                reasons["unknown_scenario"] += unknown.num_rows
+            if progress is not None:
+                progress.update(scored.num_rows + unknown.num_rows)
+
+    try:
+        buffered = 0
+        for accepted, rejected, n in inputs.batches(shard):
+            counts["rows_in"] += n
+            if rejected.num_rows:
+                quarantine.write(pa.Table.from_batches([rejected]))
+                reasons.update(rejected.column("reason").to_pylist())
+                if progress is not None:
+                    progress.update(rejected.num_rows)
+            if accepted.num_rows:
+                pending.append(accepted)
+                buffered += accepted.num_rows
+            if buffered >= scorer.serving.chunk_rows:
+                flush()
+                buffered = 0
+        if pending:
+            flush()
+    except BaseException:
+        writer.abort()
+        quarantine.abort()
+        raise
+    quarantine.commit()
+    writer.commit()
+    summary = {"rows_in": counts["rows_in"], "scored": counts["scored"], "fallback": counts["fallback"],
+               "quarantined": sum(reasons.values()), "by_reason": dict(reasons),
+               "model_version": scorer.model_version, "seconds": round(time.time() - t0, 3)}
+    sh.mark_done(out, shard, summary)
+    return summary
+
+
+def _progress(total: int, rank: int, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, disable=quiet, position=rank,
+                desc=f"scoring[{rank}]" if rank else "scoring", mininterval=1.0, dynamic_ncols=True)
+
+
+def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
+               rank: int = 0, world: int = 1, quiet: bool = False) -> list[dict]:
+    """Score this worker's shards (index % world == rank); finished ones are skipped with ``resume``."""
+    data = Inputs(cfg, inputs)
+    mine = sh.shards_for_rank(data.shards, rank, world)
+    todo = [s for s in mine if not (resume and sh.is_done(out, s, model_version))]
+    if not todo:
+        return []
+    scorer = BatchScorer(export_dir, cfg.serving, model_version)
+    results = []
+    with _progress(sum(data.rows(s) for s in todo), rank, quiet) as bar:
+        for shard in todo:
+            results.append(score_shard(scorer, data, shard, out, bar))
+    return results
