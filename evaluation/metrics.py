@@ -199,3 +199,78 @@ def summarize(per_scenario: dict) -> dict:
         "scenarios": len(per_scenario),
         "scenarios_without_auc": sorted(set(per_scenario) - set(with_auc)),
     }
+
+
+# --- curves and paired comparisons (used by the monitoring report) -------------------------------------------
+
+
+def _cumulative_counts(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None):
+    """(thresholds, tp, fp): per distinct score, from the highest down, the weight of positives and of
+    negatives scoring at least that much. All (k,), k = number of distinct scores."""
+    y = np.asarray(labels).astype(bool)
+    p = np.asarray(scores, dtype=np.float64)
+    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    p, y, w = p[order], y[order], w[order]
+    last = np.r_[np.flatnonzero(p[1:] != p[:-1]), len(p) - 1]  # last row of each distinct score
+    tp = np.cumsum(w * y)[last]
+    fp = np.cumsum(w * ~y)[last]
+    return p[last], tp, fp
+
+
+def roc_curve_points(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> dict | None:
+    """ROC curve with one point per distinct score: {"fpr", "tpr", "thresholds"}, each (k + 1,), starting at
+    (0, 0) with threshold +inf and ending at (1, 1). Ties are one point, so the trapezoid area under the
+    points is ``weighted_auc`` (ties count one half). None when a class is missing (no curve exists)."""
+    if len(scores) == 0:
+        return None
+    thr, tp, fp = _cumulative_counts(labels, scores, weights)
+    if tp[-1] <= 0 or fp[-1] <= 0:
+        return None
+    return {"fpr": np.r_[0.0, fp / fp[-1]], "tpr": np.r_[0.0, tp / tp[-1]], "thresholds": np.r_[np.inf, thr]}
+
+
+def pr_curve_points(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> dict | None:
+    """Precision-recall curve, one point per distinct score, recall increasing: {"recall", "precision",
+    "thresholds"}, each (k + 1,), starting at (recall 0, precision 1) with threshold +inf (sklearn's
+    convention). The step sum  sum_i (recall_i - recall_{i-1}) * precision_i  is the average precision.
+    None when there are no positives."""
+    if len(scores) == 0:
+        return None
+    thr, tp, fp = _cumulative_counts(labels, scores, weights)
+    if tp[-1] <= 0:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1.0), 1.0)
+    return {"recall": np.r_[0.0, tp / tp[-1]], "precision": np.r_[1.0, precision], "thresholds": np.r_[np.inf, thr]}
+
+
+def paired_auc_difference(
+    name: str, labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, weights: np.ndarray | None = None,
+    bootstrap_rounds: int = 200, seed: int = 0,
+) -> dict:
+    """Model a against model b on the same rows (same order for both) of scenario ``name``.
+
+    {"n", "positives", "auc_a", "auc_b", "delta" (a - b), "ci_low", "ci_high"}: the CI is the percentile
+    interval (CI_LEVEL) of the paired bootstrap: both models' AUCs are computed on the same stratified
+    resamples (``bootstrap_auc`` with the same ``scenario_seed`` draws the same rows for the same labels), and
+    the differences of those pairs are taken. A single class: AUCs and delta None, with a ``reason``.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    if not len(y) == len(scores_a) == len(scores_b):
+        raise DataError(f"paired_auc_difference: scenario {name!r}: lengths differ (labels {len(y)}, "
+                        f"scores_a {len(scores_a)}, scores_b {len(scores_b)})")
+    pos = int(y.sum())
+    out = {"n": len(y), "positives": pos, "auc_a": None, "auc_b": None, "delta": None,
+           "ci_low": None, "ci_high": None}
+    if pos == 0 or pos == len(y):
+        out["reason"] = f"scenario {name!r}: only one class among {len(y)} rows ({pos} positives)"
+        return out
+    out["auc_a"], out["auc_b"] = weighted_auc(y, scores_a, weights), weighted_auc(y, scores_b, weights)
+    out["delta"] = out["auc_a"] - out["auc_b"]
+    sa = bootstrap_auc(y, scores_a, weights, bootstrap_rounds, scenario_seed(seed, name))
+    sb = bootstrap_auc(y, scores_b, weights, bootstrap_rounds, scenario_seed(seed, name))
+    if len(sa):
+        tail = (1 - CI_LEVEL) / 2 * 100
+        out["ci_low"], out["ci_high"] = (float(v) for v in np.percentile(sa - sb, [tail, 100 - tail]))
+    return out

@@ -28,6 +28,7 @@ import re
 import sys
 import time
 
+from job.lineage import JobLineage
 from job.state import Fingerprint, JobState, code_version
 from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
 from kernel import exit_codes
@@ -66,7 +67,8 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
             force: list[str] | None = None, run_key: str | None = None) -> int:
     paths = JobPaths(cfg, run_key)
     state = JobState(paths.state)
-    ctx = JobContext(paths, {s: r for s in STEPS if (r := state.read(s)) is not None})
+    ctx = JobContext(paths, {s: r for s in STEPS if (r := state.read(s)) is not None},
+                     JobLineage(cfg, paths.state, run_key))
     code, rerun_rest = exit_codes.OK, False
     for name in plan(cfg, only or [], skip or []):
         fp = fingerprint(ctx, name)
@@ -84,6 +86,7 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
             rerun_rest = True
             print(f"[{name}] done in {outcome.info['seconds']} s", flush=True)
         code = code or _report(name, rec)
+    ctx.lineage.finish(code)
     print_summary(ctx)
     return code
 

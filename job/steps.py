@@ -12,22 +12,27 @@ Each step calls its stage's function with the typed config (never a command line
 """
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.state import listing
+from job.lineage import JobLineage
+from job.state import digest, listing
 from kernel import exit_codes
 from kernel.config import Config, to_dict
-from kernel.tracking import open_tracker
+from kernel.mlflow_client import mlflow_client
 from monitoring import registry
 from monitoring.check import run_check
+from monitoring.history import model_name_of, read_history
 from monitoring.promote import promote
 from pipeline.ingest import run_ingest as ingest
 from pipeline.synthetic import generate
 from serving.export import export_model
 from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
+from serving.registry_cache import resolve_model
 from serving.score import ScoreRequest, check_quarantine_rate, score_files
 from training.launch import run as train
 
@@ -80,6 +85,7 @@ class Step:
 class JobContext:
     paths: JobPaths
     records: dict  # step name -> StepRecord of the step's latest finished run
+    lineage: JobLineage
 
     @property
     def cfg(self) -> Config:
@@ -106,41 +112,34 @@ def config_section(cfg: Config, keys: list[str]) -> dict:
 # --- the runners ---------------------------------------------------------------------------------------------
 
 def run_generate(ctx: JobContext, resume: bool) -> Outcome:
-
     generate(ctx.paths.raw, ctx.cfg.data.synthetic)
     return Outcome({"path": str(ctx.paths.raw)}, [ctx.paths.raw])
 
 
 def run_ingest(ctx: JobContext, resume: bool) -> Outcome:
-
-    tracker = open_tracker(ctx.cfg)
-    tracker.start(run_name="ingest")
-    try:
+    with ctx.lineage.child("ingest") as tracker:
+        tracker.log_dataset(str(ctx.paths.source), "source", digest(listing(ctx.paths.source)), "ingestion")
         report = ingest(ctx.cfg, ctx.paths.source, ctx.paths.data, tracker=tracker)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
     return Outcome({"rows_in": report.rows_in, "accepted": report.rows_accepted,
                     "quarantined": report.rows_quarantined}, [ctx.paths.data])
 
 
 def run_train(ctx: JobContext, resume: bool) -> Outcome:
-
     p = ctx.paths
-    result = train(ctx.cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file())
+    result = train(ctx.cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file(),
+                   tags=ctx.lineage.tags("train"))
     return Outcome({"run_id": result.run_id, "model_dir": str(result.model_dir), "steps": result.steps,
                     "val": result.best_metrics}, [p.train / "model"])
 
 
 def run_export(ctx: JobContext, resume: bool) -> Outcome:
-
     cfg, p = ctx.cfg, ctx.paths
     manifest = export_model(str(p.train / "model"), p.export, valid=p.data / "valid.parquet",
                             tracking_uri=cfg.tracking_uri if cfg.tracking.enabled else None,
                             name=cfg.tracking.registered_model if cfg.tracking.enabled else None,
                             source_run_id=ctx.info("train").get("run_id"),
-                            calibration_method=cfg.monitoring.calibration_method)
+                            calibration_method=cfg.monitoring.calibration_method,
+                            parent_run=ctx.lineage.parent_run_id)
     registered = manifest.get("registered") or {}
     return Outcome({"dir": str(p.export), "model_version": manifest["model_version"],
                     "version": registered.get("version")}, [p.export])
@@ -155,12 +154,17 @@ def served_version(ctx: JobContext) -> str:
 
 
 def run_score(ctx: JobContext, resume: bool) -> Outcome:
-
     p = ctx.paths
     if not resume:  # other inputs or another model: nothing of an earlier scoring may stay behind
         shutil.rmtree(p.scores, ignore_errors=True)
-    summary = score_files(ScoreRequest(input=[str(p.score_input)], output=p.scores, resume=True, quiet=True),
-                          ctx.cfg, p.export, served_version(ctx))
+    version = served_version(ctx)
+    with ctx.lineage.child("score") as tracker:
+        tracker.log_dataset(str(p.score_input), "traffic", digest(listing(p.score_input)), "scoring")
+        summary = score_files(ScoreRequest(input=[str(p.score_input)], output=p.scores, resume=True, quiet=True),
+                              ctx.cfg, p.export, version)
+        tracker.set_tags({"model_version": version})
+        tracker.log_metrics({f"score/{k}": summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")
+                             if summary.get(k) is not None})
     print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
           f"-> {p.scores}")
     check_quarantine_rate(summary, p.scores)  # raises: the job exits with the data-gate code
@@ -169,16 +173,36 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
 
 
 def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
-
-    p = ctx.paths
-    reference = CALIBRATED_REFERENCE_FILE if ctx.cfg.serving.calibrate else REFERENCE_FILE
-    summary = run_check(p.scores, p.export / reference, p.monitor, ctx.cfg)
+    """The morning report: this version's quality and drift, against the champion on the same rows, and the
+    trend of the last monitoring runs of this model (read back from MLflow)."""
+    p, cfg = ctx.paths, ctx.cfg
+    reference = CALIBRATED_REFERENCE_FILE if cfg.serving.calibrate else REFERENCE_FILE
+    version = served_version(ctx)
+    history = (read_history(cfg.tracking_uri, cfg.tracking.experiment, model_name_of(version),
+                            timeout_s=cfg.tracking.timeout_s) if cfg.tracking.enabled else None)
+    champion = champion_scores(ctx, version)
+    with ctx.lineage.child("monitor") as tracker:
+        summary = run_check(p.scores, p.export / reference, p.monitor, cfg, tracker=tracker, model_version=version,
+                            champion=champion, history=history)
+    log_test_metrics(ctx, summary)
     code = exit_codes.MONITORING_BREACH if summary["breaches"] else exit_codes.OK
     return Outcome({"dir": str(p.monitor), "breaches": summary["breaches"], "summary": summary}, [p.monitor], code)
 
 
-def run_promote(ctx: JobContext, resume: bool) -> Outcome:
+def champion_scores(ctx: JobContext, candidate: str) -> dict | None:
+    """The current champion's scores of the same input (``<run>/champion_scores``), when there is another one."""
+    cfg = ctx.cfg
+    champ = champion_now(ctx).get("champion")
+    if champ is None or f"{cfg.tracking.registered_model}/{champ}" == candidate:
+        return None
+    export_dir, version = resolve_model(f"models:/{cfg.tracking.registered_model}/{champ}", cfg.tracking_uri)
+    out = ctx.paths.root / "champion_scores"
+    shutil.rmtree(out, ignore_errors=True)
+    score_files(ScoreRequest(input=[str(ctx.paths.score_input)], output=out, quiet=True), cfg, export_dir, version)
+    return {"scored": out, "version": version}
 
+
+def run_promote(ctx: JobContext, resume: bool) -> Outcome:
     version = ctx.info("export").get("version")
     if version is None:
         return Outcome({"skipped": "tracking is off or nothing was registered"}, [])
@@ -186,9 +210,43 @@ def run_promote(ctx: JobContext, resume: bool) -> Outcome:
     if champion_now(ctx).get("champion") == version:  # e.g. only a gate setting changed since it was promoted
         return Outcome({"passed": True, "reasons": [], "candidate_version": version, "champion_version": version,
                         "note": f"version {version} is already the champion"}, [])
-    result = promote(cfg.tracking.registered_model, version, str(ctx.paths.data / "test.parquet"), cfg,
-                     cfg.tracking_uri)
+    eval_path = ctx.paths.data / "test.parquet"
+    with ctx.lineage.child("promote") as tracker:
+        tracker.log_dataset(str(eval_path), "evaluation", digest(listing(eval_path)), "evaluation")
+        result = promote(cfg.tracking.registered_model, version, str(eval_path), cfg, cfg.tracking_uri,
+                         about=model_card(ctx))
+        tracker.set_tags({"candidate_version": version, "decision": "promoted" if result["passed"] else "rejected"})
+        tracker.log_metrics({f"candidate/auc/{s}": m["auc"] for s, m in (result["metrics"]["candidate"] or {}).items()
+                             if m.get("auc") is not None})
     return Outcome(result, [], exit_codes.OK if result["passed"] else exit_codes.GATE_FAILED)
+
+
+def log_test_metrics(ctx: JobContext, summary: dict) -> None:
+    """The held-out test metrics, as MLflow metrics of the training run (so runs compare on them)."""
+    run_id = ctx.info("train").get("run_id")
+    if not ctx.cfg.tracking.enabled or not run_id:
+        return
+    metrics = {}
+    for name, m in (summary.get("metrics") or {}).items():
+        for key in ("auc", "auc_ci_low", "auc_ci_high", "pr_auc", "ece"):
+            if m.get(key) is not None:
+                metrics[f"test/{key}/{name}"] = m[key]
+    if (summary.get("overall") or {}).get("auc_macro") is not None:
+        metrics["test/auc_macro"] = summary["overall"]["auc_macro"]
+    if metrics:
+        from mlflow.entities import Metric
+
+        client = mlflow_client(ctx.cfg.tracking_uri, ctx.cfg.tracking.timeout_s)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
+
+
+def model_card(ctx: JobContext) -> dict:
+    """What the registry's version description says about the model itself (promotion adds the evidence)."""
+    cfg = ctx.cfg
+    return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
+            "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
+            "scenarios": json.loads((ctx.paths.data / "task_map.json").read_text())["scenarios"],
+            "training_run": ctx.info("train").get("run_id"), "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 
 def champion_now(ctx: JobContext) -> dict:

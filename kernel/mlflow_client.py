@@ -14,9 +14,11 @@ import os
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from kernel.errors import ServiceUnavailable
+from kernel.provenance import git_commit
 
 
 class NullTracker:
@@ -31,6 +33,7 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -66,6 +69,61 @@ def mlflow_client(uri: str, timeout_s: float = 10.0):
     bound_mlflow_requests(timeout_s)
     check_reachable(uri, timeout_s)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def fluent_uri(uri: str):
+    """MLflow's fluent API (``mlflow.start_run``, ``mlflow.pyfunc.log_model``) reads global URIs: set them to
+    ``uri`` for the block, then put back exactly what was there. (MLflow's setters also export
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to the environment, which child processes would inherit, so the
+    environment is restored too.)"""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    before = (tracking_state._tracking_uri, registry_state._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        registry_state._registry_uri = before[1]
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def source_tags(entry_point: str | None = None) -> dict[str, str]:
+    """``mlflow.source.*``: what the UI's "Source" shows (the entry point, and the commit when in git)."""
+    import sys
+
+
+    name = entry_point or (Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python")
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        tags["git_commit"] = commit
+    return tags
+
+
+def dataset_entity(uri: str, name: str, digest: str, context: str):
+    """An MLflow dataset input for ``uri`` (a file, folder or object-store URI) known by its fingerprint."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local path
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(uri))
+    dataset = MetaDataset(source=source, name=name, digest=digest)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 
 def guarded(uri: str, what: str, call):
@@ -110,7 +168,7 @@ class MlflowTracker(NullTracker):
             guarded(self.uri, "run resume", lambda: self.client.update_run(run_id, status="RUNNING"))
         else:
             run = guarded(self.uri, "run creation", lambda: self.client.create_run(
-                self.experiment_id, run_name=run_name or None, tags=tags or {}))
+                self.experiment_id, run_name=run_name or None, tags={**source_tags(), **(tags or {})}))
             self.run_id = run.info.run_id
             if params:
                 self.log_params(params)
@@ -142,6 +200,9 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
+        self.client.log_inputs(self.run_id, datasets=[dataset_entity(uri, name, digest, context)])
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:

@@ -16,7 +16,6 @@ timestamps. Metrics keep the time of the logging call, not of the send. The sync
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, TrackingConfig
-from kernel.mlflow_client import MlflowTracker, NullTracker
+from kernel.mlflow_client import MlflowTracker, NullTracker, dataset_entity
 
 MAX_PAUSE_S = 10.0
 
@@ -78,6 +77,9 @@ class SpooledTracker(NullTracker):
 
     def set_tags(self, tags: dict) -> None:
         self._record("tags", {k: str(v) for k, v in tags.items()})
+
+    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
+        self._record("dataset", {"uri": str(uri), "name": name, "digest": digest, "context": context})
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is None:
@@ -165,6 +167,8 @@ def _send(inner: MlflowTracker, r: dict) -> None:
         for k, v in r.items():
             if k not in ("op", "run_id"):
                 client.set_tag(run_id, k, v)
+    elif op == "dataset":
+        client.log_inputs(run_id, datasets=[dataset_entity(r["uri"], r["name"], r["digest"], r["context"])])
     elif op == "end":
         client.set_terminated(run_id, status=r["status"])
 
@@ -205,15 +209,3 @@ def open_tracker(cfg: Config, rank: int = 0, spool_dir: Path | None = None) -> N
     t: TrackingConfig = cfg.tracking
     inner = MlflowTracker(cfg.tracking_uri, t.experiment, t.timeout_s)
     return SpooledTracker(inner, Path(spool_dir or Path(cfg.work_dir) / "tracking_spool"), t.flush_timeout_s)
-
-
-def git_commit() -> str:
-    """The source commit (plus "-dirty" when the tree has changes), or "unknown" outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -105,16 +105,36 @@ def plain_module_prefix(model: RelevanceModel) -> str:
     return "backbone." if model.head is not None else ""
 
 
-def peft_lora_state(model: RelevanceModel, task: int) -> tuple[dict, dict[str, torch.Tensor]]:
+def head_modules(model: RelevanceModel) -> dict[str, torch.Tensor]:
+    """The trained head's weights by their names in the plain checkpoint (``classifier.weight``,
+    ``bert.pooler.dense.weight``, ``score.weight``, ``head.bias``, ...): everything trained but the adapters."""
+    prefix = plain_module_prefix(model)
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and not name.endswith((".A", ".B", ".lam", ".w")):
+            plain = name.removeprefix("backbone.") if model.head is None else name.replace("backbone.", prefix, 1)
+            out[plain] = p
+    return out
+
+
+def peft_lora_state(model: RelevanceModel, task: int, base_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """One scenario as a PEFT LoRA adapter: (adapter_config dict, state dict in PEFT's key naming).
 
     lora_A = A_t (r, in), lora_B = U_t (out, r) (ΔW_t = lora_B @ lora_A), lora_alpha == r so PEFT's
     scaling is 1. ``target_modules`` lists the adapted modules' full names relative to the plain
-    checkpoint's model (``plain_module_prefix``).
+    checkpoint's model (``plain_module_prefix``). The trained head (shared by every scenario) travels with
+    each adapter as ``modules_to_save``, so the adapter is a whole sequence classifier over the untouched
+    base: ``task_type`` SEQ_CLS, and ``base_model_name_or_path`` names the export's ``base/`` folder, so that
+    ``AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir)`` loads it by name.
     """
     prefix = plain_module_prefix(model)
     layers = {prefix + n: layer for n, layer in _layers(model, task).items()}
     state: dict[str, torch.Tensor] = {}
+    heads = head_modules(model)
+    for name, p in heads.items():
+        state[f"base_model.model.{name}"] = p.detach().contiguous().cpu()
+    # PEFT matches modules_to_save by module-name suffix: the modules that own those weights.
+    head_owners = sorted({name.rsplit(".", 1)[0] for name in heads})
     ranks: dict[str, int] = {}
     for name, layer in layers.items():
         a, up = layer.lora_pair(task, dtype=torch.float32)  # built in fp32, stored in the base dtype
@@ -126,8 +146,8 @@ def peft_lora_state(model: RelevanceModel, task: int) -> tuple[dict, dict[str, t
     pattern = {n: k for n, k in ranks.items() if k != r}  # only if layers ever differ in rank
     config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_path,
         "r": r,
         "lora_alpha": r,
         "rank_pattern": pattern,
@@ -139,15 +159,15 @@ def peft_lora_state(model: RelevanceModel, task: int) -> tuple[dict, dict[str, t
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": head_owners or None,
         "inference_mode": True,
     }
     return config, state
 
 
-def save_peft_adapter(model: RelevanceModel, task: int, out_dir: Path) -> Path:
+def save_peft_adapter(model: RelevanceModel, task: int, out_dir: Path, base_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for one scenario; return out_dir."""
-    config, state = peft_lora_state(model, task)
+    config, state = peft_lora_state(model, task, base_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / PEFT_WEIGHTS_FILE) as tmp:

@@ -2,7 +2,9 @@
 
     python -m monitoring.check --scored runs/demo/scores --reference runs/demo/export/reference.json \\
         --out runs/demo/monitoring [--quarantine runs/demo/quarantine.parquet] [--config configs/demo.yaml] \\
-        [monitoring.psi_threshold=0.2 ...] [--tracking-uri sqlite:///runs/demo/mlflow.db --run-id RUN]
+        [monitoring.psi_threshold=0.2 ...] [--tracking-uri sqlite:///runs/demo/mlflow.db --run-id RUN] \\
+        [--model-version ads-relevance/3] [--champion-scored runs/demo/champion_scores \\
+        --champion-version ads-relevance/2] [--history 10]
 
 Input: the Parquet file or directory (hive partitions allowed) written by batch scoring, with columns
 ``scenario`` (string), ``score`` (probability), optionally ``label`` (0/1, nulls allowed: those rows only
@@ -13,7 +15,16 @@ is a batch-scoring output folder); quarantine rate = quarantined / (quarantined 
 files whose names start with "_" or "." are not read as scores.
 
 Output: ``out/report.html`` (+ ``out/plots/*.png``) and ``out/summary.json``; both are logged to the MLflow run
-(artifact path ``monitoring``) when a tracking URI is given, with the headline numbers as metrics.
+(artifact path ``monitoring``) when a tracking URI is given, with the headline numbers as metrics and the
+tags of ``monitoring.history.run_tags`` (stage=monitor, model_version, model_name, champion_version), by
+which the next check finds this run for its trend plots.
+
+``--model-version`` (default: the scored input's ``model_version`` column when it holds one value) is shown
+in the report's header. ``--champion-scored``: the champion's batch-scoring output of the same input; its
+rows are matched to this input's labelled rows on (source_file, source_row), and per scenario both AUCs and
+the paired bootstrap CI of their difference are reported (see ``run_check``). ``--history N``: the last N
+finished monitoring runs of ``tracking.experiment`` (of the same registered model when the version names
+one) are read back from ``--tracking-uri`` and drawn as trends (0: none).
 
 Exit codes (kernel.exit_codes): 0 no breach; 2 bad input or configuration (the message names the file,
 column, row or key); 3 at least one breach (drift above a threshold, unseen scenarios, quarantine rate, or
@@ -22,7 +33,6 @@ AUC alert); 5 the MLflow server did not answer.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,16 +44,25 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from evaluation.drift import drift_report, load_reference
-from evaluation.metrics import scenario_metrics, summarize
+from evaluation.metrics import (
+    CI_LEVEL,
+    paired_auc_difference,
+    pr_curve_points,
+    roc_curve_points,
+    scenario_metrics,
+    summarize,
+)
 from kernel import exit_codes
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError
 from kernel.mlflow_client import MlflowTracker
+from monitoring.history import metric_key, model_name_of, read_history, run_tags
 from monitoring.report import write_report
 
 EXIT_OK, EXIT_INPUT, EXIT_BREACH = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH
 QUARANTINE_DIR = "_quarantine"  # batch scoring writes its rejected rows here, inside the output folder
+ROW_KEY = ("source_file", "source_row")  # written by batch scoring: a row's input file and its position there
 
 
 class Tracker(Protocol):
@@ -51,6 +70,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_artifacts(self, path: str, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
 
 
 def _dataset(path: str | Path, what: str) -> ds.Dataset:
@@ -63,15 +83,22 @@ def _dataset(path: str | Path, what: str) -> ds.Dataset:
         raise DataError(f"{p}: cannot read {what} as Parquet ({e})") from e
 
 
-def read_scored(path: str | Path) -> dict[str, np.ndarray | None]:
+def read_scored(path: str | Path, keys: bool = False) -> dict[str, np.ndarray | None]:
     """Columns as numpy arrays: scenario, score, label (float, NaN = unlabelled; None if absent), query_len,
-    title_len (None if absent). Validated per file so errors name the file, the column and the row."""
+    title_len (None if absent); with ``keys`` also source_file (str) and source_row (int64), the row key
+    that batch scoring writes (required then, nulls refused). Validated per file so errors name the file,
+    the column and the row."""
     dset = _dataset(path, "scored input")
     names = set(dset.schema.names)
-    missing = {"scenario", "score"} - names
+    required = {"scenario", "score"} | (set(ROW_KEY) if keys else set())
+    missing = required - names
     if missing:
-        raise DataError(f"{path}: scored input lacks columns {sorted(missing)} (has {sorted(names)})")
+        why = f" (the row key {ROW_KEY} that batch scoring writes)" if keys and missing & set(ROW_KEY) else ""
+        raise DataError(f"{path}: scored input lacks columns {sorted(missing)}{why} (has {sorted(names)})")
     proj = {"scenario": pc.field("scenario").cast(pa.string()), "score": pc.field("score").cast(pa.float64())}
+    if keys:
+        proj["source_file"] = pc.field("source_file").cast(pa.string())
+        proj["source_row"] = pc.field("source_row").cast(pa.int64())
     if "label" in names:
         proj["label"] = pc.field("label").cast(pa.float64())
     for col in ("query", "title"):
@@ -82,7 +109,7 @@ def read_scored(path: str | Path) -> dict[str, np.ndarray | None]:
     parts = []
     for frag in dset.get_fragments():
         t = frag.to_table(schema=dset.schema, columns=proj)
-        for col in ("scenario", "score"):
+        for col in ("scenario", "score", *(ROW_KEY if keys else ())):
             if t[col].null_count:
                 row = pc.index(pc.is_null(t[col]), True).as_py()
                 raise DataError(f"{frag.path}: column {col}: {t[col].null_count} nulls (first at row {row})")
@@ -108,15 +135,26 @@ def read_scored(path: str | Path) -> dict[str, np.ndarray | None]:
     out["label"] = t["label"].to_numpy(zero_copy_only=False) if "label" in proj else None
     for col in ("query_len", "title_len"):
         out[col] = t[col].fill_null(0).to_numpy() if col in proj else None
+    if keys:
+        out["source_file"] = t["source_file"].to_numpy(zero_copy_only=False).astype(str)
+        out["source_row"] = t["source_row"].to_numpy()
     return out
+
+
+def scored_model_version(path: str | Path) -> str | None:
+    """The scored input's ``model_version`` column when it holds exactly one non-null value, else None."""
+    dset = _dataset(path, "scored input")
+    if "model_version" not in dset.schema.names:
+        return None
+    values = pc.unique(dset.to_table(columns={"v": pc.field("model_version").cast(pa.string())})["v"]).drop_null()
+    return values[0].as_py() if len(values) == 1 else None
 
 
 def count_rows(path: str | Path) -> int:
     return _dataset(path, "quarantine file").count_rows()
 
 
-def _metric_key(*parts: str) -> str:
-    return ".".join(re.sub(r"[^A-Za-z0-9_./: -]", "_", p) for p in parts)
+_metric_key = metric_key  # one cleaning of metric names, shared with the history reader
 
 
 def headline_metrics(summary: dict) -> dict[str, float]:
@@ -133,17 +171,163 @@ def headline_metrics(summary: dict) -> dict[str, float]:
     for name, d in summary["drift"]["scenarios"].items():
         if d["psi_score"] is not None:
             out[_metric_key("monitoring", name, "psi_score")] = d["psi_score"]
+    for name, c in ((summary.get("champion") or {}).get("scenarios") or {}).items():
+        if c.get("delta") is not None:  # candidate AUC - champion AUC on the matched rows
+            out[_metric_key("monitoring", name, "auc_delta_vs_champion")] = c["delta"]
     return out
 
 
-def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path=None, tracker=None) -> dict:
+def _row_keys(files: np.ndarray, rows: np.ndarray, universe: np.ndarray, width: int, what: str) -> np.ndarray:
+    """(n,) int64 keys of (source_file, source_row) pairs: file code in ``universe`` (sorted) * width + row,
+    ``width`` above every row number of both sides (so equal pairs get equal keys). Duplicate pairs raise
+    DataError naming ``what`` and one duplicate."""
+    if len(rows) and rows.min() < 0:
+        raise DataError(f"{what}: column source_row holds negative values (first: {rows[rows < 0][0]})")
+    keys = np.searchsorted(universe, files).astype(np.int64) * width + rows.astype(np.int64)
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        i = first[np.argmax(counts > 1)]
+        raise DataError(f"{what}: the row key {ROW_KEY} is not unique: {int((counts - 1).sum())} repeated rows "
+                        f"(e.g. source_file={str(files[i])!r}, source_row={int(rows[i])})")
+    return keys
+
+
+def _champion_columns(champion: dict) -> tuple[str, dict]:
+    """(what it is, columns) of the champion's scores: source_file, source_row, score, scenario, label."""
+    if champion.get("scored") is not None:
+        return f"{champion['scored']} (champion's scores)", read_scored(champion["scored"], keys=True)
+    missing = {"source_file", "source_row", "score"} - set(champion)
+    if missing:
+        raise DataError(f"champion: needs 'scored' (the champion's batch-scoring output) or the arrays "
+                        f"source_file, source_row, score; lacks {sorted(missing)}")
+    cols = {k: np.asarray(champion[k]) for k in ("source_file", "source_row", "score", "scenario", "label")
+            if champion.get(k) is not None}
+    cols["source_file"], cols["score"] = cols["source_file"].astype(str), cols["score"].astype(np.float64)
+    cols["source_row"] = cols["source_row"].astype(np.int64)
+    if cols.get("label") is not None:
+        cols["label"] = cols["label"].astype(np.float64)
+    lengths = {k: len(v) for k, v in cols.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"champion: arrays differ in length {lengths}")
+    bad = np.flatnonzero(~np.isfinite(cols["score"]) | (cols["score"] < 0) | (cols["score"] > 1))
+    if len(bad):
+        raise DataError(f"champion: score: {len(bad)} values outside [0, 1] (first at row {bad[0]}: "
+                        f"{cols['score'][bad[0]]})")
+    return "champion arrays", cols
+
+
+def compare_champion(cand: dict, labelled: np.ndarray, champion: dict, candidate_version: str | None,
+                     mon) -> dict:
+    """The candidate (this check's scores) against the champion on the same labelled rows.
+
+    Rows are matched on (source_file, source_row); candidate labels and scenarios are used (the champion's
+    must agree where it has them: a disagreement means the keys point at different rows). Per scenario of
+    the matched rows: both AUCs, their difference (candidate - champion) with the paired bootstrap CI
+    (``evaluation.metrics.paired_auc_difference``: the same resamples for both models) and a verdict: "worse"
+    / "better" when the CI excludes 0, else "within noise". Informational: it is not a breach.
+    """
+    what, champ = _champion_columns(champion)
+    c_file, c_row = cand["source_file"][labelled], cand["source_row"][labelled]
+    universe = np.unique(np.concatenate([c_file, champ["source_file"]]))
+    width = int(max(c_row.max(initial=0), champ["source_row"].max(initial=0))) + 1
+    ck = _row_keys(c_file, c_row, universe, width, "scored input (labelled rows)")
+    hk = _row_keys(champ["source_file"], champ["source_row"], universe, width, what)
+    _, ci, hi = np.intersect1d(ck, hk, assume_unique=True, return_indices=True)  # sorted by key: same order
+    if len(ci) == 0:
+        raise DataError(f"{what}: no row matches the {len(ck)} labelled scored rows on {ROW_KEY} (e.g. candidate "
+                        f"{(c_file[:1].tolist(), c_row[:1].tolist())}, champion "
+                        f"{(champ['source_file'][:1].tolist(), champ['source_row'][:1].tolist())}): "
+                        "were both scored from the same input files?")
+    scn = cand["scenario"][labelled][ci]
+    y = cand["label"][labelled][ci]
+    for col, mine in (("scenario", scn), ("label", y)):
+        theirs = champ.get(col)
+        if theirs is None:
+            continue
+        theirs = theirs[hi]
+        differ = (mine != theirs) if col == "scenario" else (~np.isnan(theirs) & (mine != theirs))
+        if differ.any():
+            j = int(np.argmax(differ))
+            raise DataError(f"{what}: column {col} differs from the scored input's on {int(differ.sum())} of "
+                            f"{len(ci)} rows matched on {ROW_KEY} (e.g. source_file={str(c_file[ci][j])!r}, "
+                            f"source_row={int(c_row[ci][j])}: {mine[j].item()!r} here, {theirs[j].item()!r} "
+                            "in the champion's)")
+    p_cand, p_champ = cand["score"][labelled][ci], champ["score"][hi]
+    per = {}
+    for name in sorted(set(scn.tolist())):
+        m = scn == name
+        d = paired_auc_difference(name, y[m].astype(np.int8), p_cand[m], p_champ[m],
+                                  bootstrap_rounds=mon.bootstrap_rounds, seed=mon.seed)
+        entry = {"rows": d["n"], "positives": d["positives"], "candidate_auc": d["auc_a"],
+                 "champion_auc": d["auc_b"], "delta": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                 "verdict": None}
+        if d["delta"] is None:
+            entry["reason"] = d["reason"]
+        elif d["ci_high"] is not None and d["ci_high"] < 0:
+            entry["verdict"] = "worse"
+        elif d["ci_low"] is not None and d["ci_low"] > 0:
+            entry["verdict"] = "better"
+        elif d["ci_low"] is not None:
+            entry["verdict"] = "within noise"
+        per[name] = entry
+    both = [n for n, e in per.items() if e["delta"] is not None]
+    macro = {"candidate": None, "champion": None, "delta": None, "scenarios": both}
+    if both:
+        macro["candidate"] = float(np.mean([per[n]["candidate_auc"] for n in both]))
+        macro["champion"] = float(np.mean([per[n]["champion_auc"] for n in both]))
+        macro["delta"] = macro["candidate"] - macro["champion"]
+    return {
+        "version": champion.get("version"), "candidate_version": candidate_version,
+        "source": str(champion["scored"]) if champion.get("scored") is not None else None,
+        "key": list(ROW_KEY), "rows_matched": len(ci),
+        "candidate_rows_unmatched": len(ck) - len(ci), "champion_rows_unmatched": len(hk) - len(hi),
+        "ci_level": CI_LEVEL, "bootstrap_rounds": mon.bootstrap_rounds, "scenarios": per, "auc_macro": macro,
+    }
+
+
+def _curves(scenarios: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
+    """{scenario: {"roc": roc_curve_points, "pr": pr_curve_points}} of the labelled rows (None: one class)."""
+    out = {}
+    for name in sorted(set(scenarios.tolist())):
+        m = scenarios == name
+        out[name] = {"roc": roc_curve_points(labels[m], scores[m]), "pr": pr_curve_points(labels[m], scores[m])}
+    return out
+
+
+def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path=None, tracker=None, *,
+              model_version: str | None = None, champion: dict | None = None,
+              history: list[dict] | None = None) -> dict:
     """Compute metrics and drift, write report.html + summary.json into out_dir, log them; return the summary.
 
     ``summary["breaches"]`` lists every breach as a readable string (empty: healthy).
+
+    ``model_version``: the version whose scores these are, e.g. "ads-relevance/3" (default: the scored
+    input's ``model_version`` column when it holds a single value). Shown in the report's header, stored as
+    ``summary["model_version"]`` and set as the run's ``model_version`` tag.
+
+    ``champion``: the champion's scores of the same input, to compare with. Either
+    ``{"version": "ads-relevance/2", "scored": <the champion's batch-scoring output: Parquet file or folder>}``
+    (the simplest: score the same input files with the champion, pass the output folder; ``version``
+    defaults to that output's ``model_version`` column), or in memory ``{"version": ..., "source_file":
+    array, "source_row": array, "score": array, "scenario": array (optional), "label": array (optional)}``.
+    Rows are matched on (source_file, source_row), the key batch scoring writes: the scored input must then
+    have those columns too, each key must be unique on each side, and the champion's scenario/label (when
+    given) must agree with this input's on the matched rows (else DataError: the keys point at other rows).
+    The comparison uses this input's labelled rows that the champion also scored; ``summary["champion"]``
+    holds per scenario both AUCs, the difference with its paired bootstrap CI, the rows, and the counts of
+    unmatched rows (see ``compare_champion``). It informs; it is not a breach (the promotion gate decides).
+
+    ``history``: earlier monitoring runs, oldest first, as ``monitoring.history.read_history`` returns them;
+    the report draws each scenario's AUC and score PSI over them with this run last. None: no trend section.
+
+    With a ``tracker`` the run gets the tags of ``monitoring.history.run_tags`` (stage=monitor,
+    model_version, model_name, champion_version), the headline metrics and the report folder as artifacts.
     """
     mon = cfg.monitoring
     reference = load_reference(reference_path)
-    cols = read_scored(scored_path)
+    cols = read_scored(scored_path, keys=champion is not None)
+    if model_version is None:
+        model_version = scored_model_version(scored_path)
     n = len(cols["score"])
     quarantine_rate = None
     if quarantine_path is None and (Path(scored_path) / QUARANTINE_DIR).is_dir():
@@ -152,7 +336,7 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
         q = count_rows(quarantine_path)
         quarantine_rate = q / (q + n) if q + n else 0.0
 
-    metrics, overall, labelled = None, None, 0
+    metrics, overall, labelled, curves = None, None, 0, None
     if cols["label"] is not None:
         m = ~np.isnan(cols["label"])
         labelled = int(m.sum())
@@ -161,6 +345,14 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
                                        bootstrap_rounds=mon.bootstrap_rounds, seed=mon.seed,
                                        bins=mon.calibration_bins)
             overall = summarize(metrics)
+            curves = _curves(cols["scenario"][m], cols["label"][m].astype(np.int8), cols["score"][m])
+    comparison = None
+    if champion is not None:
+        if not labelled:
+            raise DataError(f"{scored_path}: no labelled rows to compare with the champion on")
+        if champion.get("version") is None and champion.get("scored") is not None:
+            champion = {**champion, "version": scored_model_version(champion["scored"])}
+        comparison = compare_champion(cols, ~np.isnan(cols["label"]), champion, model_version, mon)
     drift = drift_report(reference, cols["scenario"], cols["score"], cols["query_len"], cols["title_len"],
                          quarantine_rate, mon)
     breaches = list(drift["breaches"])
@@ -172,16 +364,21 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
     summary = {
         "scored": str(scored_path), "reference": str(reference_path),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rows": n, "labelled_rows": labelled,
+        "model_version": model_version, "rows": n, "labelled_rows": labelled,
         "thresholds": {k: getattr(mon, k) for k in ("psi_threshold", "length_psi_threshold", "max_quarantine_rate",
                                                     "drift_min_rows", "alert_min_auc", "fail_on_unseen_scenarios")},
         "metrics": metrics, "overall": overall, "drift": drift, "breaches": breaches,
+        "champion": comparison,
+        # the trend's earlier points as the report drew them (the full records: monitoring.history)
+        "history": None if history is None else [
+            {k: h.get(k) for k in ("run_id", "start_time", "model_version", "scenarios")} for h in history],
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_report(summary, out, reference)
+    write_report(summary, out, reference, curves=curves, history=history)
     write_json_atomic(out / "summary.json", summary)
     if tracker is not None:
+        tracker.set_tags(run_tags(model_version, (comparison or {}).get("version")))
         tracker.log_metrics(headline_metrics(summary))
         tracker.log_artifacts(str(out), "monitoring")
     return summary
@@ -196,6 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quarantine", help="Parquet file or directory of quarantined rows")
     p.add_argument("--tracking-uri", help="MLflow tracking URI to log the report to")
     p.add_argument("--run-id", help="MLflow run to log to (default: a new run in tracking.experiment)")
+    p.add_argument("--model-version", help="version whose scores these are, e.g. ads-relevance/3 "
+                                           "(default: the scored input's model_version column)")
+    p.add_argument("--champion-scored", help="the champion's batch-scoring output of the same input, to compare "
+                                             "with (rows matched on source_file, source_row)")
+    p.add_argument("--champion-version", help="the champion's version (default: its model_version column)")
+    p.add_argument("--history", type=int, default=10, metavar="N",
+                   help="trend over the last N finished monitoring runs read from --tracking-uri (0: none)")
     add_config_args(p)
     args = p.parse_intermixed_args(argv)
     return exit_codes.run_cli(lambda: _work(args))
@@ -209,7 +413,17 @@ def _work(args: argparse.Namespace) -> int:
         tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment, cfg.tracking.timeout_s)
         tracker.start(run_name="monitoring-check", run_id=args.run_id)
     try:
-        summary = run_check(args.scored, args.reference, args.out, cfg, args.quarantine, tracker)
+        version = args.model_version or scored_model_version(args.scored)
+        champion = None
+        if args.champion_scored:
+            champion = {"scored": args.champion_scored, "version": args.champion_version}
+        history = None
+        if tracker is not None and args.history > 0:
+            history = [h for h in read_history(args.tracking_uri, cfg.tracking.experiment, model_name_of(version),
+                                               args.history + 1, cfg.tracking.timeout_s)
+                       if h["run_id"] != tracker.run_id][-args.history:]  # a resumed run is not its own history
+        summary = run_check(args.scored, args.reference, args.out, cfg, args.quarantine, tracker,
+                            model_version=version, champion=champion, history=history)
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")

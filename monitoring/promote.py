@@ -140,8 +140,9 @@ def _compact(per: dict | None) -> dict | None:
 
 
 def promote(name: str, candidate: str, eval_path: str, cfg: Config, tracking_uri: str,
-            score_fn: ScoreFn | None = None) -> dict:
-    """Run the gate; move the aliases on a pass; tag the candidate either way. See the module docstring."""
+            score_fn: ScoreFn | None = None, about: dict | None = None) -> dict:
+    """Run the gate; move the aliases on a pass; tag the candidate either way and write its description
+    (``registry.version_description``: ``about`` says what the model is). See the module docstring."""
     score_fn = score_fn or functools.partial(default_score_fn, tracking_uri=tracking_uri)
     client = registry.registry_client(tracking_uri)
     cand_version = str(registry.resolve_version(client, name, candidate).version)
@@ -169,8 +170,10 @@ def promote(name: str, candidate: str, eval_path: str, cfg: Config, tracking_uri
     registry.record_decision(client, name, cand_version, "promotion", {
         "decision": "promoted" if passed else "rejected", "reasons": reasons, "metrics": metrics,
         "champion_version": champ_version or "", "eval_path": str(eval_path)})
-    return {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
-            "champion_version": champ_version, "metrics": metrics}
+    result = {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
+              "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path)}
+    registry.describe_version(client, name, cand_version, about, result)
+    return result
 
 
 def rollback(name: str, tracking_uri: str) -> dict:

@@ -99,3 +99,41 @@ def decisions(client: MlflowClient, name: str, version: str | int) -> list[dict]
     tags = client.get_model_version(name, str(version)).tags
     keys = sorted(k for k in tags if k.startswith("history."))
     return [{"kind": k.rsplit(".", 1)[1], **json.loads(tags[k])} for k in keys]
+
+
+def version_description(name: str, version: str, about: dict | None, result: dict) -> str:
+    """The model version's description in the registry UI (Markdown): what the model is, its per-scenario
+    AUC on the evaluation set with 95% CIs (and the paired change against the champion), and the decision."""
+    about = about or {}
+    lines = [f"**{name} version {version}**"]
+    if about:
+        lines.append(f"Method **{about.get('method')}** ({about.get('adapter', '')}), base `{about.get('base_model')}`, "
+                     f"{about.get('pooling')} pooling; trained in run `{about.get('training_run')}`.")
+        if about.get("scenarios"):
+            lines.append("Scenarios: " + ", ".join(about["scenarios"]) + ".")
+    cand = (result.get("metrics") or {}).get("candidate") or {}
+    delta = (result.get("metrics") or {}).get("delta") or {}
+    champ = result.get("champion_version")
+    if cand:
+        head = "| scenario | AUC | 95% CI | rows |" + (f" vs champion v{champ} (95% CI) |" if delta else "")
+        lines += ["", head, "|---|---|---|---|" + ("---|" if delta else "")]
+        for s, m in sorted(cand.items()):
+            auc = "n/a" if m.get("auc") is None else f"{m['auc']:.4f}"
+            ci = "" if m.get("auc_ci_low") is None else f"[{m['auc_ci_low']:.3f}, {m['auc_ci_high']:.3f}]"
+            row = f"| {s} | {auc} | {ci} | {m.get('n', '')} |"
+            if delta:
+                d = delta.get(s)
+                row += (f" {d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |" if d else " |")
+            lines.append(row)
+    verdict = "promoted to champion" if result.get("passed") else "not promoted"
+    lines += ["", f"**Promotion: {verdict}**" + (f" (champion was version {champ})." if champ else ".")]
+    lines += [f"- {r}" for r in result.get("reasons") or []]
+    if result.get("eval_path"):
+        lines.append(f"Evaluated on `{result['eval_path']}`.")
+    return "\n".join(lines)
+
+
+def describe_version(client: MlflowClient, name: str, version: str | int, about: dict | None, result: dict) -> str:
+    text = version_description(name, str(version), about, result)
+    client.update_model_version(name, str(version), description=text)
+    return text

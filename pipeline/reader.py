@@ -126,7 +126,7 @@ class ParquetSource:
                 problems.append(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})")
         if problems:
             raise DataError("unreadable input:\n  - " + "\n  - ".join(problems))
-        base = _partition_base(root)
+        base = partition_base(root)
         keys = _partition_keys(base, files)
         partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive") if keys else None
         try:
@@ -167,7 +167,7 @@ class ParquetSource:
         return sorted(out, key=lambda p: p.path)
 
 
-def _partition_base(root: Path) -> Path:
+def partition_base(root: Path) -> Path:
     """The folder hive partitions are counted from: the input folder (a file's own folder), moved up past
     every trailing ``key=value`` component (``/d/traffic/market=us/day=1`` -> ``/d/traffic``)."""
     base = root if root.is_dir() else root.parent

@@ -21,21 +21,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kernel.config import Config
-from pipeline.reader import ParquetSource, build_filter
+from pipeline.reader import ParquetSource, build_filter, partition_base
 from pipeline.validate import ColumnMapping, quarantine_schema
 from serving import shards as sh
 from serving.scorer import BatchScorer
 
-OUTPUT_FIXED = ["source_file", "source_row", "scenario", "scored_as", "fallback", "score", "label",
-                "label_invalid", "model_version", "query_len", "title_len"]
+# The scored output after the pass-through keys (documented in README.md, "Scoring output"):
+OUTPUT_FIXED = [
+    ("source_file", pa.string()),       # the input file of the row
+    ("source_row", pa.int64()),         # its row number in that file
+    ("scenario", pa.string()),          # as read
+    ("scored_as", pa.string()),         # the scenario whose weights scored it (differs with fallback)
+    ("fallback", pa.bool_()),           # scored as serving.fallback_scenario
+    ("score", pa.float32()),            # the served probability: score_calibrated with serving.calibrate, else score_raw
+    ("score_raw", pa.float32()),        # sigmoid(logit)
+    ("score_calibrated", pa.float32()),  # per-scenario calibration of score_raw; null without calibration.json
+    ("decision", pa.bool_()),           # score_calibrated >= the scenario's threshold; null without one
+    ("label", pa.int8()),               # 0/1 when the input had a usable label, else null
+    ("label_invalid", pa.bool_()),      # a label value was present but unusable
+    ("model_version", pa.string()),     # the registry's name/version (or the export's digest)
+    ("query_len", pa.int32()),          # characters (drift monitoring)
+    ("title_len", pa.int32()),
+]
 
 
 def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
-    fixed = [("source_file", pa.string()), ("source_row", pa.int64()), ("scenario", pa.string()),
-             ("scored_as", pa.string()), ("fallback", pa.bool_()), ("score", pa.float32()), ("label", pa.int8()),
-             ("label_invalid", pa.bool_()), ("model_version", pa.string()), ("query_len", pa.int32()),
-             ("title_len", pa.int32())]
-    return pa.schema(list(key_types.items()) + fixed)
+    return pa.schema(list(key_types.items()) + OUTPUT_FIXED)
 
 
 # Columns that only ingestion's output has together: such input is read with the identity mapping.
@@ -52,9 +63,14 @@ class Inputs:
 
     def __init__(self, cfg: Config, inputs: list[str]):
         self.filter = build_filter(cfg.data.filters)
-        parts = []
+        parts, rel_dirs = [], []
         for item in inputs:
-            parts.extend(ParquetSource.open(Path(item).resolve()).parts(self.filter))
+            root = Path(item).resolve()
+            base = partition_base(root)  # traffic/market=us counts from traffic: market=us stays in the layout
+            for part in ParquetSource.open(root).parts(self.filter):
+                parts.append(part)
+                parent = Path(part.path).parent
+                rel_dirs.append(str(parent.relative_to(base)) if parent.is_relative_to(base) else "")
         data = cfg.data
         self.canonical = bool(parts) and all(INGESTED_SIGNATURE <= set(p.schema.names) for p in parts)
         if self.canonical:  # ingestion's own output (e.g. <work_dir>/data/test.parquet): identity mapping
@@ -66,7 +82,8 @@ class Inputs:
         self.mapping = ColumnMapping(data, scenarios=[], require_label=False)
         self.mapping.check_parts(parts)
         self.parts = parts
-        self.shards = [sh.Shard(i, Path(p.path)) for i, p in enumerate(parts)]
+        # Each output keeps its input's folders (hive partitions such as market=us/day=1) below --output.
+        self.shards = [sh.Shard(i, Path(p.path), "" if d == "." else d) for i, (p, d) in enumerate(zip(parts, rel_dirs))]
         self.batch_rows = cfg.data.batch_rows
         self.schema = output_schema(self.mapping.key_types)
         self.quarantine_schema = quarantine_schema(self.mapping.keys)

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
@@ -53,7 +54,7 @@ from kernel.config import Config, add_config_args, apply_overrides, config_from_
 from kernel.errors import ConfigError, DataError
 from kernel.exit_codes import run_cli
 from kernel.hashing import fingerprint_files
-from kernel.mlflow_client import artifact_location, mlflow_client
+from kernel.mlflow_client import mlflow_client
 from kernel.task_map import TASK_MAP_FILE
 from modeling.artifact import load_trained
 from modeling.base import load_tokenizer
@@ -72,6 +73,7 @@ from serving.layout import (
     factor_key,
     scenario_dirname,
 )
+from serving.registration import register_export
 from serving.scorer import score_table
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
@@ -111,9 +113,26 @@ def _run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
         raise DataError(f"source run {run_id}: not found at {tracking_uri} ({e.message})") from e
 
 
-def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str], dict]:
-    """base/, factors.safetensors, scenarios/<s>/ and adapters/<s>/ under ``out``; returns (layers, entries)."""
+ADAPTER_README = """# {scenario}: a PEFT LoRA adapter of {name}
 
+One scenario of a multi-scenario MTL-LoRA relevance model, as a standard LoRA adapter (scaling 1):
+lora_A = A ({r} x in), lora_B = U_t (out x {r}), so that W + lora_B @ lora_A is this scenario's merged weight.
+
+Head weights that travel with this adapter (``modules_to_save``): {heads}. They are the trained relevance
+head, shared by every scenario, and equal to those in the base folder.
+
+    from peft import AutoPeftModelForSequenceClassification
+    model = AutoPeftModelForSequenceClassification.from_pretrained("{folder}"{trust})
+    score = torch.sigmoid(model(**tokenizer(...)).logits[:, 0])
+
+The base is ``base_model_name_or_path`` in adapter_config.json ({base}); the tokenizer and the pair format
+are in the export's manifest.json (``input``).
+"""
+
+
+def write_checkpoints(model, tokenizer, task_map, out: Path, final: Path | None = None) -> tuple[list[str], dict]:
+    """base/, factors.safetensors, scenarios/<s>/ and adapters/<s>/ under ``out``; returns (layers, entries).
+    ``final`` is where ``out`` will be published: the adapters name its base/ folder."""
     layers = adapter_layers(model.backbone)  # names relative to the backbone
     save_plain(model, base_backbone(model), out / BASE_DIR, tokenizer)
     factors: dict[str, torch.Tensor] = {}
@@ -126,7 +145,13 @@ def write_checkpoints(model, tokenizer, task_map, out: Path) -> tuple[list[str],
             factors[factor_key(tid, layer_name, "U")] = u.contiguous().cpu()
         sub = scenario_dirname(name, tid)
         save_plain(model, merged_backbone(model, tid), out / SCENARIOS_DIR / sub, tokenizer)
-        save_peft_adapter(model, tid, out / ADAPTERS_DIR / sub)
+        adapter = save_peft_adapter(model, tid, out / ADAPTERS_DIR / sub,
+                                    base_path=str(((final or out) / BASE_DIR).resolve()))
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "README.md").write_text(ADAPTER_README.format(
+            scenario=name, name="the relevance model", r=config["r"], heads=", ".join(config["modules_to_save"] or []),
+            folder=f"{ADAPTERS_DIR}/{sub}", base=config["base_model_name_or_path"],
+            trust=", trust_remote_code=True" if model.head is not None else ""))
         entries[name] = {"merged": f"{SCENARIOS_DIR}/{sub}", "adapter": f"{ADAPTERS_DIR}/{sub}"}
     save_file(factors, str(out / FACTORS_FILE))
     return sorted(layers), entries
@@ -149,8 +174,6 @@ def best_f1_thresholds(scenarios: np.ndarray, labels: np.ndarray, scores: np.nda
 
 def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict, method: str = "isotonic") -> None:
     """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
-    import pyarrow.parquet as pq
-
 
     if not valid.is_file():
         raise DataError(f"--valid {valid}: no such Parquet file")
@@ -202,7 +225,7 @@ def serving_config(trained: Config, config_path: str | Path | None = None, overr
 def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None, tracking_uri: str | None = None,
                  name: str | None = None, alias: str | None = None, source_run_id: str | None = None,
                  calibration_method: str | None = None, config_path: str | Path | None = None,
-                 overrides: list[str] | None = None) -> dict:
+                 overrides: list[str] | None = None, parent_run: str | None = None) -> dict:
     """Write the export folder and optionally register it; return the manifest.
 
     The folder is built beside ``out_dir`` and renamed into place, so readers see the old export or the
@@ -226,7 +249,7 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
         tags = _run_tags(source_run, tracking_uri)
         with staging_dir(out) as stage:
             tokenizer = load_tokenizer(cfg)
-            layers, entries = write_checkpoints(model, tokenizer, task_map, stage)
+            layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
             metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
             digest = hashlib.sha256((stage / FACTORS_FILE).read_bytes()).hexdigest()[:12]
             fingerprint = tags.get("data_fingerprint") or (fingerprint_files([Path(valid)]) if valid else None)
@@ -263,33 +286,11 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
                 write_json_atomic(stage / MANIFEST_FILE, manifest)
             publish_dir(stage, out)  # swap: the old export stays whole until the new one is in place
     if name:
-        manifest["registered"] = register_export(out, tracking_uri, cfg.tracking.experiment, name, alias, source_run)
+        example = pq.read_table(valid).slice(0, 3).to_pandas() if valid else None
+        manifest["registered"] = register_export(out, tracking_uri, cfg.tracking.experiment, name, alias,
+                                                 training_run=source_run, parent_run=parent_run, example=example,
+                                                 timeout_s=cfg.tracking.timeout_s)
     return manifest
-
-
-def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None,
-                    source_run: str | None) -> dict:
-    """Log ``out`` as artifact ``model`` of a new run and register it as a new version of ``name``."""
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow_client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifact_location(tracking_uri, experiment))
-    run = client.create_run(exp_id, run_name="export", tags={"stage": "export", "source_run": source_run or ""})
-    run_id = run.info.run_id
-    client.log_artifacts(run_id, str(out), "model")
-    client.set_terminated(run_id)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as e:
-        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
-            raise
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
-    if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
-    return {"name": name, "version": str(mv.version), "alias": alias, "run_id": run_id,
-            "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@
         scenarios/<scenario>/      a plain checkpoint with that scenario's ΔW merged into the weights
         calibration.json           per-scenario calibration (optional, fitted on --valid)
         reference.json             score/length reference profile for drift monitoring (optional)
+        registered.json            the registry's name and version, once registered (serving.registration)
 
 Pooling "cls"/"last": base/ and scenarios/<s>/ load with ``AutoModelForSequenceClassification`` and the
 score is ``sigmoid(logits[:, 0])``. Pooling "mean": no built-in transformers class pools by a masked mean over
@@ -35,6 +36,7 @@ BASE_DIR = "base"
 FACTORS_FILE = "factors.safetensors"
 ADAPTERS_DIR = "adapters"
 SCENARIOS_DIR = "scenarios"
+REGISTERED_FILE = "registered.json"  # written after registration: name, version, registry, runs
 REFERENCE_FILE = "reference.json"  # drift reference of raw scores (serving.calibrate off)
 CALIBRATED_REFERENCE_FILE = "reference_calibrated.json"  # ... of calibrated scores (serving.calibrate on)
 FORMAT_VERSION = 2  # 2: mean-pooling checkpoints are whole models (no head.safetensors)

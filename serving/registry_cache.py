@@ -26,7 +26,7 @@ from pathlib import Path
 from kernel.atomic import publish_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
 from kernel.mlflow_client import mlflow_client
-from serving.layout import FACTORS_FILE, MANIFEST_FILE, read_manifest
+from serving.layout import ADAPTERS_DIR, BASE_DIR, FACTORS_FILE, MANIFEST_FILE, REGISTERED_FILE, read_manifest
 
 IDENTITY_FILE = "_registry.json"
 
@@ -73,6 +73,37 @@ def content_digest(export_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def folder_version(export_dir: Path) -> str:
+    """The version scores from a folder carry: the registry's ``name/version`` once the folder was registered
+    (registered.json, for exactly this content), else the export's own ``export-<digest>``."""
+    digest = str(read_manifest(export_dir)["model_version"])
+    reg = export_dir / REGISTERED_FILE
+    if reg.is_file():
+        r = json.loads(reg.read_text())
+        if r.get("model_version") == digest and r.get("name") and r.get("version"):
+            return f"{r['name']}/{r['version']}"
+    return digest
+
+
+def export_root(downloaded: Path) -> Path:
+    """The export folder inside a downloaded model: itself, or the pyfunc's artifact (artifacts/<export>)."""
+    if (downloaded / MANIFEST_FILE).is_file():
+        return downloaded
+    found = sorted(p.parent for p in downloaded.glob(f"artifacts/*/{MANIFEST_FILE}"))
+    if len(found) != 1:
+        raise DataError(f"{downloaded}: holds no exported model ({MANIFEST_FILE} not found at its root or under "
+                        "artifacts/)")
+    return found[0]
+
+
+def repoint_adapters(export_dir: Path, final: Path) -> None:
+    """The PEFT adapters name their base by path: point them at ``final``/base, where this copy will live."""
+    for config in export_dir.glob(f"{ADAPTERS_DIR}/*/adapter_config.json"):
+        c = json.loads(config.read_text())
+        c["base_model_name_or_path"] = str((final / BASE_DIR).resolve())
+        write_json_atomic(config, c)
+
+
 def _intact(folder: Path, identity: dict) -> bool:
     try:
         recorded = json.loads((folder / IDENTITY_FILE).read_text())
@@ -90,7 +121,7 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
     text = str(model)
     if not text.startswith("models:/"):
         d = Path(text)
-        return d, str(read_manifest(d)["model_version"])
+        return d, folder_version(d)
     from mlflow.exceptions import MlflowException
 
     uri = registry_uri(tracking_uri, f"--model {text}")
@@ -117,13 +148,13 @@ def _download(client, uri: str, name: str, version: str, identity: dict, target:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         source = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp)))
-        if not (local / MANIFEST_FILE).is_file():
-            raise DataError(f"{text} (version {version}) holds no exported model: {MANIFEST_FILE} is missing")
+        local = export_root(Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri,
+                                                                     dst_path=str(tmp))))
         digest = content_digest(local)
         if read_manifest(local)["model_version"] != f"export-{digest}":
             raise DataError(f"{text} (version {version}): factors do not match the manifest's model_version "
                             "(a damaged or altered artifact)")
+        repoint_adapters(local, target)
         write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
         if target.exists() and _intact(target, identity):  # another process finished the same download first
             return

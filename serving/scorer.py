@@ -33,6 +33,7 @@ from serving.registry_cache import resolve_model
 from serving.scoring_model import ScoringModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SCORE_COLUMNS = ("score", "score_raw", "score_calibrated", "decision")
 
 
 def route_scenarios(scenarios: pa.Array | pa.ChunkedArray, known: list[str],
@@ -82,13 +83,13 @@ class BatchScorer:
         self.pair_format = pair_format_from(self.model.manifest["input"].get("pair_format"))
         check_serving(serving, self.model.scenarios, self.export_dir)
         self.tokenizer = load_saved_tokenizer(self.export_dir / BASE_DIR)
-        self.calibrator = None
-        if serving.calibrate:
-
-            path = self.export_dir / CALIBRATION_FILE
-            if not path.is_file():
-                raise DataError(f"serving.calibrate is on but {path} does not exist (export with --valid)")
-            self.calibrator = ScenarioCalibrator.load(path)
+        path = self.export_dir / CALIBRATION_FILE
+        self.calibrator = ScenarioCalibrator.load(path) if path.is_file() else None
+        if serving.calibrate and self.calibrator is None:
+            raise DataError(f"serving.calibrate is on but {path} does not exist (export with --valid)")
+        # Per-scenario decision thresholds, fitted at export on calibrated validation scores (max F1).
+        self.thresholds = ((self.model.manifest.get("thresholds") or {}).get("f1_max_calibrated") or {}
+                           if self.calibrator is not None else {})
 
     @property
     def scenarios(self) -> list[str]:
@@ -124,18 +125,35 @@ class BatchScorer:
                                              batch.get("token_type_ids")).cpu().numpy()
         return out
 
-    def probabilities(self, logits: np.ndarray, scored_as: np.ndarray) -> np.ndarray:
-        p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        if self.calibrator is not None:
-            p = self.calibrator.apply(scored_as.astype(str), p)
-        return p.astype(np.float32)
+    def scores(self, logits: np.ndarray, scored_as: np.ndarray) -> dict[str, pa.Array]:
+        """The score columns of rows with these logits (all rows have a scenario to score as).
+
+        score_raw         sigmoid(logit), float32
+        score_calibrated  the scenario's calibration of score_raw (null without calibration.json)
+        score             what this config serves: score_calibrated with serving.calibrate, else score_raw
+        decision          score_calibrated >= the scenario's threshold (null without one)
+        """
+        raw = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        names = scored_as.astype(str)
+        out = {"score_raw": pa.array(raw.astype(np.float32), pa.float32())}
+        if self.calibrator is None:
+            out["score_calibrated"] = pa.nulls(len(raw), pa.float32())
+            out["decision"] = pa.nulls(len(raw), pa.bool_())
+        else:
+            cal = self.calibrator.apply(names, raw)
+            out["score_calibrated"] = pa.array(cal.astype(np.float32), pa.float32())
+            thr = np.array([self.thresholds.get(n, np.nan) for n in names], dtype=np.float64)
+            out["decision"] = pa.array(cal >= np.nan_to_num(thr, nan=np.inf), pa.bool_(), mask=np.isnan(thr))
+        out["score"] = out["score_calibrated"] if self.serving.calibrate else out["score_raw"]
+        return out
 
     def _annotate(self, table: pa.Table, scored_as: np.ndarray, fallback: np.ndarray,
-                  probs: pa.Array) -> pa.Table:
+                  scores: dict[str, pa.Array]) -> pa.Table:
         n = table.num_rows
         table = table.append_column("scored_as", pa.array(scored_as.tolist(), pa.string()))
         table = table.append_column("fallback", pa.array(fallback, pa.bool_()))
-        table = table.append_column("score", probs)
+        for name in SCORE_COLUMNS:
+            table = table.append_column(name, scores[name])
         table = table.append_column("model_version", pa.repeat(pa.scalar(self.model_version, pa.string()), n))
         table = table.append_column("query_len", pc.cast(pc.utf8_length(table.column("query")), pa.int32()))
         return table.append_column("title_len", pc.cast(pc.utf8_length(table.column("title")), pa.int32()))
@@ -143,7 +161,7 @@ class BatchScorer:
     def score(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(scored rows, rows of unknown scenarios to quarantine); both keep the input's columns.
 
-        Added columns: scored_as (str), fallback (bool), score (float32 probability), model_version (str),
+        Added columns: scored_as (str), fallback (bool), the score columns (``scores``), model_version (str),
         query_len and title_len (int32, characters: for drift monitoring). Input columns such as label and
         label_invalid pass through unchanged; the label never decides whether a row is scored.
         """
@@ -151,18 +169,17 @@ class BatchScorer:
         rejected = table.filter(pa.array(unknown)) if unknown.any() else table.slice(0, 0)
         if unknown.any():
             table, scored_as, fallback = table.filter(pa.array(~unknown)), scored_as[~unknown], fallback[~unknown]
-        probs = self.probabilities(self.logits(table, scored_as), scored_as)
-        return self._annotate(table, scored_as, fallback, pa.array(probs, pa.float32())), rejected
+        return self._annotate(table, scored_as, fallback, self.scores(self.logits(table, scored_as), scored_as)), rejected
 
     def score_all(self, table: pa.Table) -> pa.Table:
         """Every input row, in order; rows of unknown scenarios (quarantine mode) get a null score."""
         scored_as, fallback, unknown = route_scenarios(table.column("scenario"), self.scenarios, self.serving)
         keep = ~unknown
-        probs = np.zeros(table.num_rows, dtype=np.float32)
-        if keep.any():
-            sub = table.filter(pa.array(keep)) if unknown.any() else table
-            probs[keep] = self.probabilities(self.logits(sub, scored_as[keep]), scored_as[keep])
-        return self._annotate(table, scored_as, fallback, pa.array(probs, pa.float32(), mask=unknown))
+        scored = self.scores(self.logits(table.filter(pa.array(keep)), scored_as[keep]), scored_as[keep])
+        rows = np.cumsum(keep) - 1  # each kept row's position among the scored ones
+        take = pa.array(np.where(keep, rows, 0), mask=unknown)  # unknown rows: null in every score column
+        full = {k: v.take(take) if len(v) else pa.nulls(table.num_rows, v.type) for k, v in scored.items()}
+        return self._annotate(table, scored_as, fallback, full)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,9 +7,13 @@
 Layout under the output folder (names starting with "_" are skipped by pyarrow dataset discovery, so
 ``pyarrow.dataset.dataset(out)`` reads exactly the scores):
 
-    part-00003-<file stem>.parquet      scores of input shard 3
-    _quarantine/part-00003-<stem>.parquet   rows of shard 3 that were not scored, with their reason
-    _done/part-00003-<stem>.json        completion marker: counts, model version, seconds
+    <dirs>/part-00003-<file stem>.parquet          scores of input shard 3
+    _quarantine/<dirs>/part-00003-<stem>.parquet   rows of shard 3 that were not scored, with their reason
+    _done/part-00003-<stem>.json                   completion marker: counts, model version, seconds
+
+``<dirs>`` are the input file's folders below its input root (hive partitions such as ``market=us/day=1``
+included), so the output keeps the input's layout and ``pyarrow.dataset.dataset(out, partitioning="hive")``
+reads the partition values back.
     _job/config.yaml                    (--workers N) the resolved config the worker processes read
 
 A shard's files are written under temporary names and renamed; the marker is written last. A job killed at
@@ -37,6 +41,7 @@ JOB_DIR = "_job"  # --workers N: the resolved config the child processes read
 class Shard:
     index: int
     path: Path
+    rel_dir: str = ""  # the input file's folders below its input root ("" for a file given directly)
 
     @property
     def name(self) -> str:
@@ -74,11 +79,11 @@ def shards_for_rank(shards: list[Shard], rank: int, world: int) -> list[Shard]:
 
 
 def output_path(out: Path, shard: Shard) -> Path:
-    return out / f"{shard.name}.parquet"
+    return out / shard.rel_dir / f"{shard.name}.parquet"
 
 
 def quarantine_path(out: Path, shard: Shard) -> Path:
-    return out / QUARANTINE_DIR / f"{shard.name}.parquet"
+    return out / QUARANTINE_DIR / shard.rel_dir / f"{shard.name}.parquet"
 
 
 def marker_path(out: Path, shard: Shard) -> Path:
@@ -147,9 +152,8 @@ def holds_results(out: Path) -> bool:
 def remove_stale_temporaries(out: Path) -> int:
     """Delete temporary files left by killed workers (``.part-*.tmp<pid>``); returns how many."""
     n = 0
-    for d in (out, out / QUARANTINE_DIR, out / DONE_DIR):
-        if d.is_dir():
-            for p in d.glob(".part-*.tmp*"):
-                p.unlink(missing_ok=True)
-                n += 1
+    if out.is_dir():
+        for p in out.rglob(".part-*.tmp*"):
+            p.unlink(missing_ok=True)
+            n += 1
     return n

@@ -16,6 +16,7 @@ def _private_caches(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xdg-cache")
     mp.setenv("XDG_CACHE_HOME", str(cache))
     mp.setenv("HF_MODULES_CACHE", str(cache / "hf-modules"))
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     yield
     mp.undo()
 

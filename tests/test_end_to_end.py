@@ -36,6 +36,8 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
         assert copy.read_bytes() == (work / "data" / "task_map.json").read_bytes()  # written once by ingestion
     assert set(scores.column("model_version").to_pylist()) == {"tiny/1"}
 
+    check_lineage(work, expected_decision="not promoted")
+
     # Replayed as it is: nothing is redone, and the failed gate is still a failed gate.
     assert main([*job, "monitoring.min_auc=0.99"]) == GATE_FAILED
     out = capsys.readouterr().out
@@ -59,10 +61,38 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     assert train["info"]["steps"] == 12
     train_run = client.get_run(train["info"]["run_id"])
     assert any(k.startswith("val/auc/") for k in train_run.data.metrics)  # per-scenario validation AUC
+    # The morning report compares the candidate with the champion on the same rows, and shows the trend.
+    report = json.loads((work / "monitor" / "summary.json").read_text())
+    assert report["model_version"] == "tiny/2" and report["champion"]["version"] == "tiny/1"
+    assert len(report["history"]) >= 1 and report["history"][-1]["model_version"] == "tiny/1"
     champion = "2" if code == OK else "1"
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == champion
     assert set(pq.read_table(work / "scores").column("model_version").to_pylist()) == {"tiny/2"}
     assert main([*job, "train.max_steps=12"]) == code and ran(capsys.readouterr().out) == []
+
+
+def check_lineage(work, expected_decision: str) -> None:
+    """One parent run for the job, a child per stage; the registered version is a pyfunc of the training run,
+    the runs record their datasets, the test metrics and their source; the version's description says why."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{work.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "job"]
+    assert len(parents) == 1 and parents[0].data.tags["exit_code"] == str(GATE_FAILED)
+    children = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"ingest", "train", "export", "score", "monitor", "promote"}
+    train = children["train"]
+    assert all(r.data.tags["mlflow.source.name"] for r in runs)  # what the UI's "Source" shows
+    assert {d.dataset.name for d in train.inputs.dataset_inputs} == {"train", "valid"}
+    assert len(train.inputs.dataset_inputs[0].dataset.digest) == 16
+    assert {d.dataset.name for d in children["ingest"].inputs.dataset_inputs} == {"source"}
+    assert "test/auc_macro" in train.data.metrics and any(k.startswith("test/auc/") for k in train.data.metrics)
+    version = client.get_model_version("tiny", "1")
+    assert version.run_id == train.info.run_id  # the registered version links to the run that trained it
+    assert version.tags["export_run_id"] == children["export"].info.run_id
+    description = version.description
+    assert f"**Promotion: {expected_decision}" in description and "| scenario | AUC | 95% CI | rows |" in description
+    for scenario in json.loads((work / "data" / "task_map.json").read_text())["scenarios"]:
+        assert f"| {scenario} |" in description
 
 
 def test_a_run_key_gives_each_scheduled_run_its_own_replayable_state(tmp_path, capsys):

@@ -2,6 +2,8 @@
 under a name and alias that scoring resolves; errors that name the source."""
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 
 from serving.export import main
@@ -37,7 +39,11 @@ def test_export_from_run_id_with_validation_registers_a_resolvable_model(tmp_pat
     assert version == "relevance/1"
     assert read_manifest(local)["model_version"] == manifest["model_version"]
     assert (local / "base" / "config.json").is_file() and (local / "factors.safetensors").is_file()
-    assert (tmp_path / "mlartifacts" / "serving-tests").is_dir()  # artifacts beside the database
+    # The registered version is a pyfunc logged into the training run: the UI links the version to it.
+    mv = client.get_model_version("relevance", "1")
+    assert mv.run_id == run.info.run_id and mv.tags["training_run_id"] == run.info.run_id
+    assert client.get_run(mv.tags["export_run_id"]).data.tags["stage"] == "export"
+    assert json.loads((tmp_path / "export" / "registered.json").read_text())["version"] == "1"
     # A second export of the same run replaces the folder and becomes version 2.
     assert main(argv) == 0
     assert resolve_model("models:/relevance@champion", uri, tmp_path / "cache")[1] == "relevance/2"

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForSequenceClassification, PeftModel
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from kernel.config import config_from_dict
@@ -123,13 +123,15 @@ def test_peft_loads_each_scenario_and_scores_like_mtl_lora(case, method, tmp_pat
     save_plain(model, base_backbone(model), tmp_path / "base")
     remote = model.pooling == "mean"  # mean-pooling checkpoints carry their model code
     for t in range(T):
-        adapter_dir = save_peft_adapter(model, t, tmp_path / f"adapter_{t}")
+        adapter_dir = save_peft_adapter(model, t, tmp_path / f"adapter_{t}", base_path=str(tmp_path / "base"))
         assert sorted(p.name for p in adapter_dir.iterdir()) == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
         base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", trust_remote_code=remote)
-        peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-        with torch.no_grad():
-            got = peft_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        torch.testing.assert_close(got, scenario_scores(model, ids, mask, t), atol=1e-5, rtol=1e-5)
+        # Over a base given explicitly, and by name: base_model_name_or_path and task_type say everything.
+        by_name = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, trust_remote_code=remote)
+        for peft_model in (PeftModel.from_pretrained(base, adapter_dir).eval(), by_name.eval()):
+            with torch.no_grad():
+                got = peft_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+            torch.testing.assert_close(got, scenario_scores(model, ids, mask, t), atol=1e-5, rtol=1e-5)
 
 
 def test_peft_state_naming_and_config():
@@ -139,7 +141,11 @@ def test_peft_state_naming_and_config():
     assert config["target_modules"] == sorted(layers)
     assert config["r"] == config["lora_alpha"] == 4 and config["peft_type"] == "LORA"
     json.dumps(config)  # serialisable as adapter_config.json
-    assert len(state) == 2 * len(layers)
+    heads = sorted(k for k in state if ".lora_" not in k)  # the trained head travels with each adapter
+    assert len(state) == 2 * len(layers) + len(heads)
+    assert heads == ["base_model.model.bert.pooler.dense.bias", "base_model.model.bert.pooler.dense.weight",
+                     "base_model.model.classifier.bias", "base_model.model.classifier.weight"]
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["bert.pooler.dense", "classifier"]
     for name, layer in layers.items():
         a = state[f"base_model.model.{name}.lora_A.weight"]
         u = state[f"base_model.model.{name}.lora_B.weight"]

@@ -14,6 +14,8 @@ import pytest
 from evaluation.drift import drift_report, load_reference, reference_profile, save_reference
 from evaluation.metrics import scenario_metrics
 from kernel.config import config_from_dict
+from kernel.errors import DataError
+from kernel.mlflow_client import MlflowTracker
 from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
 from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
@@ -30,6 +32,26 @@ def scored_split(split: str) -> pa.Table:
             "model_version": pa.array(["1"] * len(t)), "fallback": pa.array([False] * len(t)),
         }))
     return pa.concat_tables(parts)
+
+
+def keyed(t: pa.Table, split: str = "valid") -> pa.Table:
+    """With the row key batch scoring writes: each row's input file and its position in that file
+    (scored_split concatenates the category files in order, so the position is the rank within its scenario)."""
+    scn = t["scenario"].to_numpy(zero_copy_only=False).astype(str)
+    rows = np.zeros(len(t), np.int64)
+    for name in np.unique(scn):
+        rows[scn == name] = np.arange((scn == name).sum())
+    files = pa.array([str(DATA / s / f"{split}.parquet") for s in scn])
+    return t.append_column("source_file", files).append_column("source_row", pa.array(rows))
+
+
+def token_jaccard(left: list[str], right: list[str]) -> np.ndarray:
+    """Another real, weaker model to play the champion: the Jaccard overlap of alphanumeric tokens alone."""
+    out = np.empty(len(left))
+    for i, (a, b) in enumerate(zip(left, right)):
+        ta, tb = set(re.findall(r"[a-z0-9]+", a.lower())), set(re.findall(r"[a-z0-9]+", b.lower()))
+        out[i] = len(ta & tb) / max(len(ta | tb), 1)
+    return out
 
 
 def profile_of(t: pa.Table, cfg) -> dict:
@@ -139,7 +161,10 @@ def test_report_embeds_existing_plots_and_highlights_breaches(valid, cfg, refere
     summary = run_check(path, reference, tmp_path / "out", cfg)
     html = (tmp_path / "out" / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    assert len(images) == len(CATEGORIES) and all((tmp_path / "out" / i).stat().st_size > 1000 for i in images)
+    # per scenario: reliability + histogram, ROC + PR; no history given: no trend plot
+    assert len(images) == 2 * len(CATEGORIES) and all((tmp_path / "out" / i).stat().st_size > 1000 for i in images)
+    assert sum(i.endswith("_curves.png") for i in images) == len(CATEGORIES)
+    assert {p.name for p in (tmp_path / "out" / "plots").iterdir()} == {Path(i).name for i in images}
     assert html.count('class="breach"') >= 1 and "cameras" in summary["breaches"][0]
     for name in CATEGORIES:
         assert f'<td class="name">{name}' in html
@@ -189,10 +214,96 @@ def test_report_is_logged_to_the_mlflow_run(valid, reference, tmp_path):
     assert rc == EXIT_OK
     logged = {f.path for f in client.list_artifacts(run_id, "monitoring")}
     assert {"monitoring/report.html", "monitoring/summary.json", "monitoring/plots"} <= logged
-    assert len(client.list_artifacts(run_id, "monitoring/plots")) == len(CATEGORIES)
+    # per scenario: reliability, ROC/PR and (a tracking URI: history read, empty here) the trend
+    assert len(client.list_artifacts(run_id, "monitoring/plots")) == 3 * len(CATEGORIES)
     run = client.get_run(run_id)
     assert run.data.metrics["monitoring.breaches"] == 0
     assert 0.5 < run.data.metrics["monitoring.auc_macro"] <= 1 and run.info.status == "FINISHED"
+    # found again by the history reader: stage tag, and the version from the scores' model_version column
+    assert run.data.tags["stage"] == "monitor" and run.data.tags["model_version"] == "1"
+
+
+def test_model_version_is_in_summary_header_and_run_tags(valid, cfg, reference, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(uri, "ads-relevance")
+    tracker.start(run_name="monitoring-check")
+    pq.write_table(valid, tmp_path / "scored.parquet")
+    summary = run_check(tmp_path / "scored.parquet", reference, tmp_path / "a", cfg, tracker=tracker,
+                        model_version="ads-relevance/3")
+    tracker.end()
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert summary["model_version"] == "ads-relevance/3"
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["model_version"] == "ads-relevance/3"
+    assert '<header id="report-header">' in html and '<b id="model-version">ads-relevance/3</b>' in html
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert (tags["stage"], tags["model_version"], tags["model_name"]) == ("monitor", "ads-relevance/3",
+                                                                          "ads-relevance")
+    assert "champion_version" not in tags
+    # default: the scores' own model_version column ("1"); no such column: unknown
+    assert run_check(tmp_path / "scored.parquet", reference, tmp_path / "b", cfg)["model_version"] == "1"
+    pq.write_table(valid.drop_columns(["model_version"]), tmp_path / "bare.parquet")
+    assert run_check(tmp_path / "bare.parquet", reference, tmp_path / "c", cfg)["model_version"] is None
+    assert '<b id="model-version">unknown</b>' in (tmp_path / "c" / "report.html").read_text()
+
+
+def test_champion_rows_are_matched_on_the_row_key_or_the_error_says_why(valid, cfg, reference, tmp_path):
+    cand = keyed(valid)
+    pq.write_table(cand, tmp_path / "cand.parquet")
+    champ = cand.set_column(cand.column_names.index("score"), "score",
+                            pa.array(token_jaccard(cand["query"].to_pylist(), cand["title"].to_pylist()),
+                                     pa.float32()))
+
+    def check(champion, scored=tmp_path / "cand.parquet"):
+        return run_check(scored, reference, tmp_path / "o", cfg, champion=champion)
+
+    pq.write_table(valid, tmp_path / "unkeyed.parquet")  # the candidate needs the key too
+    with pytest.raises(DataError, match=r"unkeyed.parquet: scored input lacks columns \['source_file', 'source_row'\]"):
+        check({"scored": tmp_path / "cand.parquet"}, tmp_path / "unkeyed.parquet")
+    pq.write_table(pa.concat_tables([champ, champ.slice(0, 5)]), tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match=r"dup.parquet \(champion's scores\): the row key .* is not unique: 5 "):
+        check({"scored": tmp_path / "dup.parquet"})
+    other = champ.set_column(champ.column_names.index("source_file"), "source_file",
+                             pc.binary_join_element_wise("elsewhere/", champ["scenario"], ""))
+    pq.write_table(other, tmp_path / "other.parquet")
+    with pytest.raises(DataError, match=r"other.parquet .*no row matches the 4939 labelled scored rows"):
+        check({"scored": tmp_path / "other.parquet"})
+    shifted = champ.set_column(champ.column_names.index("source_row"), "source_row",
+                               pc.add(champ["source_row"], 1))  # keys that point at the neighbouring rows
+    pq.write_table(shifted, tmp_path / "shifted.parquet")
+    with pytest.raises(DataError, match=r"shifted.parquet .*column label differs .* rows matched on"):
+        check({"scored": tmp_path / "shifted.parquet"})
+    with pytest.raises(DataError, match=r"champion: needs 'scored' .* lacks \['source_row'\]"):
+        check({"source_file": cand["source_file"].to_numpy(zero_copy_only=False), "score": np.zeros(len(cand))})
+    # in memory, in another order, a subset: matched by key all the same
+    order = np.random.default_rng(0).permutation(len(champ))[:3000]
+    sub = champ.take(order)
+    arrays = check({"version": "v2", "source_file": sub["source_file"].to_numpy(zero_copy_only=False),
+                    "source_row": sub["source_row"].to_numpy(), "score": sub["score"].to_numpy()})["champion"]
+    pq.write_table(sub, tmp_path / "sub.parquet")
+    from_file = check({"scored": tmp_path / "sub.parquet", "version": "v2"})["champion"]
+    assert arrays["rows_matched"] == 3000 and arrays["candidate_rows_unmatched"] == len(cand) - 3000
+    assert arrays["scenarios"] == from_file["scenarios"]
+
+
+def test_main_compares_with_the_champions_scores(valid, reference, tmp_path):
+    cand = keyed(valid)
+    champ = cand.set_column(cand.column_names.index("score"), "score",
+                            pa.array(token_jaccard(cand["query"].to_pylist(), cand["title"].to_pylist()),
+                                     pa.float32()))
+    champ = champ.set_column(champ.column_names.index("model_version"), "model_version",
+                             pa.array(["ads-relevance/2"] * len(champ)))
+    pq.write_table(cand, tmp_path / "cand.parquet")
+    pq.write_table(champ, tmp_path / "champ.parquet")
+    rc = main(["--scored", str(tmp_path / "cand.parquet"), "--reference", str(reference), "--out",
+               str(tmp_path / "o"), "--model-version", "ads-relevance/3", "--champion-scored",
+               str(tmp_path / "champ.parquet"), "monitoring.bootstrap_rounds=20"])
+    assert rc == EXIT_OK  # the comparison informs, it never breaches
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["model_version"] == "ads-relevance/3"
+    assert summary["champion"]["version"] == "ads-relevance/2"  # from the champion's model_version column
+    assert summary["champion"]["rows_matched"] == len(valid) and set(summary["champion"]["scenarios"]) == set(CATEGORIES)
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert '<table id="champion">' in html and '<b id="champion-version">ads-relevance/2</b>' in html
 
 
 

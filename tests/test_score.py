@@ -162,3 +162,59 @@ def test_resume_with_another_model_rescores_instead_of_mixing_versions(tmp_path,
     assert set(read_output(out).column("model_version").to_pylist()) == {"v1"}
     assert main(args + ["--model-version", "v2"]) == 0  # e.g. the job re-exported, then resumed scoring
     assert set(read_output(out).column("model_version").to_pylist()) == {"v2"}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A model exported with --valid (calibration + per-scenario thresholds) and registered (sqlite)."""
+    root = tmp_path_factory.mktemp("calibrated")
+    valid = root / "valid.parquet"
+    pq.write_table(canonical(wdc_raw("valid", per_category=40)), valid)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    model_dir = trained_folder(root, "cls")
+    export_model(str(model_dir), root / "export", valid=valid, tracking_uri=uri, name="relevance")
+    return model_dir, root / "export", uri
+
+
+def test_output_has_raw_and_calibrated_scores_a_decision_and_the_registry_version(tmp_path, calibrated):
+    """Every score column against an independent recomputation: sigmoid of the training model's logits, the
+    calibration map applied to that, and the manifest's per-scenario thresholds applied to the calibrated score."""
+    from evaluation.calibration import ScenarioCalibrator
+
+    model_dir, export, _ = calibrated
+    raw = wdc_raw(per_category=10)
+    pq.write_table(raw, tmp_path / "in.parquet")
+    assert main(["--model", str(export), "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "o"),
+                 "--quiet", "serving.calibrate=true"]) == 0
+    got = pq.read_table(tmp_path / "o").sort_by("source_row")
+    expect_raw = sigmoid(training_logits(model_dir, canonical(raw)))
+    np.testing.assert_allclose(got["score_raw"].to_numpy(), expect_raw, atol=1e-5)
+    scen = np.asarray(got["scored_as"].to_pylist())
+    expect_cal = ScenarioCalibrator.load(export / "calibration.json").apply(scen, got["score_raw"].to_numpy())
+    np.testing.assert_allclose(got["score_calibrated"].to_numpy(), expect_cal, atol=1e-6)
+    np.testing.assert_array_equal(got["score"].to_numpy(), got["score_calibrated"].to_numpy())  # calibrate on
+    thresholds = read_manifest(export)["thresholds"]["f1_max_calibrated"]
+    expect_decision = [None if s not in thresholds else bool(c >= thresholds[s]) for s, c in zip(scen, expect_cal)]
+    assert got["decision"].to_pylist() == expect_decision and any(expect_decision) and not all(expect_decision)
+    assert set(got["model_version"].to_pylist()) == {"relevance/1"}  # the folder knows its registered version
+
+
+def test_the_input_partition_layout_is_kept(tmp_path, exported):
+    _, export = exported
+    for market, cats in (("us", ["cameras", "shoes"]), ("uk", ["computers"])):
+        for day in ("1", "2"):
+            folder = tmp_path / "traffic" / f"market={market}" / f"day={day}"
+            folder.mkdir(parents=True)
+            pq.write_table(wdc_raw(per_category=3, categories=cats, offset=int(day)), folder / "part-0.parquet")
+    assert main(["--model", str(export), "--input", str(tmp_path / "traffic"), "--output", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    outputs = sorted(str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").rglob("*.parquet")
+                     if not p.relative_to(tmp_path / "o").parts[0].startswith("_"))
+    assert [o.rsplit("/", 1)[0] for o in outputs] == ["market=uk/day=1", "market=uk/day=2", "market=us/day=1",
+                                                    "market=us/day=2"]
+    table = ds.dataset(tmp_path / "o", format="parquet", partitioning="hive").to_table()
+    assert set(table["market"].to_pylist()) == {"us", "uk"} and table.num_rows == 18
+    # One partition folder alone keeps its own place in the layout.
+    assert main(["--model", str(export), "--input", str(tmp_path / "traffic" / "market=us"), "--output",
+                 str(tmp_path / "o2"), "--quiet"]) == 0
+    assert sorted(p.parent.name for p in (tmp_path / "o2" / "market=us").rglob("part-*.parquet")) == ["day=1", "day=2"]

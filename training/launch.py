@@ -153,14 +153,15 @@ def launcher_command(args: argparse.Namespace, topo: Topology, resolved_config: 
     return cmd
 
 
-def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False):
-    """Train in this process (rank and world size come from the environment the launcher sets)."""
+def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, tags: dict | None = None):
+    """Train in this process (rank and world size come from the environment the launcher sets). ``tags``
+    go on a new MLflow run (the job passes its parent run and stage); a resumed run keeps its own."""
 
     rank = int(os.environ.get("RANK", 0))
     tracker = open_tracker(cfg, rank)
     run_id_file = out_dir / "mlflow_run_id"
     resume_run = resume and run_id_file.is_file()
-    tracker.start(run_name=cfg.tracking.run_name or Path(cfg.work_dir).name,
+    tracker.start(run_name=cfg.tracking.run_name or "train", tags={"stage": "train", **(tags or {})},
                   run_id=run_id_file.read_text().strip() if resume_run else None)
     if rank == 0 and tracker.run_id:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from kernel.errors import ConfigError, DataError, TrainingDiverged
 from kernel.hashing import fingerprint_files
 from kernel.mlflow_client import NullTracker
 from kernel.task_map import TASK_MAP_FILE, TaskMap
-from kernel.tracking import git_commit
+from kernel.provenance import git_commit
 from modeling.artifact import save_trained
 from modeling.base import load_tokenizer
 from modeling.inject import adapter_param_count
@@ -176,6 +176,9 @@ class Trainer:
             "data_fingerprint": fingerprint_files([self.data_dir / "train.parquet", self.data_dir / "valid.parquet"]),
             "world_size": self.env.world,
         })
+        for split, context in (("train", "training"), ("valid", "validation")):
+            path = self.data_dir / f"{split}.parquet"
+            t.log_dataset(str(path.resolve()), split, fingerprint_files([path]), context)
         t.log_metrics({"params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                        "params/adapter": n_adapter, "params/adapter_expected": n_expected,
                        "params/total": sum(p.numel() for p in model.parameters())})

@@ -1,0 +1,110 @@
+"""An export folder as a first-class MLflow model: a pyfunc, registered, linked to the run that trained it.
+
+    registered = register_export(export_dir, uri, experiment="ads-relevance", name="ads-relevance",
+                                 training_run="3fa0...", parent_run="91bc...")
+    mlflow.pyfunc.load_model("models:/ads-relevance/3").predict(frame)      # anywhere, in a fresh process
+
+What is registered: the pyfunc of ``serving/pyfunc_model.py`` (logged from code: no pickle), with the export
+folder as its artifact ``export``, the project code it needs (``code_paths``), a signature and an input
+example. It is logged into the training run when there is one, so the registered version links to the run
+that trained it (the UI's "Source run"); the export's own run (a child of the job's run) is tagged on the
+version (``export_run_id``). ``registered.json`` is written into the export folder afterwards, so that scores
+made from the folder carry the registry's ``name/version``.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pandas as pd
+
+from kernel.atomic import write_json_atomic
+from kernel.mlflow_client import artifact_location, fluent_uri, mlflow_client, source_tags
+from serving.layout import REGISTERED_FILE, read_manifest
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What the pyfunc imports when it loads (serving.scorer and everything below it).
+CODE_PACKAGES = ("kernel", "modeling", "evaluation", "features", "pipeline", "serving")
+REQUIREMENTS = ("torch", "transformers", "pyarrow", "safetensors", "scikit-learn", "pandas", "pyyaml", "mlflow",
+                "numpy")
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "query"), ColSpec("string", "title"),
+                     ColSpec("string", "description", required=False), ColSpec("string", "url", required=False),
+                     ColSpec("string", "scenario")])
+    outputs = Schema([ColSpec("float", "score", required=False), ColSpec("float", "score_raw", required=False),
+                      ColSpec("float", "score_calibrated", required=False),
+                      ColSpec("boolean", "decision", required=False), ColSpec("string", "scored_as", required=False),
+                      ColSpec("boolean", "fallback"), ColSpec("string", "model_version")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(export_dir: Path, rows: pd.DataFrame | None) -> pd.DataFrame:
+    """A few canonical rows: from the validation split when given, else one row per scenario."""
+    if rows is not None and len(rows):
+        return rows[["query", "title", "description", "url", "scenario"]].head(3).reset_index(drop=True)
+    scenarios = list(read_manifest(export_dir)["scenarios"])
+    return pd.DataFrame({"query": ["running shoes"] * len(scenarios), "title": ["Acme trail runner"] * len(scenarios),
+                         "description": [""] * len(scenarios), "url": [""] * len(scenarios), "scenario": scenarios})
+
+
+def _requirements() -> list[str]:
+    out = []
+    for dist in REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None = None,
+                    training_run: str | None = None, parent_run: str | None = None,
+                    example: pd.DataFrame | None = None, description: str | None = None,
+                    timeout_s: float = 10.0) -> dict:
+    """Log the export as a pyfunc (into the training run when given), register a new version of ``name``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(tracking_uri, timeout_s)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_location(tracking_uri, experiment))
+    tags = {**source_tags("serving.export"), "stage": "export", "source_run": training_run or ""}
+    if parent_run:
+        tags["mlflow.parentRunId"] = parent_run
+    export_run = client.create_run(exp_id, run_name="export", tags=tags).info.run_id
+    manifest = read_manifest(out)
+    client.log_param(export_run, "model_version", manifest["model_version"])
+    # The registry looks the logged model up through MLflow's global tracking URI: register inside the block.
+    with fluent_uri(tracking_uri):
+        with mlflow.start_run(run_id=training_run or export_run):
+            info = mlflow.pyfunc.log_model(
+                name="relevance_model", python_model=str(PYFUNC_CODE), artifacts={"export": str(out)},
+                code_paths=[str(REPO_ROOT / p) for p in CODE_PACKAGES], signature=signature(),
+                input_example=input_example(out, example), pip_requirements=_requirements())
+        client.set_terminated(export_run)
+        try:
+            client.create_registered_model(name, description="Query-ad relevance, one model for many scenarios "
+                                                              "(MTL-LoRA). Each version's description has its evidence.")
+        except MlflowException as e:
+            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+        mv = client.create_model_version(
+            name, source=info.model_uri, run_id=training_run or export_run, description=description,
+            tags={"export_run_id": export_run, "training_run_id": training_run or "", "job_run_id": parent_run or "",
+                  "model_version": manifest["model_version"],
+                  "data_fingerprint": manifest.get("data_fingerprint") or ""},
+            model_id=info.model_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    registered = {"name": name, "version": str(mv.version), "alias": alias, "run_id": training_run or export_run,
+                  "export_run_id": export_run, "registry": tracking_uri, "model_version": manifest["model_version"],
+                  "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}"}
+    write_json_atomic(out / REGISTERED_FILE, registered)
+    return registered
