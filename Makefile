@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test clean
+.PHONY: setup system demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Headless Chromium renders the monitoring report in a test (a Debian package: installed once, as root).
+system:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "the tests need chromium: apt-get install -y chromium (as root)"; exit 1; }
+
 demo: setup
 	$(PY) -m job.run --config configs/demo.yaml
 
-test: setup
+test: setup system
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
