@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kernel.atomic import read_json, write_json_atomic
+from kernel import storage
+from kernel.atomic import write_json_atomic
 from kernel.config import MonitoringConfig
 from kernel.errors import DataError
 
@@ -87,7 +88,7 @@ def save_reference(profile: dict, path: str | Path) -> Path:
 
 
 def load_reference(path: str | Path) -> dict:
-    ref = read_json(path, f"reference profile (written at export as {REFERENCE_FILE})")
+    ref = storage.read_json(path, f"reference profile (written at export as {REFERENCE_FILE})")
     if not isinstance(ref, dict) or ref.get("format_version") != FORMAT_VERSION or "scenarios" not in ref:
         raise DataError(f"{path}: not a reference profile (format_version {FORMAT_VERSION} with 'scenarios')")
     return ref

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kernel import exit_codes
+from kernel import exit_codes, storage
 from kernel.config import Config
 from kernel.mlflow_client import MlflowTracker, NullTracker, mlflow_client
 from kernel.tracking import open_tracker
@@ -23,8 +23,8 @@ PARENT_FILE = "mlflow_job_run_id"
 
 
 class JobLineage:
-    def __init__(self, cfg: Config, state_dir: Path, run_key: str | None):
-        self.cfg, self.state_dir, self.run_key = cfg, Path(state_dir), run_key
+    def __init__(self, cfg: Config, state_dir: str | Path, run_key: str | None):
+        self.cfg, self.state_dir, self.run_key = cfg, state_dir, run_key
         self._parent: str | None = None
 
     @property
@@ -37,18 +37,17 @@ class JobLineage:
         if not self.enabled:
             return None
         if self._parent is None:
-            saved = self.state_dir / PARENT_FILE
-            if self.run_key and saved.is_file():
-                self._parent = saved.read_text().strip()
+            saved = storage.join(self.state_dir, PARENT_FILE)
+            if self.run_key and storage.is_file(saved):
+                self._parent = storage.read_bytes(saved).decode().strip()
             else:
                 t = self.cfg.tracking
-                run = MlflowTracker(self.cfg.tracking_uri, t.experiment, t.timeout_s)
+                run = MlflowTracker(self.cfg.tracking_uri, t.experiment, t.timeout_s, t.artifact_uri)
                 stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
                 run.start(run_name=f"job {self.run_key or stamp}",
                           tags={"stage": "job", "run_key": self.run_key or "", "mlflow.source.name": "job.run"})
                 self._parent = run.run_id
-                self.state_dir.mkdir(parents=True, exist_ok=True)
-                saved.write_text(self._parent)
+                storage.write_bytes(saved, self._parent.encode())
         return self._parent
 
     def tags(self, stage: str) -> dict[str, str]:

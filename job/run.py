@@ -116,7 +116,6 @@ def print_summary(ctx: JobContext) -> None:
     cfg, p = ctx.cfg, ctx.paths
     print("\n=== summary ===" + (f" (run {p.run_key})" if p.run_key else ""))
     if train.get("val"):
-
         print(f"validation macro AUC {describe_macro(train['val'])} (MLflow run {train.get('run_id')})")
     per = (mon.get("summary") or {}).get("metrics") or {}
     if per:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
-from kernel.atomic import read_json, write_json_atomic
+from kernel import storage
 
 PACKAGES = ("kernel", "pipeline", "features", "training", "serving", "monitoring", "job")
 
@@ -47,21 +47,10 @@ def code_version() -> str:
 
 
 def listing(path: str | Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime ns) of a file, or of every file under a folder (sorted); [] if absent.
-    Names starting with '.' (temporaries) are left out; '_' folders (quarantine, markers) are kept."""
-    p = Path(path)
-    if p.is_file():
-        st = p.stat()
-        return [(p.name, st.st_size, st.st_mtime_ns)]
-    if not p.is_dir():
-        return []
-    out = []
-    for f in sorted(p.rglob("*")):
-        rel = f.relative_to(p)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-            st = f.stat()
-            out.append((str(rel), st.st_size, st.st_mtime_ns))
-    return out
+    """(relative path, size, mtime ns) of a file, or of every file under a folder (sorted); [] if absent; a
+    local path or an object-store URI. Names starting with '.' (temporaries) are left out; '_' folders
+    (quarantine, markers) are kept."""
+    return storage.listing(path)
 
 
 @dataclass(frozen=True)
@@ -109,19 +98,20 @@ class StepRecord:
 
 
 class JobState:
-    """``<state_dir>/<step>.json`` per finished step, ``<step>.running.json`` while one runs."""
+    """``<state_dir>/<step>.json`` per finished step, ``<step>.running.json`` while one runs; a local folder
+    or an object-store URI (each record is one object, written whole)."""
 
-    def __init__(self, state_dir: Path):
-        self.dir = Path(state_dir)
+    def __init__(self, state_dir: str | Path):
+        self.dir = state_dir
 
-    def _path(self, step: str, running: bool = False) -> Path:
-        return self.dir / f"{step}{'.running' if running else ''}.json"
+    def _path(self, step: str, running: bool = False) -> str | Path:
+        return storage.join(self.dir, f"{step}{'.running' if running else ''}.json")
 
     def read(self, step: str) -> StepRecord | None:
         p = self._path(step)
-        if not p.is_file():
+        if not storage.is_file(p):
             return None
-        d = read_json(p, f"state of step {step}")
+        d = storage.read_json(p, f"state of step {step}")
         if "fingerprint" not in d:  # written by a version without fingerprints: not evidence of anything
             return None
         return StepRecord(**d)
@@ -129,19 +119,20 @@ class JobState:
     def begin(self, step: str, fp: Fingerprint) -> bool:
         """Mark the step as running; True when an interrupted run of the same inputs can be resumed."""
         running = self._path(step, running=True)
-        resumable = running.is_file() and read_json(running, f"running state of {step}").get("fingerprint") == fp.digest
-        write_json_atomic(running, {"fingerprint": fp.digest, "started_at": _now(), "pid": os.getpid()})
+        resumable = (storage.is_file(running)
+                     and storage.read_json(running, f"running state of {step}").get("fingerprint") == fp.digest)
+        storage.write_json(running, {"fingerprint": fp.digest, "started_at": _now(), "pid": os.getpid()})
         return resumable
 
     def finish(self, step: str, fp: Fingerprint, outputs: list[Path], info: dict, exit_code: int) -> StepRecord:
         record = StepRecord(fp.digest, fp.parts(), digest([[listing(o) for o in outputs], _ids(info)]),
                             exit_code, info, _now())
-        write_json_atomic(self._path(step), record.__dict__)
-        self._path(step, running=True).unlink(missing_ok=True)
+        storage.write_json(self._path(step), record.__dict__)
+        storage.delete(self._path(step, running=True))
         return record
 
     def forget(self, step: str) -> None:
-        self._path(step).unlink(missing_ok=True)
+        storage.delete(self._path(step))
 
 
 def _ids(info: dict) -> dict:

@@ -12,8 +12,6 @@ Each step calls its stage's function with the typed config (never a command line
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from pathlib import Path
 
 from job.lineage import JobLineage
 from job.state import digest, listing
-from kernel import exit_codes
+from kernel import exit_codes, storage
 from kernel.config import Config, to_dict
 from kernel.mlflow_client import mlflow_client
 from monitoring import registry
@@ -42,27 +40,33 @@ STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
 class JobPaths:
     """Where one run of the job reads and writes. With a run key (``--run-date 2026-12-01``) every output
     lives under ``<work_dir>/runs/<key>/``; the MLflow store, feature cache and tracking spool stay shared
-    in ``<work_dir>`` (so the registry's champion carries over from night to night)."""
+    in ``<work_dir>`` (so the registry's champion carries over from night to night).
+
+    ``work_dir`` may be an object-store URI (s3://bucket/ads-relevance): state, data, export, scores and the
+    monitoring report then live there; what must be on local disk (the demo's raw data, the training
+    checkpoints and model folder, caches) lives in ``cfg.local_work_dir``."""
 
     def __init__(self, cfg: Config, run_key: str | None = None):
         self.cfg, self.run_key = cfg, run_key
-        self.work = Path(cfg.work_dir)
-        self.root = self.work / "runs" / run_key if run_key else self.work
-        self.state = self.root / "state"
-        self.raw = self.root / "raw" / "ads.parquet"
-        self.data = self.root / "data"
-        self.train = self.root / "train"
-        self.export = self.root / "export"
-        self.scores = self.root / "scores"
-        self.monitor = self.root / "monitor"
+        self.work = cfg.work_dir if cfg.remote_work_dir else Path(cfg.work_dir)
+        self.root = storage.join(self.work, "runs", run_key) if run_key else self.work
+        local = cfg.local_work_dir / "runs" / run_key if run_key else cfg.local_work_dir
+        self.state = storage.join(self.root, "state")
+        self.raw = local / "raw" / "ads.parquet"
+        self.data = storage.join(self.root, "data")
+        self.train = local / "train"
+        self.export = storage.join(self.root, "export")
+        self.scores = storage.join(self.root, "scores")
+        self.monitor = storage.join(self.root, "monitor")
+        self.champion_scores = storage.join(self.root, "champion_scores")
 
     @property
     def source(self) -> Path | str:
         return self.raw if self.cfg.data.source == "synthetic" else self.cfg.data.source
 
     @property
-    def score_input(self) -> Path:
-        return Path(self.cfg.data.score_input) if self.cfg.data.score_input else self.data / "test.parquet"
+    def score_input(self) -> str | Path:
+        return self.cfg.data.score_input or storage.join(self.data, "test.parquet")
 
 
 @dataclass
@@ -134,7 +138,7 @@ def run_train(ctx: JobContext, resume: bool) -> Outcome:
 
 def run_export(ctx: JobContext, resume: bool) -> Outcome:
     cfg, p = ctx.cfg, ctx.paths
-    manifest = export_model(str(p.train / "model"), p.export, valid=p.data / "valid.parquet",
+    manifest = export_model(str(p.train / "model"), p.export, valid=storage.join(p.data, "valid.parquet"),
                             tracking_uri=cfg.tracking_uri if cfg.tracking.enabled else None,
                             name=cfg.tracking.registered_model if cfg.tracking.enabled else None,
                             source_run_id=ctx.info("train").get("run_id"),
@@ -156,12 +160,12 @@ def served_version(ctx: JobContext) -> str:
 def run_score(ctx: JobContext, resume: bool) -> Outcome:
     p = ctx.paths
     if not resume:  # other inputs or another model: nothing of an earlier scoring may stay behind
-        shutil.rmtree(p.scores, ignore_errors=True)
+        storage.delete(p.scores)
     version = served_version(ctx)
     with ctx.lineage.child("score") as tracker:
         tracker.log_dataset(str(p.score_input), "traffic", digest(listing(p.score_input)), "scoring")
         summary = score_files(ScoreRequest(input=[str(p.score_input)], output=p.scores, resume=True, quiet=True),
-                              ctx.cfg, p.export, version)
+                              ctx.cfg, local_export(p), version)
         tracker.set_tags({"model_version": version})
         tracker.log_metrics({f"score/{k}": summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")
                              if summary.get(k) is not None})
@@ -170,6 +174,11 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
     check_quarantine_rate(summary, p.scores)  # raises: the job exits with the data-gate code
     return Outcome({"dir": str(p.scores), **{k: summary[k] for k in ("rows_in", "scored", "quarantined")}},
                    [p.scores])
+
+
+def local_export(p: JobPaths) -> Path:
+    """The export folder on local disk (scoring loads it): itself, or the checked copy of an object-store one."""
+    return resolve_model(p.export)[0] if storage.is_uri(p.export) else p.export
 
 
 def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
@@ -182,7 +191,7 @@ def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
                             timeout_s=cfg.tracking.timeout_s) if cfg.tracking.enabled else None)
     champion = champion_scores(ctx, version)
     with ctx.lineage.child("monitor") as tracker:
-        summary = run_check(p.scores, p.export / reference, p.monitor, cfg, tracker=tracker, model_version=version,
+        summary = run_check(p.scores, storage.join(p.export, reference), p.monitor, cfg, tracker=tracker, model_version=version,
                             champion=champion, history=history)
     log_test_metrics(ctx, summary)
     code = exit_codes.MONITORING_BREACH if summary["breaches"] else exit_codes.OK
@@ -196,8 +205,8 @@ def champion_scores(ctx: JobContext, candidate: str) -> dict | None:
     if champ is None or f"{cfg.tracking.registered_model}/{champ}" == candidate:
         return None
     export_dir, version = resolve_model(f"models:/{cfg.tracking.registered_model}/{champ}", cfg.tracking_uri)
-    out = ctx.paths.root / "champion_scores"
-    shutil.rmtree(out, ignore_errors=True)
+    out = ctx.paths.champion_scores
+    storage.delete(out)
     score_files(ScoreRequest(input=[str(ctx.paths.score_input)], output=out, quiet=True), cfg, export_dir, version)
     return {"scored": out, "version": version}
 
@@ -210,7 +219,7 @@ def run_promote(ctx: JobContext, resume: bool) -> Outcome:
     if champion_now(ctx).get("champion") == version:  # e.g. only a gate setting changed since it was promoted
         return Outcome({"passed": True, "reasons": [], "candidate_version": version, "champion_version": version,
                         "note": f"version {version} is already the champion"}, [])
-    eval_path = ctx.paths.data / "test.parquet"
+    eval_path = storage.join(ctx.paths.data, "test.parquet")
     with ctx.lineage.child("promote") as tracker:
         tracker.log_dataset(str(eval_path), "evaluation", digest(listing(eval_path)), "evaluation")
         result = promote(cfg.tracking.registered_model, version, str(eval_path), cfg, cfg.tracking_uri,
@@ -245,7 +254,7 @@ def model_card(ctx: JobContext) -> dict:
     cfg = ctx.cfg
     return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
             "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
-            "scenarios": json.loads((ctx.paths.data / "task_map.json").read_text())["scenarios"],
+            "scenarios": storage.read_json(storage.join(ctx.paths.data, "task_map.json"), "task map")["scenarios"],
             "training_run": ctx.info("train").get("run_id"), "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 

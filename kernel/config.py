@@ -9,6 +9,8 @@ from this tree by code (``training.ds_config``, ``flat_params``); nothing else i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +161,9 @@ class TrackingConfig:
     experiment: str = "ads-relevance"
     registered_model: str = "ads-relevance"
     run_name: str = ""
+    # Where new experiments keep their artifacts (models, reports): e.g. s3://bucket/mlflow (MLflow's S3 store
+    # needs boto3: pip install -e ".[s3]"); empty: beside a sqlite database, or the tracking server's choice.
+    artifact_uri: str = ""
     # Longest wait for one MLflow request (and for the /health check of a server at start-up), seconds.
     timeout_s: float = 10.0
     # At the end of a run, how long to wait for logged records to reach the server; the rest stay spooled
@@ -212,10 +217,24 @@ class Config:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     @property
+    def remote_work_dir(self) -> bool:
+        """The work dir is an object-store URI (s3://...) rather than a local folder."""
+        return "://" in self.work_dir and not self.work_dir.startswith("file://")
+
+    @property
+    def local_work_dir(self) -> Path:
+        """Where what must be on local disk goes (feature cache, tracking spool, training checkpoints): the work
+        dir itself, or for an object-store work dir a folder of the local cache named by a digest of its URI."""
+        if not self.remote_work_dir:
+            return Path(self.work_dir.removeprefix("file://"))
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ads-relevance" / "work"
+        return root / hashlib.sha256(self.work_dir.rstrip("/").encode()).hexdigest()[:16]
+
+    @property
     def tracking_uri(self) -> str:
         if self.tracking.uri:
             return self.tracking.uri
-        return f"sqlite:///{Path(self.work_dir).resolve() / 'mlflow.db'}"
+        return f"sqlite:///{self.local_work_dir.resolve() / 'mlflow.db'}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,6 +325,10 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     for name in ("head_lr", "task_lr"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name}: must be >= 0 (0: same as train.lr), got {getattr(t, name)}")
+    if cfg.remote_work_dir and cfg.tracking.enabled and not cfg.tracking.uri:
+        errors.append(f"tracking.uri: required with an object-store work_dir ({cfg.work_dir}): the default sqlite "
+                      "database needs a local file; give a tracking server (or a sqlite path), or "
+                      "tracking.enabled=false")
     if cfg.model.init == "random" and not cfg.model.random_config:
         errors.append("model.random_config: required when model.init is 'random'")
     if cfg.serving.unknown_scenario == "fallback" and not cfg.serving.fallback_scenario:

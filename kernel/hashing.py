@@ -97,12 +97,16 @@ def stable_hash(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return splitmix64(h)
 
 
-def fingerprint_files(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of the given files (in order): identifies the exact data a run saw."""
+def fingerprint_files(paths: list[str | Path]) -> str:
+    """sha256 over the names and bytes of the given files (in order; local paths or URIs): identifies the exact
+    data a run saw."""
+    from kernel import storage  # storage -> atomic; hashing stays importable on its own
+
     h = hashlib.sha256()
     for p in paths:
-        h.update(Path(p).name.encode())
-        with open(p, "rb") as f:
+        h.update(storage.name(p).encode())
+        fs, path = storage.resolve(p)
+        with fs.open_input_stream(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]

@@ -148,7 +148,7 @@ def _is_connection_error(e: Exception) -> bool:
 class MlflowTracker(NullTracker):
     """One MLflow run, driven synchronously through an MlflowClient bound to an explicit tracking URI."""
 
-    def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0):
+    def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0, artifact_root: str = ""):
         from mlflow import MlflowClient
 
         bound_mlflow_requests(timeout_s)
@@ -158,7 +158,7 @@ class MlflowTracker(NullTracker):
         exp = guarded(tracking_uri, "experiment lookup", lambda: self.client.get_experiment_by_name(experiment))
         self.experiment_id = exp.experiment_id if exp else guarded(
             tracking_uri, "experiment creation", lambda: self.client.create_experiment(
-                experiment, artifact_location=artifact_location(tracking_uri, experiment)))
+                experiment, artifact_location=artifact_location(tracking_uri, experiment, artifact_root)))
         self.run_id = None
 
     def start(self, run_name: str = "", params: dict | None = None, tags: dict | None = None,
@@ -209,9 +209,13 @@ class MlflowTracker(NullTracker):
             self.client.set_terminated(self.run_id, status=status)
 
 
-def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """For a sqlite store, artifacts beside the database file (MLflow's default is ./mlruns under the
-    current directory, wherever the job happens to run); None (the server's choice) otherwise."""
+def artifact_location(tracking_uri: str, experiment: str, artifact_root: str = "") -> str | None:
+    """Where a new experiment keeps its artifacts: ``<artifact_root>/<experiment>`` when a root is configured
+    (``tracking.artifact_uri``, e.g. s3://bucket/mlflow); for a sqlite store, beside the database file
+    (MLflow's default is ./mlruns under the current directory, wherever the job happens to run); None (the
+    server's choice) otherwise."""
+    if artifact_root:
+        return f"{artifact_root.rstrip('/')}/{experiment}"
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
         return (db.parent / "mlartifacts" / experiment).resolve().as_uri()

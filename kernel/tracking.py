@@ -202,10 +202,10 @@ def _count_lines(path: Path) -> int:
 
 def open_tracker(cfg: Config, rank: int = 0, spool_dir: Path | None = None) -> NullTracker:
     """NullTracker off rank 0 or with tracking off; else MLflow behind a spool in ``spool_dir``
-    (default <work_dir>/tracking_spool), so that a run never blocks on the tracking server."""
+    (default <local work dir>/tracking_spool), so that a run never blocks on the tracking server."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    cfg.local_work_dir.mkdir(parents=True, exist_ok=True)
     t: TrackingConfig = cfg.tracking
-    inner = MlflowTracker(cfg.tracking_uri, t.experiment, t.timeout_s)
-    return SpooledTracker(inner, Path(spool_dir or Path(cfg.work_dir) / "tracking_spool"), t.flush_timeout_s)
+    inner = MlflowTracker(cfg.tracking_uri, t.experiment, t.timeout_s, t.artifact_uri)
+    return SpooledTracker(inner, Path(spool_dir or cfg.local_work_dir / "tracking_spool"), t.flush_timeout_s)

@@ -33,6 +33,7 @@ AUC alert); 5 the MLflow server did not answer.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +53,7 @@ from evaluation.metrics import (
     scenario_metrics,
     summarize,
 )
-from kernel import exit_codes
+from kernel import exit_codes, storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError
@@ -74,6 +75,15 @@ class Tracker(Protocol):
 
 
 def _dataset(path: str | Path, what: str) -> ds.Dataset:
+    if storage.is_uri(path):  # an object store: pyarrow reads it through its own file system
+        if not storage.exists(path):
+            raise DataError(f"{path}: {what} does not exist")
+        fs, inner = storage.resolve(path)
+        try:
+            return ds.dataset(inner, filesystem=fs, format="parquet",
+                              partitioning="hive" if storage.is_dir(path) else None)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: cannot read {what} as Parquet ({e})") from e
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: {what} does not exist")
@@ -330,8 +340,8 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
         model_version = scored_model_version(scored_path)
     n = len(cols["score"])
     quarantine_rate = None
-    if quarantine_path is None and (Path(scored_path) / QUARANTINE_DIR).is_dir():
-        quarantine_path = Path(scored_path) / QUARANTINE_DIR  # batch scoring's own rejects
+    if quarantine_path is None and storage.is_dir(storage.join(scored_path, QUARANTINE_DIR)):
+        quarantine_path = storage.join(scored_path, QUARANTINE_DIR)  # batch scoring's own rejects
     if quarantine_path is not None:
         q = count_rows(quarantine_path)
         quarantine_rate = q / (q + n) if q + n else 0.0
@@ -373,10 +383,15 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
         "history": None if history is None else [
             {k: h.get(k) for k in ("run_id", "start_time", "model_version", "scenarios")} for h in history],
     }
-    out = Path(out_dir)
+    # An object-store out_dir: the report is written in a local folder (kept: the tracker may still be
+    # sending it) and then published there, files first and a commit marker last.
+    out = Path(out_dir) if not storage.is_uri(out_dir) else (
+        cfg.local_work_dir / "reports" / hashlib.sha256(str(out_dir).encode()).hexdigest()[:16])
     out.mkdir(parents=True, exist_ok=True)
     write_report(summary, out, reference, curves=curves, history=history)
     write_json_atomic(out / "summary.json", summary)
+    if storage.is_uri(out_dir):
+        storage.upload_dir(out, out_dir)
     if tracker is not None:
         tracker.set_tags(run_tags(model_version, (comparison or {}).get("version")))
         tracker.log_metrics(headline_metrics(summary))
@@ -409,8 +424,8 @@ def _work(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     tracker = None
     if args.tracking_uri:
-
-        tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment, cfg.tracking.timeout_s)
+        tracker = MlflowTracker(args.tracking_uri, cfg.tracking.experiment, cfg.tracking.timeout_s,
+                                cfg.tracking.artifact_uri)
         tracker.start(run_name="monitoring-check", run_id=args.run_id)
     try:
         version = args.model_version or scored_model_version(args.scored)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation.metrics import scenario_metrics, summarize
-from kernel import exit_codes
+from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
 from monitoring import registry
@@ -52,7 +52,7 @@ def default_score_fn(model_uri: str, eval_path: str, tracking_uri: str | None = 
     import pyarrow.dataset as ds
 
 
-    if not Path(eval_path).exists():
+    if not storage.exists(eval_path):
         raise DataError(f"{eval_path}: evaluation set does not exist")
     return score_table(model_uri, ds.dataset(eval_path, format="parquet").to_table(), tracking_uri=tracking_uri)
 

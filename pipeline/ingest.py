@@ -27,7 +27,6 @@ Exit codes (kernel.exit_codes): 0 done, 2 bad configuration or input, 6 reject r
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -40,7 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kernel.atomic import publish, staging_dir, write_json_atomic
+from kernel import storage
+from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from kernel.exit_codes import run_cli
@@ -150,19 +150,19 @@ def _reject(error: DataError, stage: Path, stats: IngestStats, out_dir: Path, fi
     """Publish the quarantine and stats of a failed run under <out>/_rejected, then raise ``error``."""
     files.close()  # flush the quarantine's footer (and close the spill)
     write_json_atomic(stage / "stats.json", {**stats.to_dict(), "error": str(error)})
-    publish(stage, out_dir / REJECTED_DIR, REJECTED_FILES)
+    storage.publish_files(stage, storage.join(out_dir, REJECTED_DIR), REJECTED_FILES)
     raise error
 
 
 def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> IngestReport:
     """Validate, dedupe and split ``source`` into ``out_dir``. Raises DataError / RejectRateExceeded."""
-    out_dir, d = Path(out_dir), cfg.data
+    out_dir, d = (out_dir if storage.is_uri(out_dir) else Path(out_dir)), cfg.data
     stream = _Stream(cfg, source, None, require_label=True)
     split_key = _split_key(cfg, stream.accepted_schema)
     stats = IngestStats(d.max_chars)
-    rejected_dir = out_dir / REJECTED_DIR
+    rejected_dir = storage.join(out_dir, REJECTED_DIR)
     input_files = [p.path for p in stream.parts]
-    with staging_dir(out_dir) as stage, ExitStack() as files:
+    with storage.staging(out_dir) as stage, ExitStack() as files:
         quarantine = files.enter_context(_parquet_writer(stage / "quarantine.parquet", stream.quarantine_schema))
         spill = Spill(stage / "spill", bucket_count(stream.source.num_rows), stream.accepted_schema)
         files.callback(spill.close)
@@ -209,8 +209,8 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
         scenarios = list(d.scenarios) or sorted(s for s, v in result["by_scenario"].items() if v["rows"])
         TaskMap(scenarios).save(stage / "task_map.json")
         write_json_atomic(stage / "stats.json", result)
-        publish(stage, out_dir, OUTPUT_FILES)
-        shutil.rmtree(rejected_dir, ignore_errors=True)  # a stale failure's rows no longer describe out_dir
+        storage.publish_files(stage, out_dir, OUTPUT_FILES)
+        storage.delete(rejected_dir)  # a stale failure's rows no longer describe out_dir
     if tracker is not None:
         tracker.log_dict(result, "ingest/stats.json")
         tracker.log_metrics(stats.metrics())
@@ -275,9 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 def _work(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     source = args.input or cfg.data.source
-    out = Path(args.out) if args.out else Path(cfg.work_dir) / "data"
+    out = args.out or storage.join(cfg.work_dir, "data")
     if source == "synthetic":
-
         source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
 
     tracker = open_tracker(cfg)

@@ -14,6 +14,7 @@ is corrupt, or lacks a filtered column raises DataError / ConfigError naming the
 """
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from kernel import storage
 from kernel.errors import ConfigError, DataError
 
 
@@ -50,12 +53,15 @@ def build_filter(filters: dict[str, list]) -> RowFilter | None:
 class FilePart:
     """One Parquet file of the source, with its hive partition values and surviving row groups."""
 
-    path: str
+    path: str  # as the user knows it: a local path, or the full URI (s3://bucket/key)
     schema: pa.Schema  # the file's own (physical) schema
     partition: dict[str, str]
     num_rows: int
     row_groups: list[int]
     _row_starts: np.ndarray = field(repr=False)  # first row number of each row group in the file
+    filesystem: pafs.FileSystem | None = field(default=None, repr=False)  # None: the local file system
+    fs_path: str = ""  # the path inside ``filesystem``
+    rel_dir: str = ""  # the file's folders below the input's partition base ("market=us/day=1")
 
     def batches(
         self,
@@ -69,7 +75,7 @@ class FilePart:
         file_cols = [c for c in wanted if c in self.schema.names]
         part_cols = [c for c in wanted if c not in self.schema.names and c in self.partition]
         try:
-            pf = pq.ParquetFile(self.path)
+            pf = pq.ParquetFile(self.fs_path or self.path, filesystem=self.filesystem)
             for rg in self.row_groups:
                 first = int(self._row_starts[rg])
                 for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=file_cols,
@@ -98,43 +104,50 @@ def _apply_filter(batch: pa.RecordBatch, rows: np.ndarray, row_filter: RowFilter
 class ParquetSource:
     """The Parquet files under a path, opened with ``pyarrow.dataset`` and hive partitioning."""
 
-    def __init__(self, root: Path, files: list[Path], dataset: ds.FileSystemDataset, metadata: dict[str, object]):
+    def __init__(self, root, files: list[str], dataset: ds.FileSystemDataset, metadata: dict[str, object],
+                 filesystem: pafs.FileSystem, shown, base: str):
         self.root = root
-        self.files = files
+        self.files = files  # paths inside ``filesystem``
         self.dataset = dataset
         self._metadata = metadata
+        self.filesystem = filesystem
+        self._shown = shown  # fs path -> the path or URI the user knows
+        self.base = base  # where hive partitions are counted from
 
     @classmethod
     def open(cls, source: str | Path) -> "ParquetSource":
-        root = Path(source)
-        if not root.exists():
-            raise DataError(f"input {root} does not exist")
-        if root.is_file():
+        """A local file or folder, or any pyarrow.fs URI (s3://bucket/traffic/, gs://, hdfs://, file://)."""
+        fs, root = storage.resolve(source)
+        kind = fs.get_file_info(root).type
+        if kind == pafs.FileType.NotFound:
+            raise DataError(f"input {source} does not exist")
+        if kind == pafs.FileType.File:
             files = [root]
         else:  # like pyarrow: names starting with "_" or "." (e.g. _SUCCESS, .crc) are not data
-            files = sorted(
-                p for p in root.rglob("*")
-                if p.is_file() and not any(s.startswith(("_", ".")) for s in p.relative_to(root).parts)
-            )
+            found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = sorted(f.path for f in found if f.type == pafs.FileType.File and not any(
+                s.startswith(("_", ".")) for s in posixpath.relpath(f.path, root).split("/")))
             if not files:
-                raise DataError(f"input directory {root} holds no Parquet files")
+                raise DataError(f"input directory {source} holds no Parquet files")
+        shown = _displayer(source, root)
         metadata, problems = {}, []
         for f in files:
             try:
-                metadata[str(f)] = pq.read_metadata(f)
+                metadata[f] = pq.read_metadata(f, filesystem=fs)
             except Exception as e:  # noqa: BLE001 - any failure here means "not readable Parquet"
-                problems.append(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})")
+                problems.append(f"{shown(f)}: not a readable Parquet file ({type(e).__name__}: {e})")
         if problems:
             raise DataError("unreadable input:\n  - " + "\n  - ".join(problems))
-        base = partition_base(root)
+        base = partition_base(root, is_dir=kind == pafs.FileType.Directory)
         keys = _partition_keys(base, files)
         partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive") if keys else None
         try:
-            dataset = ds.dataset([str(f) for f in files], format="parquet", partitioning=partitioning,
-                                 partition_base_dir=str(base) if keys else None)
+            dataset = ds.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
+                                 partition_base_dir=base if keys else None)
         except pa.ArrowException as e:
-            raise DataError(f"input {root}: cannot open as a Parquet dataset ({e})") from e
-        return cls(root, files, dataset, metadata)
+            raise DataError(f"input {source}: cannot open as a Parquet dataset ({e})") from e
+        return cls(Path(root) if not storage.is_uri(source) else source, files, dataset, metadata,
+                   filesystem=fs, shown=shown, base=base)
 
     @property
     def num_rows(self) -> int:
@@ -157,32 +170,46 @@ class ParquetSource:
                 else:
                     groups = sorted(g.id for f in frag.split_by_row_group(filter=expr, schema=self.dataset.schema)
                                     for g in f.row_groups)
+                rel = posixpath.relpath(posixpath.dirname(frag.path), self.base)
                 out.append(FilePart(
-                    path=frag.path, schema=meta.schema.to_arrow_schema(),
+                    path=self._shown(frag.path), schema=meta.schema.to_arrow_schema(),
                     partition={k: str(v) for k, v in ds.get_partition_keys(frag.partition_expression).items()},
                     num_rows=meta.num_rows, row_groups=groups, _row_starts=starts,
+                    filesystem=self.filesystem, fs_path=frag.path, rel_dir="" if rel == "." else rel,
                 ))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ConfigError(f"data.filters: cannot apply {expr} to {self.root} ({e})") from e
         return sorted(out, key=lambda p: p.path)
 
 
-def partition_base(root: Path) -> Path:
+def partition_base(root: str | Path, is_dir: bool | None = None) -> str:
     """The folder hive partitions are counted from: the input folder (a file's own folder), moved up past
-    every trailing ``key=value`` component (``/d/traffic/market=us/day=1`` -> ``/d/traffic``)."""
-    base = root if root.is_dir() else root.parent
-    while "=" in base.name and base.parent != base:
-        base = base.parent
+    every trailing ``key=value`` component (``/d/traffic/market=us/day=1`` -> ``/d/traffic``). Paths are
+    posix strings inside a file system (a local path, or ``bucket/key`` of an object store)."""
+    root = str(root).rstrip("/") or "/"
+    if is_dir is None:
+        is_dir = Path(root).is_dir()
+    base = root if is_dir else posixpath.dirname(root)
+    while "=" in posixpath.basename(base) and posixpath.dirname(base) != base:
+        base = posixpath.dirname(base)
     return base
 
 
-def _partition_keys(root: Path, files: list[Path]) -> list[str]:
+def _partition_keys(root: str, files: list[str]) -> list[str]:
     """Hive keys in path order (``market=us/day=1/x.parquet`` -> [market, day])."""
     keys: list[str] = []
     for f in files:
-        for part in f.relative_to(root).parts[:-1]:
+        for part in posixpath.relpath(f, root).split("/")[:-1]:
             if "=" in part:
                 k = part.split("=", 1)[0]
                 if k not in keys:
                     keys.append(k)
     return keys
+
+
+def _displayer(source: str | Path, root: str):
+    """fs path -> what error messages and source_file show: the local path, or the URI with its scheme."""
+    if not storage.is_uri(source):
+        return lambda p: p
+    scheme = str(source).split("://", 1)[0]
+    return lambda p: f"{scheme}://{p}"

@@ -49,7 +49,8 @@ from safetensors.torch import save_file
 
 from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
 from evaluation.drift import reference_profile, save_reference
-from kernel.atomic import publish_dir, staging_dir, write_json_atomic
+from kernel import storage
+from kernel.atomic import publish_dir, write_json_atomic
 from kernel.config import Config, add_config_args, apply_overrides, config_from_dict, dump_config, load_config, to_dict
 from kernel.errors import ConfigError, DataError
 from kernel.exit_codes import run_cli
@@ -69,6 +70,7 @@ from serving.layout import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     REFERENCE_FILE,
+    REGISTERED_FILE,
     SCENARIOS_DIR,
     factor_key,
     scenario_dirname,
@@ -146,7 +148,8 @@ def write_checkpoints(model, tokenizer, task_map, out: Path, final: Path | None 
         sub = scenario_dirname(name, tid)
         save_plain(model, merged_backbone(model, tid), out / SCENARIOS_DIR / sub, tokenizer)
         adapter = save_peft_adapter(model, tid, out / ADAPTERS_DIR / sub,
-                                    base_path=str(((final or out) / BASE_DIR).resolve()))
+                                    base_path=str(storage.join(final, BASE_DIR)) if storage.is_uri(final or out)
+                                    else str((Path(final or out) / BASE_DIR).resolve()))
         config = json.loads((adapter / "adapter_config.json").read_text())
         (adapter / "README.md").write_text(ADAPTER_README.format(
             scenario=name, name="the relevance model", r=config["r"], heads=", ".join(config["modules_to_save"] or []),
@@ -172,10 +175,10 @@ def best_f1_thresholds(scenarios: np.ndarray, labels: np.ndarray, scores: np.nda
     return out
 
 
-def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict, method: str = "isotonic") -> None:
+def fit_on_validation(out: Path, valid: str | Path, cfg: Config, manifest: dict, method: str = "isotonic") -> None:
     """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
 
-    if not valid.is_file():
+    if not storage.is_file(valid):
         raise DataError(f"--valid {valid}: no such Parquet file")
     table = pq.read_table(valid)
     for col in ("query", "title", "scenario", "label"):
@@ -195,7 +198,7 @@ def fit_on_validation(out: Path, valid: Path, cfg: Config, manifest: dict, metho
     # Monitoring must compare like with like: one reference per kind of score the scorer can emit.
     save_reference(reference_profile(scen, raw, q_len, t_len), out / REFERENCE_FILE)
     save_reference(reference_profile(scen, calibrated, q_len, t_len), out / CALIBRATED_REFERENCE_FILE)
-    manifest["calibration"] = {"file": CALIBRATION_FILE, "method": cal.method, "fitted_on": valid.name,
+    manifest["calibration"] = {"file": CALIBRATION_FILE, "method": cal.method, "fitted_on": storage.name(valid),
                                "skipped": cal.skipped}
     manifest["reference"] = {"file": REFERENCE_FILE, "calibrated_file": CALIBRATED_REFERENCE_FILE}
     manifest["thresholds"] = {"f1_max_calibrated": best_f1_thresholds(scen, labels, calibrated)}
@@ -236,23 +239,25 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
     scoring reads its defaults (serving.*, data.columns) from the export.
     """
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+    remote = storage.is_uri(out_dir)
+    out = str(out_dir).rstrip("/") if remote else Path(out_dir)
+    if not remote and out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise DataError(f"--out {out} exists and is not an export folder (no {MANIFEST_FILE}); not replacing it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=out.parent) as scratch:
+    if not remote:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=None if remote else out.parent) as scratch:
         model_dir, source_run = resolve_source(run, tracking_uri, Path(scratch))
         source_run = source_run or source_run_id
         trained, task_map, model = load_trained(model_dir)
         cfg = serving_config(trained, config_path, overrides)
         tracking_uri = tracking_uri or cfg.tracking_uri
         tags = _run_tags(source_run, tracking_uri)
-        with staging_dir(out) as stage:
+        with storage.staging(out) as stage:
             tokenizer = load_tokenizer(cfg)
             layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
             metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
             digest = hashlib.sha256((stage / FACTORS_FILE).read_bytes()).hexdigest()[:12]
-            fingerprint = tags.get("data_fingerprint") or (fingerprint_files([Path(valid)]) if valid else None)
+            fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "model_version": f"export-{digest}",
@@ -281,15 +286,22 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
             dump_config(cfg, stage / "config.yaml")
             task_map.save(stage / TASK_MAP_FILE)  # a copy of the file ingestion wrote
             if valid:
-                fit_on_validation(stage, Path(valid), cfg, manifest,
+                fit_on_validation(stage, valid, cfg, manifest,
                                   calibration_method or cfg.monitoring.calibration_method)
                 write_json_atomic(stage / MANIFEST_FILE, manifest)
-            publish_dir(stage, out)  # swap: the old export stays whole until the new one is in place
-    if name:
-        example = pq.read_table(valid).slice(0, 3).to_pandas() if valid else None
-        manifest["registered"] = register_export(out, tracking_uri, cfg.tracking.experiment, name, alias,
-                                                 training_run=source_run, parent_run=parent_run, example=example,
-                                                 timeout_s=cfg.tracking.timeout_s)
+            if remote:  # every file, then the commit marker: readers trust the folder once it is complete
+                storage.upload_dir(stage, out)
+            else:
+                publish_dir(stage, out)  # swap: the old export stays whole until the new one is in place
+            local = stage if remote else out
+            if name:
+                example = pq.read_table(valid).slice(0, 3).to_pandas() if valid else None
+                manifest["registered"] = register_export(
+                    local, tracking_uri, cfg.tracking.experiment, name, alias, training_run=source_run,
+                    parent_run=parent_run, example=example, timeout_s=cfg.tracking.timeout_s,
+                    artifact_root=cfg.tracking.artifact_uri)
+                if remote:  # beside the committed folder: which registry version this content is
+                    storage.write_json(storage.join(out, REGISTERED_FILE), manifest["registered"])
     return manifest
 
 

@@ -66,7 +66,7 @@ def _requirements() -> list[str]:
 def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None = None,
                     training_run: str | None = None, parent_run: str | None = None,
                     example: pd.DataFrame | None = None, description: str | None = None,
-                    timeout_s: float = 10.0) -> dict:
+                    timeout_s: float = 10.0, artifact_root: str = "") -> dict:
     """Log the export as a pyfunc (into the training run when given), register a new version of ``name``."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -74,7 +74,7 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
     client = mlflow_client(tracking_uri, timeout_s)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifact_location(tracking_uri, experiment))
+        experiment, artifact_location=artifact_location(tracking_uri, experiment, artifact_root))
     tags = {**source_tags("serving.export"), "stage": "export", "source_run": training_run or ""}
     if parent_run:
         tags["mlflow.parentRunId"] = parent_run

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kernel import storage
 from kernel.atomic import publish_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
 from kernel.mlflow_client import mlflow_client
@@ -85,6 +86,38 @@ def folder_version(export_dir: Path) -> str:
     return digest
 
 
+def _remote_folder(uri: str, root: Path) -> tuple[Path, str]:
+    """An export folder on an object store (s3://...): a local copy keyed on its URI and the commit marker
+    (which lists every file and size), downloaded once and checked like a registry copy before every use."""
+    marker = storage.committed(uri)
+    if marker is None:
+        raise DataError(f"--model {uri}: not a completely published export (no valid {storage.COMMIT_MARKER})")
+    identity = {"uri": uri.rstrip("/"), "files": marker["files"]}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    target = root / f"{storage.name(uri)}-{key}"
+    if not _intact(target, identity):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            local = storage.download_dir(uri, tmp / "export")
+            digest = content_digest(local)
+            if read_manifest(local)["model_version"] != f"export-{digest}":
+                raise DataError(f"{uri}: factors do not match the manifest's model_version (an altered export)")
+            repoint_adapters(local, target)
+            write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
+            if not (target.exists() and _intact(target, identity)):
+                publish_dir(local, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    registered = storage.join(uri, REGISTERED_FILE)
+    version = folder_version(target)
+    if storage.is_file(registered):
+        r = storage.read_json(registered, "registration record")
+        if r.get("model_version") == read_manifest(target)["model_version"]:
+            version = f"{r['name']}/{r['version']}"
+    return target, version
+
+
 def export_root(downloaded: Path) -> Path:
     """The export folder inside a downloaded model: itself, or the pyfunc's artifact (artifacts/<export>)."""
     if (downloaded / MANIFEST_FILE).is_file():
@@ -119,6 +152,8 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
                   cache_dir: str | Path | None = None) -> tuple[Path, str]:
     """(local export folder, model version) for a folder, ``models:/name@alias`` or ``models:/name/N``."""
     text = str(model)
+    if storage.is_uri(text):
+        return _remote_folder(text, Path(cache_dir or default_cache_dir()))
     if not text.startswith("models:/"):
         d = Path(text)
         return d, folder_version(d)

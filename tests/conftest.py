@@ -52,3 +52,40 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     raw = generate(work / "raw.parquet", cfg.data.synthetic)
     run_ingest(cfg, raw, work / "data")
     return work / "data"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server on 127.0.0.1 (moto's standalone server) for the whole session; clients find
+    it through the standard environment (AWS_ENDPOINT_URL, credentials, region; MLflow's S3 endpoint)."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    mp = pytest.MonkeyPatch()
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        mp.setenv(key, value)
+    yield endpoint
+    mp.undo()
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket for one test; its name as s3://<bucket>."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-b"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernel import exit_codes
+from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import ConfigError
 from kernel.tracking import open_tracker
@@ -178,8 +178,8 @@ def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, tags: 
 def _main(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     cfg = load_config(args.config, args.overrides)
-    data_dir = Path(args.data or Path(cfg.work_dir) / "data")
-    out_dir = Path(args.out or Path(cfg.work_dir) / "train")
+    data_dir = args.data or storage.join(cfg.work_dir, "data")  # a local folder or an object-store URI
+    out_dir = Path(args.out or cfg.local_work_dir / "train")  # checkpoints: always on local disk
     if not args.worker:
         topo = topology(args)
         if topo.multi:

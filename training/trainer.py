@@ -33,13 +33,14 @@ import torch.nn.functional as F
 
 from features.sampler import MixedScenarioSampler
 from features.tokenize import FeatureSet, build_features
+from kernel import storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, flat_params, to_dict
 from kernel.errors import ConfigError, DataError, TrainingDiverged
 from kernel.hashing import fingerprint_files
 from kernel.mlflow_client import NullTracker
-from kernel.task_map import TASK_MAP_FILE, TaskMap
 from kernel.provenance import git_commit
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 from modeling.artifact import save_trained
 from modeling.base import load_tokenizer
 from modeling.inject import adapter_param_count
@@ -63,8 +64,8 @@ class TrainResult:
 
 def task_map_for(cfg: Config, data_dir: Path) -> TaskMap:
     """The task map ingestion wrote (``<data_dir>/task_map.json``); ``data.scenarios``, when set, must agree."""
-    path = Path(data_dir) / TASK_MAP_FILE
-    if not path.is_file():
+    path = storage.join(data_dir, TASK_MAP_FILE)
+    if not storage.is_file(path):
         raise DataError(f"{path} is missing: run ingestion first (python -m pipeline.ingest)")
     task_map = TaskMap.load(path)
     if cfg.data.scenarios and list(cfg.data.scenarios) != task_map.names:
@@ -74,12 +75,12 @@ def task_map_for(cfg: Config, data_dir: Path) -> TaskMap:
 
 
 def load_split_features(cfg: Config, data_dir: Path, split: str, tokenizer, task_map: TaskMap) -> FeatureSet:
-    path = data_dir / f"{split}.parquet"
-    if not path.is_file():
+    path = storage.join(data_dir, f"{split}.parquet")
+    if not storage.is_file(path):
         raise DataError(f"{path} is missing: run ingestion first (python -m pipeline.ingest)")
     return build_features(
-        pq.read_table(path), tokenizer, task_map, cfg.features.max_length,
-        cache_dir=Path(cfg.work_dir) / "features_cache", batch_size=cfg.features.tokenize_batch_size,
+        pq.read_table(str(path)), tokenizer, task_map, cfg.features.max_length,
+        cache_dir=cfg.local_work_dir / "features_cache", batch_size=cfg.features.tokenize_batch_size,
         pair_format=cfg.features.pair_format,
     )
 
@@ -111,7 +112,8 @@ class Trainer:
     """One training run in phases: ``setup``, ``step``, ``evaluate`` (+ ``record``), ``save_checkpoint``."""
 
     def __init__(self, cfg: Config, data_dir: Path, out_dir: Path, tracker=None):
-        self.cfg, self.data_dir, self.out_dir = cfg, Path(data_dir), Path(out_dir)
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.data_dir = data_dir if storage.is_uri(data_dir) else Path(data_dir)  # ingested data: local or a URI
         self.tracker = tracker or NullTracker()
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.model_dir = self.out_dir / "model"
@@ -173,12 +175,13 @@ class Trainer:
         t.log_params(flat_params(self.cfg))
         t.set_tags({
             "git_commit": git_commit(),
-            "data_fingerprint": fingerprint_files([self.data_dir / "train.parquet", self.data_dir / "valid.parquet"]),
+            "data_fingerprint": fingerprint_files([storage.join(self.data_dir, f"{s}.parquet") for s in ("train", "valid")]),
             "world_size": self.env.world,
         })
         for split, context in (("train", "training"), ("valid", "validation")):
-            path = self.data_dir / f"{split}.parquet"
-            t.log_dataset(str(path.resolve()), split, fingerprint_files([path]), context)
+            path = storage.join(self.data_dir, f"{split}.parquet")
+            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split,
+                          fingerprint_files([path]), context)
         t.log_metrics({"params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                        "params/adapter": n_adapter, "params/adapter_expected": n_expected,
                        "params/total": sum(p.numel() for p in model.parameters())})

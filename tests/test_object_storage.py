@@ -1,0 +1,117 @@
+"""Object storage through a real S3-protocol server on 127.0.0.1 (moto), started by the tests: ingestion reads
+from and writes to s3://, MLflow keeps its artifacts there, and published folders are trusted only once their
+commit marker is there."""
+from __future__ import annotations
+
+import json
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+
+from kernel import storage
+from kernel.config import load_config
+from kernel.errors import DataError
+from pipeline.ingest import main as ingest_main
+from pipeline.ingest import run_ingest
+from tests.serving_testkit import WDC_COLUMNS, wdc_raw
+from tests.shared import TINY_CONFIG
+
+
+def put_table(uri: str, table) -> None:
+    fs, path = storage.resolve(uri)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def wdc_overrides() -> list[str]:
+    cols = [f"data.columns.{k}={'null' if v is None else v}" for k, v in WDC_COLUMNS.items()]
+    return [*cols, "data.scenarios=[cameras, computers, shoes]", "data.max_reject_rate=0.2"]
+
+
+def test_ingest_reads_a_hive_dataset_on_s3_and_publishes_there(tmp_path, s3_bucket):
+    for i, cat in enumerate(["cameras", "computers", "shoes"]):
+        put_table(f"{s3_bucket}/traffic/day=2026-12-0{i + 1}/part-0.parquet", wdc_raw(per_category=40, categories=[cat]))
+    cfg = load_config(TINY_CONFIG, [f"work_dir={tmp_path}", "tracking.enabled=false", *wdc_overrides()])
+    report = run_ingest(cfg, f"{s3_bucket}/traffic", f"{s3_bucket}/data")
+    assert report.rows_in == 120 and report.rows_accepted + report.rows_quarantined == 120
+    names = {rel for rel, _ in storage.files(f"{s3_bucket}/data")}
+    assert {"train.parquet", "valid.parquet", "test.parquet", "quarantine.parquet", "task_map.json",
+            "stats.json"} <= names
+    stats = storage.read_json(f"{s3_bucket}/data/stats.json", "stats")
+    assert stats["rows_in"] == 120
+    train = pq.read_table(f"{s3_bucket}/data/train.parquet")
+    assert train.num_rows == stats["splits"]["train"]
+    assert all(f.startswith(f"{s3_bucket}/traffic/day=") for f in train["source_file"].to_pylist())  # the URI, named
+    # The command line takes the URIs as they are.
+    assert ingest_main(["--config", str(TINY_CONFIG), f"work_dir={tmp_path}", "tracking.enabled=false",
+                        *wdc_overrides(), "--input", f"{s3_bucket}/traffic", "--out", f"{s3_bucket}/data2"]) == 0
+    assert storage.is_file(f"{s3_bucket}/data2/stats.json")
+
+
+def test_a_missing_s3_input_is_named(tmp_path, s3_bucket, capsys):
+    assert ingest_main(["--config", str(TINY_CONFIG), f"work_dir={tmp_path}", "tracking.enabled=false",
+                        "--input", f"{s3_bucket}/nothing-here", "--out", str(tmp_path / "out")]) == 2
+    assert f"{s3_bucket}/nothing-here" in capsys.readouterr().err
+
+
+def test_a_folder_is_trusted_only_once_its_commit_marker_is_there(tmp_path, s3_bucket):
+    local = tmp_path / "export"
+    (local / "base").mkdir(parents=True)
+    (local / "manifest.json").write_text(json.dumps({"a": 1}))
+    (local / "base" / "weights.bin").write_bytes(b"x" * 1000)
+    dest = f"{s3_bucket}/models/export"
+    storage.upload_dir(local, dest)
+    assert storage.committed(dest) is not None
+    back = storage.download_dir(dest, tmp_path / "back")
+    assert (back / "base" / "weights.bin").read_bytes() == b"x" * 1000
+    # A file changed or lost after the commit (a half-overwritten publication): not trusted any more.
+    bucket, key = dest[len("s3://"):].split("/", 1)
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"{key}/base/weights.bin", Body=b"partial")
+    assert storage.committed(dest) is None
+    with pytest.raises(DataError, match="not a completely published folder"):
+        storage.download_dir(dest, tmp_path / "again")
+
+
+def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_path, s3_bucket):
+    """tracking.artifact_uri=s3://...: the pyfunc and its export live in the bucket, the registry (sqlite)
+    points there, and models:/ resolves by downloading from S3; the scores equal the local export's."""
+    import numpy as np
+
+    from serving.export import export_model
+    from serving.registry_cache import resolve_model
+    from serving.scorer import score_table
+    from tests.serving_testkit import canonical, trained_folder
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export", tracking_uri=uri, name="relevance",
+                 overrides=[f"tracking.artifact_uri={s3_bucket}/mlflow"])
+    bucket = s3_bucket[len("s3://"):]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith("MLmodel") for k in keys) and any(k.endswith("factors.safetensors") for k in keys)
+    assert not (tmp_path / "mlartifacts").exists()  # nothing was kept beside the database
+    local, version = resolve_model("models:/relevance/1", uri, tmp_path / "cache")
+    assert version == "relevance/1"
+    table = canonical(wdc_raw(per_category=4))
+    np.testing.assert_allclose(score_table(local, table)["score"].to_numpy(),
+                               score_table(tmp_path / "export", table)["score"].to_numpy(), atol=1e-6)
+
+
+def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket):
+    import numpy as np
+
+    from serving.export import export_model
+    from serving.registry_cache import resolve_model
+    from serving.scorer import score_table
+    from tests.serving_testkit import canonical, trained_folder
+
+    model = trained_folder(tmp_path, "mean")
+    export_model(str(model), tmp_path / "local-export")
+    manifest = export_model(str(model), f"{s3_bucket}/exports/relevance")
+    assert storage.committed(f"{s3_bucket}/exports/relevance") is not None
+    local, version = resolve_model(f"{s3_bucket}/exports/relevance", cache_dir=tmp_path / "cache")
+    assert version == manifest["model_version"]
+    again, _ = resolve_model(f"{s3_bucket}/exports/relevance", cache_dir=tmp_path / "cache")
+    assert again == local  # downloaded once, checked before every use
+    table = canonical(wdc_raw(per_category=4))
+    np.testing.assert_allclose(score_table(local, table)["score"].to_numpy(),
+                               score_table(tmp_path / "local-export", table)["score"].to_numpy(), atol=1e-6)
