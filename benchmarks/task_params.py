@@ -12,6 +12,8 @@ layers:
     shared top       layers where every scenario favours the same B_i (no routing left)
     Λ from I         mean / max ||Λ_t - I||_F / ||I||_F (diagonal Λ: the vector against ones)
     ΔW cosine        mean pairwise cosine similarity of the scenarios' updates ΔW_t (1: one shared update)
+    entropy          mean H(softmax(w_t / τ)) / log n, at init and trained (0: one-hot routing, 1: uniform)
+    tasks per B_i    mean effective number of scenarios using each B_i, at init and trained (training.diagnostics)
 
 Prints one Markdown row per folder.
 """
@@ -27,6 +29,7 @@ from modeling.artifact import load_trained
 from modeling.inject import adapter_layers
 from modeling.model import build_model
 from modeling.mtl_lora import MTLLoRALinear
+from training.diagnostics import adapter_diagnostics
 
 
 def _lambda_distance(layer: MTLLoRALinear) -> torch.Tensor:
@@ -59,7 +62,10 @@ def describe(model_dir: Path) -> dict[str, float]:
         lam_dist.append(_lambda_distance(layer))
         cosines.append(_delta_cosine(layer))
     p_all, lam_all = torch.cat(p_moved), torch.cat(lam_dist)
+    d_now, d_init = adapter_diagnostics(trained.backbone), adapter_diagnostics(init.backbone)
     return {
+        "entropy_frac_init": d_init["diag/entropy_frac"], "entropy_frac": d_now["diag/entropy_frac"],
+        "tasks_eff_init": d_init["diag/tasks_eff_mean"], "tasks_eff": d_now["diag/tasks_eff_mean"],
         "layers": len(now),
         "task_lr": cfg.train.task_lr or cfg.train.lr,
         "w_moved_max": max(w_moved),
@@ -78,14 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
     print("| model | task lr | w moved (max) | p moved (mean / max) | top p (mean) | shared top | "
-          "Λ from I (mean / max) | ΔW cosine (mean) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "Λ from I (mean / max) | ΔW cosine (mean) | entropy / log n (init → trained) | tasks per B_i |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for d in args.model_dirs:
         r = describe(d)
         print(f"| {d} | {r['task_lr']:g} | {r['w_moved_max']:.3f} | {r['p_moved_mean']:.3f} / {r['p_moved_max']:.3f} | "
               f"{r['top_p_mean']:.2f} | {r['shared_top_layers']} of {r['layers']} | "
               f"{r['lambda_from_identity_mean']:.1%} / {r['lambda_from_identity_max']:.1%} | "
-              f"{r['delta_cosine_mean']:.2f} |")
+              f"{r['delta_cosine_mean']:.2f} | {r['entropy_frac_init']:.2f} → {r['entropy_frac']:.2f} | "
+              f"{r['tasks_eff_init']:.2f} → {r['tasks_eff']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -59,9 +59,15 @@ class SplitConfig:
 class SyntheticConfig:
     """The embedded demo dataset (``pipeline.synthetic``)."""
 
-    rows_per_scenario: int = 3000
+    rows_per_scenario: int = 3000  # with imbalance > 1: the largest scenario's rows
     seed: int = 7
     label_noise: float = 0.05
+    # The quality benchmark's dials (pipeline.synthetic documents them; the defaults give the demo data).
+    # conflict: None keeps the four demo market rules; a value in [0, 1] replaces them with one shared rule
+    # that half the markets invert on that share of the products (0: one task, 1: opposite rules).
+    conflict: float | None = None
+    # Largest over smallest scenario's rows (>= 1; sizes spaced geometrically in market order); 1: balanced.
+    imbalance: float = 1.0
 
 
 @dataclass
@@ -152,6 +158,9 @@ class TrainConfig:
     # Cap on validation rows per scenario and evaluation (the same rows each time, stratified by label); 0: all.
     eval_rows_per_scenario: int = 0
     seed: int = 0
+    # Log training.diagnostics (mixing entropy, sharing of B_i, Λ drift, gradient norms per group) as MLflow
+    # metrics diag/... at step 0 and every this many optimizer steps; 0: off (no cost).
+    diagnostics_every: int = 0
 
 
 @dataclass

@@ -18,6 +18,26 @@ So one pair can be relevant in us and irrelevant in uk or de: the tasks genuinel
 conflict. The share of same-product ads is set per market so that ~25% of pairs are relevant before
 ``label_noise`` flips labels at random. Generation is vectorised and streamed in chunks, so millions of
 rows are cheap; the output is identical for the same config.
+
+Two dials, for the quality benchmark (``benchmarks.quality --grid``); at their defaults (conflict None,
+imbalance 1) the output is exactly the demo data above, by the same code path:
+
+    conflict    None: the four market rules above. A number c in [0, 1] replaces them with one shared
+                rule that the markets apply, or invert, on a visible slice of the catalogue:
+                    g(pair) = the ad shows a price or discount ("Now $49", "Save 30%")
+                    us, de  relevant = product matches and g                      (everywhere)
+                    uk, jp  relevant = product matches and (not g if the query's product is one of
+                            the first k = round(16 c) products of CONFLICT_ORDER, else g)
+                So c is the share of the catalogue (16 products) on which the two groups of markets hold
+                opposite rules: 0 is one task in four markets, 1 is opposite rules for every product, and
+                the disagreement grows monotonically with c (the slices are nested; k rounds to sixteenths,
+                ``conflict_products`` gives the realised share). Everything the rule reads (price text,
+                product) is in the text, so each market's rule is learnable given its task id; the market
+                itself shows in the text only partly (currency of a "Now $49" price, shipping lines), as
+                in the demo. The ~25% positive rate is kept per market as before.
+    imbalance   The largest scenario's rows over the smallest one's (>= 1). Scenario i of T (market order
+                us, uk, de, jp) gets round(rows_per_scenario · imbalance^(-i/(T-1))) rows, so us keeps
+                rows_per_scenario and jp gets rows_per_scenario / imbalance (10: 3000 / 1392 / 646 / 300).
 """
 from __future__ import annotations
 
@@ -69,6 +89,11 @@ SHIPPING = {  # what an ad says about where it ships; index = destination market
     "jp": ["Ships from Tokyo.", "Delivery in Japan only."],
 }
 TLD = {"us": "com", "uk": "co.uk", "de": "de", "jp": "jp"}
+# The conflict dial: markets that invert the shared rule on the conflict slice, and the fixed order in
+# which products join that slice as the dial grows (a fixed shuffle: related products join at different
+# points, so the slice is not one product family).
+OPPOSED = ("uk", "jp")
+CONFLICT_ORDER = (5, 12, 0, 9, 14, 3, 10, 7, 1, 15, 6, 11, 2, 13, 8, 4)
 
 _NULL = pa.scalar(None, pa.string())
 SCHEMA = pa.schema([("query", pa.string()), ("title", pa.string()), ("description", pa.string()),
@@ -97,6 +122,38 @@ def _synonym(rng: np.random.Generator, product: np.ndarray) -> np.ndarray:
     sizes = np.array([len(p) for p in PRODUCTS])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     return starts[product] + (rng.random(len(product)) * sizes[product]).astype(np.int64)
+
+
+def check_dials(cfg: SyntheticConfig) -> None:
+    """ConfigError unless conflict is None or in [0, 1] and imbalance >= 1."""
+    from kernel.errors import ConfigError
+
+    if cfg.conflict is not None and not 0.0 <= cfg.conflict <= 1.0:
+        raise ConfigError(f"data.synthetic.conflict: must be in [0, 1] (or null), got {cfg.conflict}")
+    if not cfg.imbalance >= 1.0:
+        raise ConfigError(f"data.synthetic.imbalance: must be >= 1 (largest / smallest scenario), got {cfg.imbalance}")
+
+
+def conflict_products(conflict: float) -> tuple[int, ...]:
+    """Product indices on which the OPPOSED markets invert the shared rule: the first round(16 c) of
+    CONFLICT_ORDER (so the realised share of the catalogue is len(...) / 16)."""
+    return CONFLICT_ORDER[: round(conflict * len(PRODUCTS))]
+
+
+def scenario_rows(cfg: SyntheticConfig) -> dict[str, int]:
+    """Rows per market: rows_per_scenario for us, down to rows_per_scenario / imbalance for jp (geometric)."""
+    n, k = cfg.rows_per_scenario, len(MARKETS) - 1
+    if cfg.imbalance == 1.0:
+        return {m: n for m in MARKETS}
+    return {m: max(1, round(n * cfg.imbalance ** (-i / k))) for i, m in enumerate(MARKETS)}
+
+
+def dial_rule(market: str, has_price: np.ndarray, q_product: np.ndarray, conflict: float) -> np.ndarray:
+    """The conflict dial's relevance rule for product-matching pairs (bool per row), see the module doc."""
+    if market not in OPPOSED:
+        return has_price.copy()
+    inverted = np.isin(q_product, conflict_products(conflict))  # the conflict slice of the catalogue
+    return np.where(inverted, ~has_price, has_price)
 
 
 def market_chunk(market: str, n: int, first_row: int, cfg: SyntheticConfig, chunk: int) -> pa.Table:
@@ -128,12 +185,15 @@ def market_chunk(market: str, n: int, first_row: int, cfg: SyntheticConfig, chun
                               + rng.integers(0, BRANDS_PER_GROUP, n))
     brand_match = q_has_brand & (brand_if_match == q_brand)
     ships_de = (dest == MARKETS.index("de")) & (ship_shown | url_present)
-    rule = {  # relevance if the product matches
-        "us": ~price_intent | has_price,
-        "uk": ~q_has_brand | brand_match,
-        "de": ships_de,
-        "jp": has_price | brand_match,
-    }[market]
+    if cfg.conflict is None:  # the demo's four market rules
+        rule = {  # relevance if the product matches
+            "us": ~price_intent | has_price,
+            "uk": ~q_has_brand | brand_match,
+            "de": ships_de,
+            "jp": has_price | brand_match,
+        }[market]
+    else:  # the conflict dial: one shared rule, inverted by OPPOSED markets on a slice of the catalogue
+        rule = dial_rule(market, has_price, q_product, cfg.conflict)
     p_same = min(0.95, TARGET_POSITIVE_RATE / max(rule.mean(), 1e-6))  # tunes the positive rate to ~25%
     product_match = rng.random(n) < p_same
     related = rng.random(n) < 0.5
@@ -173,13 +233,19 @@ def market_chunk(market: str, n: int, first_row: int, cfg: SyntheticConfig, chun
 
 
 def generate(out_path: Path, cfg: SyntheticConfig) -> Path:
-    """Write the demo dataset to one Parquet file (atomically); markets interleaved chunk by chunk."""
+    """Write the demo dataset to one Parquet file (atomically); markets interleaved chunk by chunk.
+
+    Chunk ``c`` holds rows [c·CHUNK_ROWS, (c+1)·CHUNK_ROWS) of every market that still has rows (all of
+    them when balanced, the demo's case), so a market's rows never depend on the other markets' sizes.
+    """
+    check_dials(cfg)
     out_path = Path(out_path)
-    n = cfg.rows_per_scenario
+    sizes = scenario_rows(cfg)
+    n = max(sizes.values())
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
         for chunk, start in enumerate(range(0, n, CHUNK_ROWS)):
-            size = min(CHUNK_ROWS, n - start)
-            parts = pa.concat_tables([market_chunk(mk, size, start, cfg, chunk) for mk in MARKETS])
+            parts = pa.concat_tables([market_chunk(mk, min(CHUNK_ROWS, sizes[mk] - start), start, cfg, chunk)
+                                      for mk in MARKETS if sizes[mk] > start])
             order = np.random.default_rng([cfg.seed, 99, chunk]).permutation(parts.num_rows)
             writer.write_table(parts.take(pa.array(order)))
     return out_path
@@ -194,10 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-scenario", type=int, default=d.rows_per_scenario)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--label-noise", type=float, default=d.label_noise)
+    parser.add_argument("--conflict", type=float, default=d.conflict,
+                        help="0..1: one shared rule, inverted by uk and jp on this share of products (default: the demo rules)")
+    parser.add_argument("--imbalance", type=float, default=d.imbalance,
+                        help="largest / smallest market's rows (default 1: balanced)")
     args = parser.parse_args(argv)
-    cfg = SyntheticConfig(rows_per_scenario=args.rows_per_scenario, seed=args.seed, label_noise=args.label_noise)
+    cfg = SyntheticConfig(rows_per_scenario=args.rows_per_scenario, seed=args.seed, label_noise=args.label_noise,
+                          conflict=args.conflict, imbalance=args.imbalance)
     path = generate(Path(args.out), cfg)
-    print(f"wrote {cfg.rows_per_scenario * len(MARKETS)} rows ({', '.join(MARKETS)}) to {path}")
+    sizes = scenario_rows(cfg)
+    print(f"wrote {sum(sizes.values())} rows ({', '.join(f'{m} {k}' for m, k in sizes.items())}) to {path}")
     return 0
 
 

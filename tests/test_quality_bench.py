@@ -5,6 +5,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from benchmarks import quality
-from benchmarks.quality_report import BEGIN, END, insert_block, mean_std, paired_differences, summarize
+from benchmarks.quality_report import BEGIN, insert_block, mean_std, paired_differences, summarize
 from kernel.config import load_config
 from modeling.inject import adapter_param_count
 from modeling.model import build_model
@@ -71,53 +72,187 @@ def test_wdc_splits_are_kept_and_no_evaluated_pair_was_trained_on(tmp_path):
         assert not pc.any(pc.is_in(quality._pair_keys(splits[name]), value_set=seen)).as_py()
 
 
-def test_benchmark_end_to_end_writes_tables_plot_and_nested_runs(tmp_path):
-    out, docs = tmp_path / "out", tmp_path / "docs"
-    docs.mkdir()
-    (docs / "quality.md").write_text(f"# Quality\n\nprose above\n\n{BEGIN}\nold\n{END}\n\nprose below\n")
-    argv = ["--config", str(TINY), "--datasets", "synthetic", "--methods", "mtl_lora", "lora", "--seeds", "0",
-            "--steps", "3", "--max-length", "32", "--eval-rows", "64", "--device", "cpu", "--out", str(out),
-            "--docs", str(docs), "data.synthetic.rows_per_scenario=150", "train.micro_batch_size=8"]
-    assert quality.main(argv) == 0
-    results = json.loads((out / "results.json").read_text())
-    runs = results["runs"]
-    assert [(r["method"], r["seed"]) for r in runs] == [("mtl_lora", 0), ("lora", 0)]
-    test_rows = pq.read_metadata(out / "synthetic" / "data" / "test.parquet").num_rows
-    cfg = load_config(TINY, ["features.max_length=32"])
-    shapes = quality.adapter_shapes(cfg, num_tasks=4)
-    for r in runs:
-        assert r["test_rows"] == test_rows and r["steps"] == 3  # every test row scored once
-        scored = [a for a in r["test_auc"].values() if a is not None]
-        assert len(r["test_auc"]) == 4 and scored
-        assert r["test_auc_macro"] == pytest.approx(sum(scored) / len(scored))
-        assert r["trainable_params"] > r["adapter_params"] > 0
-    assert runs[0]["adapter_params"] == quality.mtl_adapter_params(shapes, cfg, 4)
-    assert runs[1]["adapter_params"] == cfg.adapter.r * sum(i + o for i, o in shapes)
+# --- the protocol, end to end on the tiny config ------------------------------------------------------------
 
-    # MLflow: one parent, one child per run (nested through mlflow.parentRunId), test metrics on the child.
+GRID_ARGV = ["--config", str(TINY), "--grid", "--conflicts", "0", "1", "--imbalances", "1", "--methods", "mtl_lora",
+             "lora", "--lrs", "1e-3", "5e-3", "--seeds", "0", "1", "--budgets", "3", "--max-length", "32",
+             "--eval-rows", "64", "--diagnostics-every", "2", "--device", "cpu", "--docs-name", "grid",
+             "data.synthetic.rows_per_scenario=150", "train.micro_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    """2 grid cells × 2 methods × 2 lrs × 2 seeds of 3 steps (16 tiny trials), reports into a docs folder."""
+    root = tmp_path_factory.mktemp("grid")
+    out, docs = root / "out", root / "docs"
+    docs.mkdir()
+    (docs / "quality.md").write_text("# Quality\n\nprose above\n\n<!-- grid:begin -->\nold\n<!-- grid:end -->\n\n"
+                                     "prose below\n")
+    argv = [*GRID_ARGV, "--out", str(out), "--docs", str(docs)]
+    assert quality.main(argv) == 0
+    return argv, out, docs, json.loads((out / "results.json").read_text())
+
+
+def _mine(results, dataset, budget, method):
+    return [t for t in results["trials"] if (t["dataset"], t["budget"], t["method"]) == (dataset, budget, method)]
+
+
+def test_every_method_gets_the_same_trials_and_the_best_validation_lr_is_tested_once(grid_run):
+    _, out, _, results = grid_run
+    trials = results["trials"]
+    assert len(trials) == 2 * 2 * 2 * 2
+    assert {(t["dataset"], t["method"]) for t in trials} == {
+        (d, m) for d in ("synthetic-c0-i1", "synthetic-c1-i1") for m in ("mtl_lora", "lora")}
+    for dataset in ("synthetic-c0-i1", "synthetic-c1-i1"):
+        for method in ("mtl_lora", "lora"):
+            mine = _mine(results, dataset, "3", method)
+            assert sorted((t["lr"], t["seed"]) for t in mine) == [(1e-3, 0), (1e-3, 1), (5e-3, 0), (5e-3, 1)]
+            # Direct recomputation: mean validation macro AUC over the seeds, best lr (ties: the smaller).
+            mean_val = {lr: sum(t["val_auc_macro"] for t in mine if t["lr"] == lr) / 2 for lr in (1e-3, 5e-3)}
+            best = max(sorted(mean_val), key=lambda lr: (round(mean_val[lr], 12), -lr))
+            assert results["selected"][f"{dataset}|3|{method}"]["lr"] == best
+            tested = [t for t in mine if "test_auc_macro" in t]
+            assert sorted(t["seed"] for t in tested) == [0, 1] and all(t["lr"] == best for t in tested)
+            for t in tested:
+                scored = [a for a in t["test_auc"].values() if a is not None]
+                assert t["test_auc_macro"] == pytest.approx(sum(scored) / len(scored))
+                assert t["test_rows"] == pq.read_metadata(out / dataset / "data" / "test.parquet").num_rows
+            # Every trial: one validation at the end of its 3 steps, diagnostics at init and on the cadence.
+            for t in mine:
+                assert t["steps"] == 3 and t["best_step"] == 3 and [s for s, _ in t["val_curve"]] == [3]
+                assert set(t["diag"]) == {"0", "2", "3"} and "diag/grad_norm/head" in t["diag"]["0"]
+            assert ("diag/entropy_mean" in mine[0]["diag"]["0"]) == (method == "mtl_lora")
+    # The grid cells carry their dials into the generator.
+    raw = pq.read_table(out / "synthetic-c1-i1" / "raw.parquet")
+    assert results["grid"]["synthetic-c1-i1"] == {"conflict": 1.0, "imbalance": 1.0} and raw.num_rows == 600
+    assert results["train_rows"]["synthetic-c1-i1"] == {
+        s: n for s, n in zip(*np.unique(pq.read_table(out / "synthetic-c1-i1" / "data" / "train.parquet")["scenario"]
+                                        .to_numpy(zero_copy_only=False), return_counts=True))}
+
+
+def test_paired_differences_and_the_heat_map_match_a_direct_recomputation(grid_run):
+    from benchmarks.quality_report import chosen, grid_deltas, paired_scenario
+
+    _, out, docs, results = grid_run
+
+    def tested(dataset, method):
+        return {t["seed"]: t for t in _mine(results, dataset, "3", method) if "test_auc_macro" in t}
+
+    deltas = grid_deltas(results)["3"]["cells"]
+    text = (out / "quality.md").read_text()
+    for dataset, cell in (("synthetic-c0-i1", (0.0, 1.0)), ("synthetic-c1-i1", (1.0, 1.0))):
+        a, b = tested(dataset, "mtl_lora"), tested(dataset, "lora")
+        direct = {s: a[s]["test_auc_macro"] - b[s]["test_auc_macro"] for s in (0, 1)}
+        assert deltas[cell] == pytest.approx(direct)
+        m, sd = mean_std(list(direct.values()))
+        assert f"{m:+.4f} ± {sd:.4f} ({sum(v > 0 for v in direct.values())} of 2)" in text
+        for sc in a[0]["test_auc"]:
+            want = {s: a[s]["test_auc"][sc] - b[s]["test_auc"][sc] for s in (0, 1)
+                    if a[s]["test_auc"][sc] is not None and b[s]["test_auc"][sc] is not None}
+            assert paired_scenario(chosen(results)[(dataset, "3", "mtl_lora")],
+                                   chosen(results)[(dataset, "3", "lora")], sc) == pytest.approx(want)
+    assert "| imbalance \\ conflict | 0 | 1 |" in text and "Training rows:" in text
+    for png in (out / "quality_grid.png", docs / "grid_grid.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = (docs / "quality.md").read_text()
+    assert doc.startswith("# Quality\n\nprose above") and doc.rstrip().endswith("prose below") and "\nold\n" not in doc
+    assert results["commands"][0]["command"] in doc and results["commands"][0]["wall_s"] > 0
+
+
+def test_mlflow_children_resume_plan_and_settings(grid_run, capsys):
+    argv, out, _, results = grid_run
     client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
     parent_id = (out / "parent_run_id").read_text().strip()
     exp = client.get_experiment_by_name("quality-benchmark")
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    assert {c.info.run_id for c in children} == {r["run_id"] for r in runs}
+    assert {c.info.run_id for c in children} == {t["run_id"] for t in results["trials"]}
     for c in children:
-        row = next(r for r in runs if r["run_id"] == c.info.run_id)
-        assert c.info.status == "FINISHED" and c.data.tags["method"] == row["method"]
-        assert c.data.metrics["test/auc_macro"] == pytest.approx(row["test_auc_macro"])
-    assert {a.path for a in client.list_artifacts(parent_id, "report")} >= {"report/quality.md", "report/quality.png"}
-
-    # Reports: the block replaced between the markers, prose kept; a real PNG.
-    doc = (docs / "quality.md").read_text()
-    assert doc.startswith("# Quality\n\nprose above") and doc.rstrip().endswith("prose below") and "old" not in doc
-    assert "| MTL-LoRA |" in doc and "| LoRA (same r) |" in doc and results["command"] in doc
-    for png in (out / "quality.png", docs / "quality.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    # Rerun with the same settings: nothing retrains, the same parent; other settings are refused.
+        t = next(t for t in results["trials"] if t["run_id"] == c.info.run_id)
+        assert c.info.status == "FINISHED" and c.data.tags["method"] == t["method"] and float(c.data.tags["lr"]) == t["lr"]
+        if "test_auc_macro" in t:  # only the chosen trials were scored on test
+            assert c.data.metrics["test/auc_macro"] == pytest.approx(t["test_auc_macro"])
+        else:
+            assert "test/auc_macro" not in c.data.metrics
+        assert "diag/grad_norm/total" in c.data.metrics
+    # Rerun: nothing trains again; --plan lists what a further seed would add; other settings are refused.
     assert quality.main(argv) == 0
-    assert json.loads((out / "results.json").read_text())["runs"] == runs
-    assert len(client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")) == 2
-    assert quality.main([*argv[:argv.index("--steps")], "--steps", "4", *argv[argv.index("--steps") + 2:]]) == 2
+    again = json.loads((out / "results.json").read_text())
+    assert again["trials"] == results["trials"] and len(again["commands"]) == 2
+    assert "0 trials trained" in capsys.readouterr().out
+    assert quality.main([*argv, "--plan", "--seeds", "0", "1", "2"]) == 0
+    assert "8 trials to run (16 done)" in capsys.readouterr().out
+    # Shards split the plan's trials (seed is the innermost loop: shard 3/3 of 3 seeds is every seed-2 trial).
+    assert quality.main([*argv, "--plan", "--seeds", "0", "1", "2", "--shard", "3/3"]) == 0
+    assert "8 trials to run (16 done)" in capsys.readouterr().out
+    assert quality.main([*argv, "--plan", "--seeds", "0", "1", "2", "--shard", "2/3"]) == 0
+    assert "0 trials to run (16 done)" in capsys.readouterr().out
+    lrs = argv.index("--lrs")
+    assert quality.main([*argv[:lrs], "--lrs", "1e-3", *argv[lrs + 3:]]) == 2
+    assert "other settings (lrs)" in capsys.readouterr().err
+
+
+def test_early_stopping_budget_variants_and_a_diverging_lr(tmp_path, capsys):
+    from benchmarks.protocol import config_knows
+
+    out = tmp_path / "out"
+    # lr 1e30 without clipping turns the loss into NaN within a few steps: a failed trial, not a failed benchmark.
+    argv = ["--config", str(TINY), "--datasets", "synthetic", "--methods", "mtl_lora", "--lrs", "1e-3", "1e30",
+            "--seeds", "0", "--budgets", "es12", "--es-eval-every", "2", "--es-patience", "1", "--max-length", "32",
+            "--eval-rows", "64", "--device", "cpu", "--out", str(out), "--variants", "tasklr10x",
+            "nofield:adapter.no_such_field=1", "winit0.1", "data.synthetic.rows_per_scenario=150",
+            "train.micro_batch_size=8", "train.grad_clip=0.0", "train.warmup_steps=0"]
+    assert quality.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "variant nofield skipped: the config does not know adapter.no_such_field yet" in printed
+    assert ("variant winit0.1 skipped" in printed) == (not config_knows("adapter.w_init_scale"))
+    results = json.loads((out / "results.json").read_text())
+    failed = [t for t in results["trials"] if t["lr"] == 1e30]
+    assert len(failed) == 2 and all(t["diverged"] and t["val_auc_macro"] is None for t in failed)
+    assert all(results["selected"][f"synthetic|es12|{m}"]["lr"] == 1e-3 for m in ("mtl_lora", "mtl_lora+tasklr10x"))
+    assert not any("test_auc_macro" in t for t in failed)
+    by_method = {t["method"]: t for t in results["trials"] if t["lr"] == 1e-3}
+    assert "mtl_lora+nofield" not in by_method and {"mtl_lora", "mtl_lora+tasklr10x"} <= set(by_method)
+    for t in by_method.values():
+        steps = [s for s, _ in t["val_curve"]]
+        assert steps == list(range(2, t["steps"] + 1, 2)) and t["steps"] <= 12
+        aucs = [a for _, a in t["val_curve"]]
+        assert t["val_auc_macro"] == max(aucs) and t["best_step"] == steps[aucs.index(max(aucs))]
+        if t["steps"] < 12:  # stopped early: the last validation (patience 1) brought no gain
+            assert aucs[-1] <= max(aucs[:-1])
+    cfg = load_config(Path(by_method["mtl_lora+tasklr10x"]["model_dir"]) / "config.yaml")
+    assert cfg.train.task_lr == pytest.approx(1e-2) and cfg.train.lr == 1e-3 and cfg.train.early_stopping_patience == 1
+    assert results["variants"]["mtl_lora+tasklr10x"] == ["train.task_lr=10xlr"]
+    text = (out / "quality.md").read_text()
+    assert "MTL-LoRA [tasklr10x]" in text and "| failed |" in text
+
+
+def test_protocol_rules():
+    from benchmarks.protocol import Variant, paired, parse_budget, parse_variant, select_lr
+    from kernel.errors import ConfigError
+
+    assert parse_budget("250") == quality.Budget("250", 250, False)
+    assert parse_budget("es") == quality.Budget("es2000", 2000, True) and parse_budget("es600").max_steps == 600
+    assert "train.early_stopping_patience=0" in parse_budget("250").overrides(100, 3)
+    assert "train.eval_every=100" in parse_budget("es600").overrides(100, 3)
+    with pytest.raises(ConfigError):
+        parse_budget("lots")
+    assert parse_variant("tau1").overrides == ("adapter.tau=1.0",)
+    v = parse_variant("mine:adapter.tau=0.5; train.task_lr=3xlr")
+    assert v == Variant("mine", ("adapter.tau=0.5", "train.task_lr=3xlr")) and v.method == "mtl_lora+mine"
+    assert v.resolved(1e-3) == ["adapter.tau=0.5", f"train.task_lr={3e-3!r}"]
+    with pytest.raises(ConfigError):
+        parse_variant("nope")
+    trials = [{"lr": lr, "seed": s, "val_auc_macro": v} for lr, s, v in
+              [(1e-3, 0, 0.80), (1e-3, 1, 0.90), (2e-3, 0, 0.86), (2e-3, 1, 0.84), (5e-4, 0, 0.85), (5e-4, 1, 0.85)]]
+    assert select_lr(trials, [5e-4, 1e-3, 2e-3], [0, 1]) == 5e-4  # three-way tie at 0.85: the smallest lr
+    trials[0]["val_auc_macro"] = 0.81
+    assert select_lr(trials, [5e-4, 1e-3, 2e-3], [0, 1]) == 1e-3
+    assert select_lr(trials, [5e-4, 1e-3, 2e-3], [0, 1, 2]) is None  # seed 2 not in yet: nothing chosen
+    trials[1]["val_auc_macro"] = None  # a trial without a validation AUC cannot win
+    assert select_lr(trials, [5e-4, 1e-3, 2e-3], [0, 1]) == 5e-4
+    trials[1]["val_auc_macro"], trials[2]["val_auc_macro"] = 0.99, 0.88
+    assert select_lr(trials, [5e-4, 1e-3, 2e-3], [0, 1]) == 1e-3  # (0.81 + 0.99) / 2 = 0.90 > 0.86
+    assert paired({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.85, 2: None, 3: 0.1}) == pytest.approx({0: 0.05})
 
 
 def test_summary_statistics_and_pairing():
@@ -130,9 +265,217 @@ def test_summary_statistics_and_pairing():
     assert paired_differences(summary["mtl_lora"], summary["lora"]) == pytest.approx([0.05, 0.2])  # by seed
 
 
+def test_earlier_results_files_still_render(tmp_path):
+    """results.json of the one-lr protocol (docs/quality.md's tables) re-renders without training."""
+    from benchmarks.quality_report import write_reports
+
+    runs = [{"dataset": "wdc", "method": m, "seed": s, "r": 8, "adapter_params": 10, "trainable_params": 12,
+             "test_auc": {"a": auc, "b": auc - 0.1}, "test_auc_macro": auc - 0.05, "train_s": 1.0, "samples_per_s": 2.0}
+            for m, s, auc in [("mtl_lora", 0, 0.8), ("mtl_lora", 1, 0.9), ("lora", 0, 0.75), ("lora", 1, 0.8)]]
+    results = {"settings": {"config": "c", "overrides": [], "steps": 250, "max_length": 48, "eval_rows": 256},
+               "data": {}, "runs": runs, "command": "python -m benchmarks.quality --steps 250"}
+    paths = write_reports(results, tmp_path)
+    text = (tmp_path / "quality.md").read_text()
+    assert "| MTL-LoRA | 8 |" in text and "| LoRA (same r) | +0.0750 ± 0.0354 | 2 of 2 seeds |" in text
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG" and len(paths) == 2
+
+
 def test_insert_block_creates_then_replaces(tmp_path):
     doc = tmp_path / "q.md"
     insert_block(doc, "first")
     insert_block(doc, "second")
     text = doc.read_text()
     assert text.count(BEGIN) == 1 and "second" in text and "first" not in text
+
+
+# --- training.diagnostics: checked against direct recomputation -----------------------------------------
+
+def _entropy_of(p) -> list[float]:
+    import math
+
+    return [-sum(x * math.log(x) for x in row if x > 0) for row in p]
+
+
+def _tiny_layer(**kw):
+    import torch
+
+    from modeling.mtl_lora import MTLLoRALinear, TaskRouter
+
+    torch.manual_seed(0)
+    return MTLLoRALinear(torch.nn.Linear(6, 5), num_tasks=3, router=TaskRouter(3), r=2, **kw)
+
+
+def test_mixing_entropy_sharing_and_lambda_drift_of_known_parameters():
+    import math
+
+    import torch
+
+    from training.diagnostics import lambda_drift, mixing_entropy, sharing
+
+    layer = _tiny_layer(n_up=3, tau=0.5)
+    with torch.no_grad():
+        layer.w.copy_(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, -1.0], [9.0, 0.0, 0.0]]))
+    p = torch.softmax(layer.w.detach() / 0.5, dim=-1).tolist()
+    h, h_max = mixing_entropy(layer)
+    assert h_max == pytest.approx(math.log(3))
+    assert h.tolist() == pytest.approx(_entropy_of(p), abs=1e-6)
+    assert h[0].item() == pytest.approx(math.log(3), abs=1e-6) and h[2].item() < 1e-6  # uniform, ~one-hot
+    share = sharing(layer)
+    load = [sum(p[t][i] for t in range(3)) for i in range(3)]
+    eff = [load[i] ** 2 / sum(p[t][i] ** 2 for t in range(3)) for i in range(3)]
+    assert share["load"].tolist() == pytest.approx(load, abs=1e-6) and sum(load) == pytest.approx(3.0)
+    assert share["tasks_eff"].tolist() == pytest.approx(eff, abs=1e-5)
+    with torch.no_grad():  # every task one-hot on its own B_i: per-scenario routing, one task per B_i
+        layer.w.copy_(torch.eye(3) * 50)
+    assert sharing(layer)["tasks_eff"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
+    assert mixing_entropy(layer)[0].max().item() < 1e-6
+    # Λ drift: identity init is 0; a known change is ||Λ_t - I||_F / ||I||_F.
+    assert lambda_drift(layer).tolist() == [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        layer.lam[1] += torch.tensor([[0.3, 0.0], [0.4, 0.0]])
+    assert lambda_drift(layer).tolist() == pytest.approx([0.0, 0.5 / math.sqrt(2), 0.0], abs=1e-6)
+    diag = _tiny_layer(n_up=2, lambda_type="diagonal")
+    with torch.no_grad():
+        diag.lam[2] = torch.tensor([1.0, 4.0])
+    assert lambda_drift(diag).tolist() == pytest.approx([0.0, 0.0, 3.0 / math.sqrt(2)], abs=1e-6)
+    one = _tiny_layer(n_up=1)
+    assert mixing_entropy(one)[1] == 0.0 and mixing_entropy(one)[0].tolist() == [0.0] * 3
+    with pytest.raises(ValueError, match="only mtl_lora"):
+        mixing_entropy(_tiny_layer(method="lora"))
+
+
+def test_adapter_diagnostics_aggregate_every_layer():
+    import torch
+
+    from modeling.inject import adapter_layers
+    from training.diagnostics import adapter_diagnostics
+
+    cfg = load_config(TINY, ["adapter.targets=[bert_all]"])
+    model = build_model(cfg, 4)
+    names = ["a", "b", "c", "d"]
+    got = adapter_diagnostics(model, names)
+    layers = list(adapter_layers(model).values())
+    p = torch.stack([layer.mixing_weights() for layer in layers])  # (layers, T, n)
+    h = torch.tensor([_entropy_of(x.tolist()) for x in p])  # (layers, T)
+    assert got["diag/layers"] == len(layers) == 12
+    assert got["diag/entropy_mean"] == pytest.approx(h.mean().item(), abs=1e-6)
+    assert got["diag/entropy_min"] == pytest.approx(h.min().item(), abs=1e-6)
+    assert got["diag/entropy_frac"] == pytest.approx(h.mean().item() / torch.log(torch.tensor(3.0)).item(), abs=1e-6)
+    assert got["diag/entropy/c"] == pytest.approx(h[:, 2].mean().item(), abs=1e-6)
+    assert got["diag/top_p_mean"] == pytest.approx(p.max(-1).values.mean().item(), abs=1e-6)
+    assert got["diag/shared_top_layers"] == sum(len(set(x.argmax(-1).tolist())) == 1 for x in p)
+    eff = p.sum(1) ** 2 / (p ** 2).sum(1)  # (layers, n)
+    assert got["diag/tasks_eff_mean"] == pytest.approx(eff.mean().item(), abs=1e-5)
+    assert 1.0 <= got["diag/tasks_eff_min"] <= got["diag/tasks_eff_mean"] <= 4.0
+    assert got["diag/lambda_drift_mean"] == got["diag/lambda_drift_max"] == 0.0  # Λ_t = I at init
+    assert got["diag/b_norm_mean"] == 0.0  # B = 0 at init
+    lora = adapter_diagnostics(build_model(load_config(TINY, ["adapter.method=lora"]), 4))
+    assert set(lora) == {"diag/layers", "diag/b_norm_mean"}  # no routing to describe
+
+
+def _one_in_process_rank(monkeypatch, port: int) -> None:
+    """The environment of a 1-process world, so that the trainer's DeepSpeed engine runs inside the test."""
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+
+
+def _plain_grad_norms(cfg, trainer, batch) -> dict[str, float]:
+    """Gradient norms per optimizer group of a plain torch replica of the engine's model on ``batch``."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from training.diagnostics import param_group
+
+    fresh = build_model(cfg, len(trainer.task_map), dtype=torch.float32)
+    fresh.load_state_dict(trainer.gathered_trainable_state(), strict=False)
+    fresh.train()
+    logits = fresh(batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch.get("token_type_ids"))
+    F.binary_cross_entropy_with_logits(logits, batch["labels"]).backward()
+    sq: dict[str, float] = {}
+    for name, p in fresh.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            sq[param_group(name)] = sq.get(param_group(name), 0.0) + p.grad.double().square().sum().item()
+    return {g: math.sqrt(v) for g, v in sq.items()}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_grad_norms_through_a_deepspeed_engine_match_plain_torch(tmp_path, tiny_data_dir, monkeypatch, stage):
+    """Between backward and step, per optimizer group, ZeRO 0-3 on CPU: the same norms as plain autograd."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from tests.shared import NO_DROPOUT
+    from training.diagnostics import adapter_diagnostics, grad_norms
+    from training.ds_config import build_optimizer
+    from training.trainer import Trainer
+
+    _one_in_process_rank(monkeypatch, port=29670 + stage)
+    cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", f"train.zero_stage={stage}",
+                             *[f"model.random_config.{k}={v}" for k, v in NO_DROPOUT.items()]])
+    trainer = Trainer(cfg, tiny_data_dir, tmp_path / "train").setup()
+    batch = trainer.train_set.collate(np.arange(16), trainer.pad_id)
+    assert len(set(batch["task_ids"].tolist())) > 1  # a mixed-task batch
+    expected = _plain_grad_norms(cfg, trainer, batch)
+    # The diagnostics' groups are the optimizer's groups.
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in build_optimizer(trainer.model, cfg, False).param_groups}
+    assert set(groups) == set(expected) == {"adapters", "task", "head"}
+    logits = trainer.engine(batch["input_ids"], batch["attention_mask"], batch["task_ids"], batch.get("token_type_ids"))
+    trainer.engine.backward(F.binary_cross_entropy_with_logits(logits.float(), batch["labels"]))
+    got = grad_norms(trainer.engine)
+    for g, norm in expected.items():
+        assert got[f"diag/grad_norm/{g}"] == pytest.approx(norm, rel=1e-4), (stage, g)
+    assert got["diag/grad_norm/total"] == pytest.approx(sum(v * v for v in expected.values()) ** 0.5, rel=1e-4)
+    assert got["diag/grad_norm/adapters"] > 0 and got["diag/grad_norm/task"] == 0.0  # B = 0: no Λ, w gradient yet
+    trainer.engine.step()
+    # Parameter diagnostics read the engine's (ZeRO-gathered) weights: equal to a replica's.
+    fresh = build_model(cfg, len(trainer.task_map), dtype=torch.float32)
+    fresh.load_state_dict(trainer.gathered_trainable_state(), strict=False)
+    live, replica = adapter_diagnostics(trainer.model), adapter_diagnostics(fresh)
+    assert live.keys() == replica.keys()
+    for k in live:
+        assert live[k] == pytest.approx(replica[k], abs=1e-6), k
+
+
+class _Recorder:
+    """A tracker that keeps every logged metric: (step, key) -> value."""
+
+    run_id = None
+
+    def __init__(self):
+        self.metrics: dict[tuple, float] = {}
+
+    def log_metrics(self, metrics, step=None, **_):
+        self.metrics.update({(step, k): v for k, v in metrics.items()})
+
+    def __getattr__(self, name):  # params, tags, artifacts: not needed here
+        return lambda *a, **k: None
+
+
+def test_trainer_logs_diagnostics_at_init_and_at_the_cadence_only_when_on(tmp_path, tiny_data_dir, monkeypatch):
+    import torch
+
+    from training.diagnostics import adapter_diagnostics
+    from training.trainer import train
+
+    _one_in_process_rank(monkeypatch, port=29676)
+    common = [f"work_dir={tmp_path}", "tracking.enabled=false", "train.max_steps=6", "train.eval_every=6",
+              "train.checkpoint_every=6", "train.grad_accum=2"]
+    on = _Recorder()
+    cfg = load_config(TINY, [*common, "train.diagnostics_every=4"])
+    train(cfg, tiny_data_dir, tmp_path / "on", tracker=on)
+    diag_steps = sorted({s for s, k in on.metrics if k.startswith("diag/")})
+    assert diag_steps == [0, 4, 6]  # init, the cadence, the final weights
+    assert {s for s, k in on.metrics if k.startswith("diag/grad_norm/")} == {0, 4}  # gradients before the updates
+    # Step 0 describes the initial model: the trainer seeds torch with train.seed just before it builds.
+    torch.manual_seed(cfg.train.seed)
+    init = adapter_diagnostics(build_model(cfg, 4, dtype=torch.float32), ["de", "jp", "uk", "us"])
+    for k, v in init.items():
+        assert on.metrics[(0, k)] == pytest.approx(v, abs=1e-6), k
+    assert on.metrics[(6, "diag/lambda_drift_mean")] > 0 and on.metrics[(0, "diag/lambda_drift_mean")] == 0
+    off = _Recorder()
+    train(load_config(TINY, common), tiny_data_dir, tmp_path / "off", tracker=off)
+    assert off.metrics and not any(k.startswith("diag/") for _, k in off.metrics)

@@ -151,6 +151,7 @@ class Trainer:
             self._start_fresh(model)
         self._batches = iter(self.sampler)
         self._dtype = _DTYPES[cfg.train.precision]
+        self._diag_every = max(0, cfg.train.diagnostics_every)  # training.diagnostics cadence; 0: off
         self._seen, self._t0, self.last_loss = 0, time.time(), float("nan")
         return self
 
@@ -212,6 +213,9 @@ class Trainer:
                     f"loss is {loss.item()} at step {self.global_step}; last good checkpoint: "
                     f"{latest.read_text().strip() if latest.is_file() else 'none'} in {self.ckpt_dir}")
             self.engine.backward(loss)
+            if self._diag_every and self.global_step % self._diag_every == 0 \
+                    and self.engine.is_gradient_accumulation_boundary():  # full gradients, before the update
+                self._log_diagnostics(grads=True)
             self.engine.step()
             # DeepSpeed wrote the new weights through .data: the adapters' no-grad caches must not serve them.
             self.model.router.weights_changed()
@@ -228,6 +232,17 @@ class Trainer:
         self.tracker.log_metrics({"train/loss": self.last_loss, "train/lr": self.scheduler.get_last_lr()[0],
                                   "train/samples_per_s": rate}, step=step)
         print(f"step {step}/{self.cfg.train.max_steps} loss {self.last_loss:.4f} {rate:.1f} samples/s", flush=True)
+
+    def _log_diagnostics(self, grads: bool) -> None:
+        """diag/... metrics (training.diagnostics) of the weights at this step, and with ``grads`` the gradient
+        norms of the update from it, logged at this step. Every rank calls it: ZeRO gathers are collective."""
+        from training.diagnostics import adapter_diagnostics, grad_norms
+
+        metrics = adapter_diagnostics(self.model, self.task_map.names)
+        if grads:
+            metrics.update(grad_norms(self.engine))
+        if self.env.rank == 0:
+            self.tracker.log_metrics(metrics, step=self.global_step)
 
     # --- evaluation ----------------------------------------------------------------------------------------
 
@@ -299,6 +314,8 @@ class Trainer:
                 if self.env.rank == 0:
                     print(f"early stopping at step {step}: no macro-AUC gain in {t.early_stopping_patience} evaluations")
                 break
+        if self._diag_every:  # the final weights (the loop logged those before each due update)
+            self._log_diagnostics(grads=False)
         if self.env.rank == 0:
             self.tracker.log_metrics({"best/auc_macro": self.best["auc_macro"], "best/step": self.best["step"]})
             self.tracker.log_artifacts(self.model_dir, "model")
