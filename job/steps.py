@@ -12,6 +12,8 @@ Each step calls its stage's function with the typed config (never a command line
 """
 from __future__ import annotations
 
+import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 from job.lineage import JobLineage
 from job.state import digest, listing
 from kernel import exit_codes, storage
+from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
 from kernel.mlflow_client import mlflow_client
 from monitoring import registry
@@ -32,6 +35,7 @@ from serving.export import export_model
 from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
 from serving.registry_cache import resolve_model
 from serving.score import ScoreRequest, check_quarantine_rate, score_files
+from training.compare import compare_on_validation
 from training.launch import run as train
 
 STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
@@ -129,11 +133,52 @@ def run_ingest(ctx: JobContext, resume: bool) -> Outcome:
 
 
 def run_train(ctx: JobContext, resume: bool) -> Outcome:
-    p = ctx.paths
-    result = train(ctx.cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file(),
+    p, cfg = ctx.paths, ctx.cfg
+    if cfg.train.compare:
+        return run_compare(ctx, resume)
+    result = train(cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file(),
                    tags=ctx.lineage.tags("train"))
     return Outcome({"run_id": result.run_id, "model_dir": str(result.model_dir), "steps": result.steps,
                     "val": result.best_metrics}, [p.train / "model"])
+
+
+def run_compare(ctx: JobContext, resume: bool) -> Outcome:
+    """train.compare: each method on the same data and budget (train/<method>/), the winner by validation
+    macro AUC (training.compare) becomes train/model, and the evidence goes to every method's MLflow run."""
+    p, cfg = ctx.paths, ctx.cfg
+    results = {}
+    for method in cfg.train.compare:
+        c = copy.deepcopy(cfg)
+        c.adapter.method = method
+        out = p.train / method
+        results[method] = train(c, p.data, out, resume=resume and (out / "checkpoints" / "latest").is_file(),
+                                tags={**ctx.lineage.tags("train"), "compare_method": method})
+    evidence = compare_on_validation({m: r.model_dir for m, r in results.items()}, p.data,
+                                     cfg.monitoring.bootstrap_rounds, cfg.monitoring.seed)
+    winner = results[evidence["winner"]]
+    with staging_dir(p.train / "model") as stage:  # the winner's folder, published whole as train/model
+        shutil.copytree(winner.model_dir, stage / "model")
+        publish_dir(stage / "model", p.train / "model")
+    log_compare(ctx, results, evidence)
+    lead = evidence["pairs"].get(f"{evidence['ranked'][0]}-{evidence['ranked'][1]}") if len(results) > 1 else None
+    print(f"compare: {evidence['winner']} wins on validation macro AUC "
+          + ", ".join(f"{m} {evidence['methods'][m]['auc_macro']:.4f}" for m in evidence["ranked"])
+          + (f"; lead {lead['delta']:+.4f} [95% CI {lead['ci_low']:+.4f}, {lead['ci_high']:+.4f}]"
+             f"{'' if evidence['decisive'] else ', within the noise'}" if lead else ""), flush=True)
+    return Outcome({"run_id": winner.run_id, "model_dir": str(p.train / "model"), "steps": winner.steps,
+                    "val": winner.best_metrics, "compare": evidence}, [p.train / "model"])
+
+
+def log_compare(ctx: JobContext, results: dict, evidence: dict) -> None:
+    if not ctx.cfg.tracking.enabled:
+        return
+    client = mlflow_client(ctx.cfg.tracking_uri, ctx.cfg.tracking.timeout_s)
+    for method, result in results.items():
+        if result.run_id is None:
+            continue
+        client.set_tag(result.run_id, "compare_winner", evidence["winner"])
+        client.set_tag(result.run_id, "compare_decisive", str(evidence["decisive"]))
+        client.log_dict(result.run_id, evidence, "compare/evidence.json")
 
 
 def run_export(ctx: JobContext, resume: bool) -> Outcome:

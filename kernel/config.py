@@ -155,6 +155,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     early_stopping_patience: int = 0  # evaluations without macro-AUC gain; 0: off
+    # The job trains each of these adapter methods on the same data and budget and exports the one with the
+    # best validation macro AUC (training.compare: paired bootstrap CI of the lead). Empty: adapter.method only.
+    compare: list[Literal["mtl_lora", "lora", "per_task_lora"]] = field(default_factory=list)
     # Cap on validation rows per scenario and evaluation (the same rows each time, stratified by label); 0: all.
     eval_rows_per_scenario: int = 0
     seed: int = 0
