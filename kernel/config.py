@@ -193,6 +193,10 @@ class ServingConfig:
     # Rows grouped by scenario and sorted by length together. Bounds memory; each chunk costs up to one
     # weight switch per scenario (one small GEMM per adapted layer), so larger chunks amortise it better.
     chunk_rows: int = 16384
+    # Batch scoring's unit of work: whole row groups of one input file, packed up to this many rows (a row
+    # group larger than this is a unit alone). Each unit gets its own output, quarantine and marker, so
+    # one large file is scored in parallel; changing it between a run and its --resume redoes the file.
+    unit_rows: int = 50_000
     dtype: Literal["fp32", "bf16"] = "fp32"  # scoring precision (bf16: probabilities within 2e-2 of fp32)
     # Batch scoring fails (exit 6, DATA_GATE) when quarantined / rows_in of the whole job exceeds this;
     # the scores and the quarantine are still written. A rate equal to the threshold passes.

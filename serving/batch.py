@@ -1,26 +1,32 @@
-"""One worker's share of a batch-scoring job: the input shards, and each shard scored into its own files.
+"""One worker's share of a batch-scoring job: the input files planned into units, each unit scored into its
+own files.
 
     data = Inputs(cfg, ["traffic/"])             # every file's columns checked against data.columns up front
+    data.units                                   # row-group runs of each file (serving.unit_rows), in order
     run_worker(cfg, export_dir, "ads-relevance/3", ["traffic/"], out, resume=True, rank=0, world=1)
-    score_shard(scorer, data, data.shards[3], out)   # one shard: outputs + quarantine + marker
+    score_unit(scorer, data, data.units[7], out)   # one unit: output + quarantine, then its marker
 
 Inputs are read with ingestion's column mapping and validation (pipeline.reader, pipeline.validate); files
-written by ingestion itself are read with the identity mapping. A shard's output, its quarantine and its
-marker are written atomically (serving.shards), so any engine (one process, local workers, Ray actors)
-that runs ``score_shard`` resumes exactly.
+written by ingestion itself are read with the identity mapping. A unit's output, its quarantine and its
+marker are written atomically (serving.shards), so every engine (one process, local workers, Ray actors)
+runs the same ``score_unit`` on the same units, and resumes exactly.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kernel.config import Config
+from kernel.errors import ConfigError
 from pipeline.reader import ParquetSource, build_filter, partition_base
 from pipeline.validate import ColumnMapping, quarantine_schema
 from serving import shards as sh
@@ -55,7 +61,8 @@ INGESTED_SIGNATURE = {"query", "title", "description", "url", "label", "scenario
 
 
 class Inputs:
-    """The input files as shards, with ingestion's column mapping checked against every file up front.
+    """The input files (shards) and their units, with ingestion's column mapping checked against every file
+    up front. ``units`` is the job's plan: the same for every worker, engine and resume (serving.shards).
 
     Files written by ingestion (all of INGESTED_SIGNATURE present) are already canonical and are read with
     the identity mapping; anything else goes through ``data.columns``.
@@ -84,16 +91,28 @@ class Inputs:
         self.parts = parts
         # Each output keeps its input's folders (hive partitions such as market=us/day=1) below --output.
         self.shards = [sh.Shard(i, Path(p.path), "" if d == "." else d) for i, (p, d) in enumerate(zip(parts, rel_dirs))]
+        if cfg.serving.unit_rows < 1:
+            raise ConfigError(f"serving.unit_rows: must be >= 1, got {cfg.serving.unit_rows}")
+        # Rows of every row group of each file, from the footers read above (FilePart's row starts cover all
+        # of the file's groups, pruned or not): the plan does not depend on data.filters.
+        group_rows = [np.diff(p._row_starts).tolist() for p in parts]
+        self.units = sh.plan_units(self.shards, group_rows, cfg.serving.unit_rows)
         self.batch_rows = cfg.data.batch_rows
         self.schema = output_schema(self.mapping.key_types)
         self.quarantine_schema = quarantine_schema(self.mapping.keys)
 
-    def rows(self, shard: sh.Shard) -> int:
-        return self.parts[shard.index].num_rows
+    def rows(self, unit: sh.Unit) -> int:
+        return unit.num_rows
 
-    def batches(self, shard: sh.Shard):
-        """(accepted canonical batch, quarantined batch, rows read) of one shard, streamed."""
-        part = self.parts[shard.index]
+    def batches(self, unit: sh.Unit):
+        """(accepted canonical batch, quarantined batch, rows read) of one unit, streamed in input order.
+
+        The unit's file part keeps only the unit's row groups (of those data.filters left); row numbers
+        stay the file's own, so source_row is the row's number inside its file.
+        """
+        whole = self.parts[unit.shard.index]
+        part = dataclasses.replace(whole, row_groups=[g for g in whole.row_groups
+                                                      if unit.first_group <= g < unit.end_group])
         for batch, rows in part.batches(self.mapping.read_columns(), self.batch_rows, self.filter):
             accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
             yield accepted, quarantined, batch.num_rows
@@ -110,12 +129,16 @@ class Inputs:
         return pa.table(cols, schema=self.quarantine_schema)
 
 
-def score_shard(scorer: BatchScorer, inputs: Inputs, shard: sh.Shard, out: Path, progress=None) -> dict:
-    """Score one shard into its output + quarantine files (atomically), then write its marker."""
+def score_unit(scorer: BatchScorer, inputs: Inputs, unit: sh.Unit, out: Path, progress=None) -> dict:
+    """Score one unit into its output + quarantine files (atomically), then write its marker; the summary.
+
+    Whatever an earlier attempt left of the unit is removed first, so a unit that is redone (resume, a
+    retried Ray task) ends with exactly one score per row. The marker records the process that scored it.
+    """
     t0 = time.time()
-    sh.clear_shard(out, shard)
-    writer = sh.ShardWriter(sh.output_path(out, shard), inputs.schema)
-    quarantine = sh.ShardWriter(sh.quarantine_path(out, shard), inputs.quarantine_schema)
+    sh.clear_unit(out, unit)
+    writer = sh.ShardWriter(sh.output_path(out, unit), inputs.schema)
+    quarantine = sh.ShardWriter(sh.quarantine_path(out, unit), inputs.quarantine_schema)
     counts = Counter()
     reasons = Counter()
     pending: list[pa.RecordBatch] = []
@@ -136,7 +159,7 @@ def score_shard(scorer: BatchScorer, inputs: Inputs, shard: sh.Shard, out: Path,
 
     try:
         buffered = 0
-        for accepted, rejected, n in inputs.batches(shard):
+        for accepted, rejected, n in inputs.batches(unit):
             counts["rows_in"] += n
             if rejected.num_rows:
                 quarantine.write(pa.Table.from_batches([rejected]))
@@ -159,8 +182,9 @@ def score_shard(scorer: BatchScorer, inputs: Inputs, shard: sh.Shard, out: Path,
     writer.commit()
     summary = {"rows_in": counts["rows_in"], "scored": counts["scored"], "fallback": counts["fallback"],
                "quarantined": sum(reasons.values()), "by_reason": dict(reasons),
-               "model_version": scorer.model_version, "seconds": round(time.time() - t0, 3)}
-    sh.mark_done(out, shard, summary)
+               "model_version": scorer.model_version, "pid": os.getpid(), "host": socket.gethostname(),
+               "started": round(t0, 3), "seconds": round(time.time() - t0, 3)}
+    sh.mark_done(out, unit, summary)
     return summary
 
 
@@ -173,15 +197,15 @@ def _progress(total: int, rank: int, quiet: bool):
 
 def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
                rank: int = 0, world: int = 1, quiet: bool = False) -> list[dict]:
-    """Score this worker's shards (index % world == rank); finished ones are skipped with ``resume``."""
+    """Score this worker's units (ordinal % world == rank); finished ones are skipped with ``resume``."""
     data = Inputs(cfg, inputs)
-    mine = sh.shards_for_rank(data.shards, rank, world)
-    todo = [s for s in mine if not (resume and sh.is_done(out, s, model_version))]
+    mine = sh.units_for_rank(data.units, rank, world)
+    todo = [u for u in mine if not (resume and sh.is_done(out, u, model_version))]
     if not todo:
         return []
     scorer = BatchScorer(export_dir, cfg.serving, model_version)
     results = []
-    with _progress(sum(data.rows(s) for s in todo), rank, quiet) as bar:
-        for shard in todo:
-            results.append(score_shard(scorer, data, shard, out, bar))
+    with _progress(sum(data.rows(u) for u in todo), rank, quiet) as bar:
+        for unit in todo:
+            results.append(score_unit(scorer, data, unit, out, bar))
     return results

@@ -1,19 +1,46 @@
-"""Batch scoring on a Ray cluster: Ray Data hands shards to actors that each hold one model.
+"""Batch scoring on Ray: Ray Data streams the job's units through a pool of actors that each hold one model.
 
     python -m serving.score --model models:/ads-relevance@champion --input s3-mounted/traffic/ \\
         --output scores/ --engine ray --workers 16 --ray-address auto      # pip install '.[ray]'
 
-The dataset is the list of shards (one item per input file); ``map_batches`` with a callable class runs
-``ShardScorer`` actors (``concurrency`` = --workers), each loading the exported model once and scoring
-whole shards with exactly the single-process code (``serving.score.score_shard``). Per-shard atomic
-outputs, quarantine files, markers and ``--resume`` therefore behave the same on one machine or many, and
-the scores are identical to the single-process path. The output folder must be reachable from every node
-(a shared file system). ``--ray-address local`` (the default) starts a private Ray on this machine bound to
-127.0.0.1 with no dashboard.
+The dataset is the list of units still to score (serving.shards: runs of whole row groups of one input
+file, one item and one block per unit), so one large file spreads over every actor. ``map_batches`` with
+a callable class runs ``UnitScorer`` actors in a fixed pool of --workers; each builds one BatchScorer
+in its constructor and scores one unit per call with the single-process code (``serving.batch.score_unit``),
+committing the unit's output, quarantine and marker before the call returns. Outputs, markers and
+``--resume`` therefore behave as on one process, and the scores are the same. The output folder must be
+reachable from every node (a shared file system).
+
+Resources: each actor requests ``threads`` CPUs (torch runs that many threads in it; 1 by default, so N
+actors on N cores do not oversubscribe) and one GPU when the cluster has GPUs (Ray sets the actor's
+CUDA_VISIBLE_DEVICES; without the request Ray would hide the GPUs from it).
+
+``--ray-address local`` (the default) starts a private Ray on this machine bound to 127.0.0.1, no
+dashboard; ``auto`` or ``host:port`` joins a running cluster.
+
+Ray's noise, and what is done about it (real errors still surface: a failed unit raises in the driver
+with the actor's traceback; Ray's own logs are under /tmp/ray/session_*/logs):
+  * the driver's core worker logs an E-line (``core_worker.cc``) for every actor created with
+    ``max_restarts > 0`` and constructor arguments in the object store. Ray Data always passes its
+    context and UDF as object refs and defaults to ``max_restarts=-1`` (ray-project/ray#57733). On the
+    private local Ray the pool is created with ``max_restarts=0``: the line's condition no longer holds.
+    An actor that dies there (a bug, out of memory) then fails the job, whose ``--resume`` redoes only
+    the unfinished units, as with local worker processes; restarting it on the same machine seldom
+    helps. On a cluster Ray Data's restarts stay (a lost node is expected there, and redoing a unit is
+    safe), and so does the line. Ray 2.60 takes max_restarts only as a deprecated extra option of
+    map_batches (its notice is filtered for that call); a Ray without the option gets the default.
+  * the warning a new local Ray prints that it turned token authentication on (it stays on): that one
+    log record is dropped while the local Ray starts; the logger's other records still show.
+  * Ray Data's INFO lines and progress log: with --quiet its console handler shows WARNING and above
+    only (its log file under the session folder still gets everything).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +48,48 @@ import numpy as np
 from kernel.config import Config, config_from_dict, to_dict
 from kernel.errors import ConfigError
 from serving import shards as sh
-from serving.batch import Inputs, score_shard
+from serving.batch import Inputs, score_unit
 from serving.scorer import BatchScorer
 
+# Seconds the pool may take to start every actor (process, imports, model load) before scoring begins.
+ACTOR_START_TIMEOUT_S = 600
+# A new local Ray turns token authentication on and says so, as a warning, on every start. That one record
+# is dropped (authentication stays on); the logger's other records, e.g. a missing token, still show.
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTH_ON_BY_DEFAULT = "Token authentication is enabled for this Ray cluster."
 
-class ShardScorer:
-    """A Ray Data actor: one BatchScorer for its lifetime; each call scores the shards it is given."""
 
-    def __init__(self, cfg: dict, export_dir: str, model_version: str, inputs: list[str], out: str):
+class UnitScorer:
+    """A Ray Data actor: one BatchScorer for its lifetime; each call scores (and commits) its units.
+
+    Every actor plans the units itself from the same inputs and config (the plan is deterministic), so a
+    work item is just the unit's ordinal.
+    """
+
+    def __init__(self, cfg: dict, export_dir: str, model_version: str, inputs: list[str], out: str,
+                 threads: int = 1):
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+            # The tokenizer's thread pool too (read when it first runs): N actors use N cores, not N x all.
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.cfg = config_from_dict(cfg)
         self.data = Inputs(self.cfg, inputs)
         self.scorer = BatchScorer(export_dir, self.cfg.serving, model_version)
         self.out = Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, scored = [], []
-        for index in batch["shard"]:
-            summary = score_shard(self.scorer, self.data, self.data.shards[int(index)], self.out)
+        # batch: {"unit": (k,) int64 ordinals}; batch_size=1, so k == 1: one unit per call, committed
+        # before the call returns (a retried call redoes the unit from scratch).
+        rows, scored, pids = [], [], []
+        for ordinal in batch["unit"]:
+            summary = score_unit(self.scorer, self.data, self.data.units[int(ordinal)], self.out)
             rows.append(summary["rows_in"])
             scored.append(summary["scored"])
-        return {"shard": np.asarray(batch["shard"]), "rows_in": np.asarray(rows), "scored": np.asarray(scored)}
+            pids.append(summary["pid"])
+        return {"unit": np.asarray(batch["unit"]), "rows_in": np.asarray(rows, np.int64),
+                "scored": np.asarray(scored, np.int64), "pid": np.asarray(pids, np.int64)}
 
 
 def init_ray(address: str = "local"):
@@ -63,8 +112,13 @@ def init_ray(address: str = "local"):
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        import torch
+
+        # The GPUs torch sees here are the local Ray's GPUs, whatever Ray's own detection finds.
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        with _dropping(AUTH_LOGGER, AUTH_ON_BY_DEFAULT):
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_gpus=gpus,
+                     log_to_driver=False, configure_logging=False)
         nodes = {n["NodeManagerAddress"] for n in ray.nodes()}
         if nodes != {"127.0.0.1"}:
             ray.shutdown()
@@ -74,22 +128,94 @@ def init_ray(address: str = "local"):
     return ray
 
 
+def actor_resources(ray, threads: int) -> dict:
+    """What each actor requests: ``threads`` CPUs, and one GPU when the cluster has GPUs (the local Ray
+    gets this machine's CUDA devices in init_ray). Without the request Ray hides every GPU from the actor."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return {"num_cpus": max(1, threads), "num_gpus": 1 if gpus >= 1 else 0}
+
+
 def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
-               actors: int, address: str = "local") -> list[dict]:
-    """Score every (unfinished, with ``resume``) shard on Ray; returns one row per shard scored."""
+               actors: int, address: str = "local", threads: int = 1, quiet: bool = False) -> list[dict]:
+    """Score every (unfinished, with ``resume``) unit on Ray; returns one row per unit scored:
+    {unit (ordinal), rows_in, scored, pid}."""
     data = Inputs(cfg, inputs)
-    todo = [s.index for s in data.shards if not (resume and sh.is_done(out, s, model_version))]
+    todo = [u.ordinal for u in data.units if not (resume and sh.is_done(out, u, model_version))]
     if not todo:
         return []
     ray = init_ray(address)
-    ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        ShardScorer,
-        fn_constructor_kwargs={"cfg": to_dict(cfg), "export_dir": str(Path(export_dir).resolve()),
-                               "model_version": model_version, "inputs": [str(Path(i).resolve()) for i in inputs],
-                               "out": str(Path(out).resolve())},
-        batch_size=1,  # one shard per call: a shard's outputs are committed before the next one starts
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(todo)))),
-        num_cpus=1,
-    )
-    return ds.take_all()
+    resources = actor_resources(ray, threads)
+    size = max(1, min(actors, len(todo)))
+    if address == "local":  # a pool this machine cannot hold would wait for resources that never come
+        have = ray.cluster_resources()
+        for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            if resources[key] and size * resources[key] > have.get(name, 0):
+                raise ConfigError(f"--workers {size} Ray actors need {size * resources[key]:g} {name}s "
+                                  f"({resources[key]:g} each, --ray-threads for CPUs); this machine's Ray has "
+                                  f"{have.get(name, 0):g}")
+    context = ray.data.DataContext.get_current()
+    # Start scoring once every actor holds its model: the first units then go one to each actor, and a
+    # cluster that cannot place the pool fails with a timeout instead of waiting forever.
+    saved_wait = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = max(saved_wait, ACTOR_START_TIMEOUT_S)
+    extra = _no_restarts(ray) if address == "local" else {}  # see the module docstring (the E-line)
+    try:
+        ds = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates remote options passed as extra keywords (removed in 2.64) but has no
+            # named parameter for max_restarts yet: that one deprecation notice is not shown.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+            ds = ds.map_batches(
+                UnitScorer,
+                fn_constructor_kwargs={"cfg": to_dict(cfg), "export_dir": str(Path(export_dir).resolve()),
+                                       "model_version": model_version,
+                                       "inputs": [str(Path(i).resolve()) for i in inputs],
+                                       "out": str(Path(out).resolve()), "threads": threads},
+                batch_size=1,  # one unit per call: its outputs are committed before the next one starts
+                # One unit in flight per actor: a free actor takes the next unit, none queues behind a busy one.
+                compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
+                **resources,
+                **extra,
+            )
+        with _console_at_warning("ray.data") if quiet else contextlib.nullcontext():
+            return ds.take_all()
+    finally:
+        context.wait_for_min_actors_s = saved_wait
+
+
+def _no_restarts(ray) -> dict:
+    """map_batches' option for actors that are not restarted, where this Ray can take it: a named
+    parameter, or (Ray 2.60 to 2.63) an extra remote option; {} when it cannot (the E-line then stays)."""
+    params = inspect.signature(ray.data.Dataset.map_batches).parameters
+    if "max_restarts" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"max_restarts": 0}
+    return {}
+
+
+@contextlib.contextmanager
+def _dropping(logger_name: str, message_start: str):
+    """Drop the records of logger ``logger_name`` whose message starts with ``message_start``, for the block."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(message_start)
+
+    log = logging.getLogger(logger_name)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+@contextlib.contextmanager
+def _console_at_warning(name: str):
+    """Console handlers of logger ``name`` at WARNING for the block; file handlers keep every level."""
+    handlers = [h for h in logging.getLogger(name).handlers
+                if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__]
+    levels = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(max(h.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)

@@ -1,4 +1,4 @@
-"""Batch scoring: stream Parquet shards through an exported model, one scored Parquet per input shard.
+"""Batch scoring: stream Parquet files through an exported model, one scored Parquet per unit of work.
 
     python -m serving.score --model runs/demo/export --input data/traffic/ --output runs/demo/scores
     python -m serving.score --model models:/ads-relevance@champion --tracking-uri sqlite:///runs/demo/mlflow.db \\
@@ -9,7 +9,9 @@
 
 Inputs are read with ingestion's column mapping and validation (``data.columns``, ``data.filters``; from
 ``--config`` or, by default, the config the model was trained with, plus ``key=value`` overrides). Each
-input file (hive partitions allowed) is one shard; memory stays bounded by ``data.batch_rows`` and
+input file (hive partitions allowed) is planned into units, runs of whole row groups of up to
+``serving.unit_rows`` rows, each scored into its own output (a file of one row group is one unit); every
+engine scores the same units with the same code. Memory stays bounded by ``data.batch_rows`` and
 ``serving.chunk_rows`` however large the input. Rows are grouped by scenario per chunk and scored with that
 scenario's merged weights (serving.scorer). Output layout and ``--resume`` semantics: serving.shards.
 Output columns: pass-through keys, source_file, source_row, scenario, scored_as, fallback, score (float32
@@ -20,15 +22,16 @@ quarantine schema: raw values as strings, reason, column (the user's column that
 source_row.
 
 Every input is opened and checked before the output folder is created; a run that fails before writing
-any shard removes an output folder it created itself (never one that existed before).
+any unit removes an output folder it created itself (never one that existed before).
 
-Quarantine gate: when quarantined / rows in of the whole job (every shard, resumed ones included) exceeds
+Quarantine gate: when quarantined / rows in of the whole job (every unit, resumed ones included) exceeds
 ``serving.max_quarantine_rate`` (a rate equal to it passes), the scores and the quarantine are still
 written, and the job exits 6 (QuarantineRateExceeded). Workers started by hand with ``--rank/--world-size``
-judge their own shards.
+judge their own units.
 
-Shards are spread over workers by index (shard i goes to worker i % N); ``--rank/--world-size`` run one
-worker by hand (e.g. one per machine). Exit codes (kernel.exit_codes): 0 done, 2 bad input or
+Units are spread over workers round robin (the job's unit i goes to worker i % N), so one large file is
+scored in parallel too; ``--rank/--world-size`` run one worker by hand (e.g. one per machine). The summary's
+``shards`` counts units (``files``: input files). Exit codes (kernel.exit_codes): 0 done, 2 bad input or
 configuration, 5 the MLflow registry did not answer, 6 quarantine rate over serving.max_quarantine_rate.
 """
 from __future__ import annotations
@@ -79,18 +82,21 @@ def _launch_local(req: ScoreRequest, cfg: Config, export_dir: Path, model_versio
         raise RuntimeError(f"scoring workers {failed} failed (see their messages above); rerun with --resume")
 
 
-def summarize(out: Path, shards: list[sh.Shard], seconds: float, skipped: int) -> dict:
-    """Totals over every shard's marker (this run's and earlier resumed ones)."""
+def summarize(out: Path, units: list[sh.Unit], seconds: float, skipped: int) -> dict:
+    """Totals over every unit's marker (this run's and earlier resumed ones). ``shards*`` count units
+    (the printed line's "shards"); ``files`` the input files they come from."""
     total = Counter()
     reasons = Counter()
-    for s in shards:
-        if sh.is_done(out, s):
-            m = sh.read_marker(out, s)
+    done = 0
+    for u in units:
+        if sh.is_done(out, u):
+            m = sh.read_marker(out, u)
             total.update({k: m[k] for k in ("rows_in", "scored", "fallback", "quarantined")})
             reasons.update(m.get("by_reason", {}))
-    done = sum(sh.is_done(out, s) for s in shards)
+            done += 1
     return {**{k: total[k] for k in ("rows_in", "scored", "fallback", "quarantined")}, "by_reason": dict(reasons),
-            "shards": len(shards), "shards_done": done, "shards_skipped": skipped, "seconds": round(seconds, 2),
+            "shards": len(units), "shards_done": done, "shards_skipped": skipped,
+            "files": len({u.shard.index for u in units}), "seconds": round(seconds, 2),
             "rows_per_s": round(total["rows_in"] / seconds, 1) if seconds > 0 else None}
 
 
@@ -101,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="export folder, models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--input", required=True, nargs="+", help="Parquet files or directories (hive partitions allowed)")
     p.add_argument("--output", required=True, type=Path, help="output folder")
-    p.add_argument("--resume", action="store_true", help="skip shards already finished in --output")
+    p.add_argument("--resume", action="store_true", help="skip units already finished in --output")
     p.add_argument("--workers", type=int, default=1, help="local processes (or Ray actors with --engine ray)")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
-    p.add_argument("--ray-address", default="local", help="Ray cluster address ('auto' joins a running cluster)")
+    p.add_argument("--ray-address", default="local",
+                   help="'local' (default): a private Ray on 127.0.0.1; 'auto' or host:port joins a running cluster")
+    p.add_argument("--ray-threads", type=int, default=1,
+                   help="torch CPU threads (and CPUs requested) per Ray actor (default 1)")
     p.add_argument("--rank", type=int, default=0, help="this worker's index when started by hand")
     p.add_argument("--world-size", type=int, default=1, help="number of workers started by hand")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)")
@@ -126,6 +135,7 @@ class ScoreRequest:
     workers: int = 1
     engine: str = "local"
     ray_address: str = "local"
+    ray_threads: int = 1  # torch CPU threads per Ray actor; each actor requests that many CPUs
     rank: int = 0
     world_size: int = 1
     quiet: bool = False
@@ -161,19 +171,21 @@ def score_files(req: ScoreRequest, cfg: Config, export_dir: Path, version: str) 
 
 
 def _score_job(req: ScoreRequest, cfg: Config, export_dir: Path, version: str, data: Inputs, out: Path) -> dict:
-    skipped = sum(sh.is_done(out, s, version) for s in data.shards) if req.resume else 0
+    mine = data.units if req.world_size == 1 else sh.units_for_rank(data.units, req.rank, req.world_size)
+    if req.world_size == 1:  # the process that plans the whole job; hand-started ranks leave this alone
+        # Leftovers that would break "one score per row": killed writers' temporaries, and parts of an
+        # earlier plan of these files (another serving.unit_rows, or the one-file-per-input layout).
+        sh.remove_stale_temporaries(out)
+        sh.remove_foreign_parts(out, data.units)
+    skipped = sum(sh.is_done(out, u, version) for u in mine) if req.resume else 0
     t0 = time.time()
     if req.engine == "ray":
-        sh.remove_stale_temporaries(out)
-        run_on_ray(cfg, export_dir, version, req.input, out, req.resume, req.workers, req.ray_address)
+        run_on_ray(cfg, export_dir, version, req.input, out, req.resume, req.workers, req.ray_address,
+                   threads=req.ray_threads, quiet=req.quiet)
     elif req.workers > 1:
-        sh.remove_stale_temporaries(out)
         _launch_local(req, cfg, export_dir, version, out)
     else:
-        if req.world_size == 1:
-            sh.remove_stale_temporaries(out)  # only a lone worker may: others could be writing
         run_worker(cfg, export_dir, version, req.input, out, req.resume, req.rank, req.world_size, req.quiet)
-    mine = data.shards if req.world_size == 1 else sh.shards_for_rank(data.shards, req.rank, req.world_size)
     summary = summarize(out, mine, time.time() - t0, skipped)
     summary["max_quarantine_rate"] = cfg.serving.max_quarantine_rate
     return summary

@@ -3,6 +3,10 @@ training-time model's, unknown scenarios fall back (flagged) or go to quarantine
 across workers. The kill/resume test lives in test_score_resume.py, Ray in test_score_ray.py."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,11 +70,11 @@ def test_scores_every_row_once_and_match_training_model(tmp_path, exported, caps
     assert sorted(quarantine["reason"].to_pylist()) == ["null_query"] + ["unknown_scenario"] * 9
     assert set(scored["scenario"].to_pylist()) == set(SCENARIOS) and not any(scored["fallback"].to_pylist())
     assert set(scored["model_version"].to_pylist()) == {read_manifest(export_dir)["model_version"]}
-    # One output per input shard, rows in input order within it.
+    # Files of 9 or 18 rows (row groups of 7) under serving.unit_rows: one unit each, rows in input order.
     for i, p in enumerate(paths):
-        part = pq.read_table(out / f"part-{i:05d}-{p.stem}.parquet")
+        part = pq.read_table(out / f"part-{i:05d}-0000-{p.stem}.parquet")
         assert part["source_row"].to_pylist() == sorted(part["source_row"].to_pylist())
-        assert (out / "_done" / f"part-{i:05d}-{p.stem}.json").is_file()
+        assert (out / "_done" / f"part-{i:05d}-0000-{p.stem}.json").is_file()
     # Pass-through key intact; scores equal the unmerged training-time model on the same rows.
     tables = [pq.read_table(p) for p in paths]
     raw = pa.concat_tables([t.append_column("source_row", pa.array(np.arange(t.num_rows), pa.int64()))
@@ -122,18 +126,24 @@ def test_scores_ingestion_output_as_is(tmp_path, exported):
                                rtol=0)
 
 
-def test_workers_take_disjoint_shards_and_match_single_process(tmp_path, exported):
+def test_workers_take_disjoint_units_and_match_single_process(tmp_path, exported):
     _, export_dir = exported
-    write_inputs(tmp_path / "in")
-    common = ["--model", str(export_dir), "--input", str(tmp_path / "in"), "--quiet", "serving.max_quarantine_rate=0.5"]
+    write_inputs(tmp_path / "in")  # files of 9, 18, 18 rows in row groups of 7: with unit_rows=7, 2 + 3 + 3 units
+    common = ["--model", str(export_dir), "--input", str(tmp_path / "in"), "--quiet", "serving.max_quarantine_rate=0.5",
+              "serving.unit_rows=7"]
     assert main(common + ["--output", str(tmp_path / "one")]) == 0
     assert main(common + ["--output", str(tmp_path / "two"), "--workers", "2"]) == 0
     one, two = read_output(tmp_path / "one"), read_output(tmp_path / "two")
     assert one.drop_columns(["score"]).equals(two.drop_columns(["score"]))
     np.testing.assert_allclose(one["score"].to_numpy(), two["score"].to_numpy(), atol=1e-6, rtol=0)
-    # By hand: rank 1 of 2 scores only the odd shard.
+    # Units go round robin over the workers: each file is scored by both processes.
+    marks = [json.loads(p.read_text()) for p in (tmp_path / "two" / "_done").glob("*.json")]
+    assert len(marks) == 8 and all(len({m["pid"] for m in marks if m["file"] == f}) == 2 for f in range(3))
+    # By hand: rank 1 of 2 scores only the odd units of the job (1, 3, 5, 7).
     assert main(common + ["--output", str(tmp_path / "rank1"), "--rank", "1", "--world-size", "2"]) == 0
-    assert sorted(p.name for p in (tmp_path / "rank1").glob("part-*.parquet")) == ["part-00001-day1.parquet"]
+    assert sorted(p.name for p in (tmp_path / "rank1").glob("part-*.parquet")) == [
+        "part-00000-0001-day0.parquet", "part-00001-0001-day1.parquet", "part-00002-0000-day2.parquet",
+        "part-00002-0002-day2.parquet"]
 
 
 def test_bad_input_names_file_and_column(tmp_path, exported, capsys):
@@ -218,3 +228,77 @@ def test_the_input_partition_layout_is_kept(tmp_path, exported):
     assert main(["--model", str(export), "--input", str(tmp_path / "traffic" / "market=us"), "--output",
                  str(tmp_path / "o2"), "--quiet"]) == 0
     assert sorted(p.parent.name for p in (tmp_path / "o2" / "market=us").rglob("part-*.parquet")) == ["day=1", "day=2"]
+
+
+def test_units_pack_whole_row_groups_in_order():
+    from serving.shards import Shard, plan_units
+
+    a, b, c = Shard(0, Path("a.parquet")), Shard(1, Path("b.parquet")), Shard(2, Path("c.parquet"))
+    units = plan_units([a, b, c], [[7, 7, 7, 7, 7, 7, 3], [100], []], unit_rows=15)
+    assert [(u.shard.index, u.index, u.ordinal, u.first_group, u.end_group, u.first_row, u.num_rows)
+            for u in units] == [
+        (0, 0, 0, 0, 2, 0, 14), (0, 1, 1, 2, 4, 14, 14), (0, 2, 2, 4, 6, 28, 14), (0, 3, 3, 6, 7, 42, 3),
+        (1, 0, 4, 0, 1, 0, 100),   # a row group larger than unit_rows is a unit alone, never split
+        (2, 0, 5, 0, 0, 0, 0)]     # a file without row groups: one empty unit (it still gets its output)
+    assert units[1].name == "part-00000-0001-a"
+    assert [len(plan_units([a], [[7] * 6], n)) for n in (1, 7, 14, 42, 10**6)] == [6, 6, 3, 1, 1]
+
+
+def one_file_of_row_groups(path, rows_per_group: int = 7) -> pa.Table:
+    """45 real WDC rows (15 per scenario, grouped by scenario) with a pass-through key, 7 rows per row group."""
+    raw = wdc_raw(per_category=15)
+    raw = raw.append_column("pair_id", pa.array(np.arange(raw.num_rows), pa.int64()))
+    pq.write_table(raw, path, row_group_size=rows_per_group)
+    return raw
+
+
+def test_one_file_is_split_into_units_that_score_like_the_whole_file(tmp_path, exported, capsys):
+    _, export_dir = exported
+    one_file_of_row_groups(tmp_path / "x.parquet")  # row groups of 7: 7 7 7 7 7 7 3
+    common = ["--model", str(export_dir), "--input", str(tmp_path / "x.parquet"), "--quiet",
+              "data.columns.keys=[pair_id]"]
+    assert main(common + ["--output", str(tmp_path / "whole")]) == 0  # default unit_rows: one unit
+    assert main(common + ["--output", str(tmp_path / "units"), "serving.unit_rows=15"]) == 0
+    assert "in 4/4 shards" in capsys.readouterr().out.splitlines()[-1]
+    whole, units = read_output(tmp_path / "whole"), read_output(tmp_path / "units")
+    assert sorted(p.name for p in (tmp_path / "whole").glob("*.parquet")) == ["part-00000-0000-x.parquet"]
+    assert units["source_row"].to_pylist() == list(range(45)) == units["pair_id"].to_pylist()  # each row once
+    assert whole.drop_columns(["score", "score_raw"]).equals(units.drop_columns(["score", "score_raw"]))
+    np.testing.assert_allclose(units["score"].to_numpy(), whole["score"].to_numpy(), atol=1e-6, rtol=0)
+    # One output per unit, in input order, keeping each row's number inside the file; markers say what
+    # each unit covers and which process scored it.
+    for i, (lo, hi) in enumerate([(0, 14), (14, 28), (28, 42), (42, 45)]):
+        part = pq.read_table(tmp_path / "units" / f"part-00000-{i:04d}-x.parquet")
+        assert part["source_row"].to_pylist() == list(range(lo, hi))
+        marker = json.loads((tmp_path / "units" / "_done" / f"part-00000-{i:04d}-x.json").read_text())
+        assert marker["rows"] == [lo, hi] and marker["rows_in"] == marker["scored"] == hi - lo
+        assert marker["row_groups"] == [2 * i, min(2 * i + 2, 7)] and marker["pid"] == os.getpid()
+    # data.filters prunes row groups at read time; the plan (from the footer) stays the same.
+    assert main(common + ["--output", str(tmp_path / "shoes"), "serving.unit_rows=15",
+                          "data.filters={category: [shoes]}"]) == 0
+    shoes = read_output(tmp_path / "shoes")
+    assert set(shoes["scenario"].to_pylist()) == {"shoes"} and shoes["source_row"].to_pylist() == list(range(30, 45))
+    assert len(list((tmp_path / "shoes" / "_done").glob("*.json"))) == 4
+
+
+def test_rescoring_with_another_unit_size_or_over_the_old_layout_keeps_one_score_per_row(tmp_path, exported):
+    _, export_dir = exported
+    one_file_of_row_groups(tmp_path / "x.parquet")
+    out = tmp_path / "scores"
+    common = ["--model", str(export_dir), "--input", str(tmp_path / "x.parquet"), "--quiet", "--output", str(out)]
+    assert main(common + ["serving.unit_rows=15"]) == 0  # 4 units
+    # The layout before units: one output and marker per file, named part-<file>-<stem> (here a copy of all
+    # rows, as that layout held them).
+    pq.write_table(read_output(out), out / "part-00000-x.parquet")
+    (out / "_done" / "part-00000-x.json").write_text(json.dumps({"model_version": "old", "rows_in": 45}))
+    # Resume with 2 units of another extent: units 0000/0001 are redone, 0002/0003 and the old file removed.
+    assert main(common + ["--resume", "serving.unit_rows=30"]) == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000-0000-x.parquet", "part-00000-0001-x.parquet"]
+    assert sorted(p.name for p in (out / "_done").glob("*.json")) == ["part-00000-0000-x.json",
+                                                                      "part-00000-0001-x.json"]
+    assert read_output(out)["source_row"].to_pylist() == list(range(45))
+    assert [json.loads(p.read_text())["rows"] for p in sorted((out / "_done").glob("*.json"))] == [[0, 28], [28, 45]]
+    # Another job's file in the same folder (another stem) is left alone.
+    pq.write_table(read_output(out).slice(0, 1), out / "part-00000-0000-other.parquet")
+    assert main(common + ["--resume", "serving.unit_rows=30"]) == 0
+    assert (out / "part-00000-0000-other.parquet").is_file()
