@@ -1,22 +1,29 @@
 """MTL-LoRA adapter speed: a training step against PEFT LoRA and the reference approach; scoring cost.
 
-    python benchmarks/adapter_speed.py                                 # CPU: small LLaMA-shaped model
+    python benchmarks/adapter_speed.py --threads 1                     # CPU: small LLaMA-shaped model
+    python benchmarks/adapter_speed.py --threads 1 --compile --iters 30 --compile-cases mtl_lora,peft_lora
     python benchmarks/adapter_speed.py --device cpu --preset tiny --iters 3 --compile   # smoke, all paths
     python benchmarks/adapter_speed.py --device cuda --dtype bf16 --preset llama-0.5b \
         --batch 128 --seq 128 --tasks 8 --rank 8 --compile                # the GPU run (gpu_adapter.sh)
 
+First the host-side proxies (benchmarks/adapter_ops.py; --no-ops skips them): aten operations dispatched
+per training step, optimizer step and scoring forward, MTL-LoRA next to PEFT LoRA on the same model
+(--explain adds torch._dynamo.explain of the training forward). Then the timings.
+
 Training cases, one step = forward + backward + AdamW on one mixed-scenario batch, same random base
-model, rank, targets (q, k, v, o), dropout and optimizer:
+model, rank, targets (q, k, v, o), dropout and optimizer (the project's: training.ds_config, fused):
     peft_lora   PEFT's LoRA (one shared adapter; adapter weights kept in the model dtype)
-    mtl_lora    modeling.mtl_lora (fused: one shared down-projection, one K = T·r GEMM into the base output)
+    mtl_lora    modeling.mtl_lora (eager: the written-out autograd node per layer; compiled: plain ops)
     reference   the reference code's approach (benchmarks/reference_mtl_lora.py): per-row copies of A,
                 per-row Λ_t and pre-mixed B̃_t gathered per row, three batched matmuls
 Scoring cases (inference mode, the same mixed batch):
     merged      a merged checkpoint for one scenario (modeling.merge): exactly the base model's cost
     unmerged    the MTL-LoRA model scoring the mixed batch per row
-With --compile each case also runs with every transformer block compiled (torch.compile, regional:
-one compiled block is reused by all layers). Cases are interleaved in rounds (A B C A B C ...) so machine
-noise hits all alike; medians are printed, with the ratios the targets are stated in.
+With --compile each case also runs compiled: by default the whole model forward with fullgraph=True
+(static shapes, as the length-bucketing sampler gives; --compile-mode reduce-overhead adds CUDA graphs);
+--compile-scope blocks compiles each transformer block instead (regional: one compiled block reused by all
+layers, much faster to compile). Cases are interleaved in rounds (A B C A B C ...) so machine noise hits
+all alike; medians are printed, with the ratios the targets are stated in.
 """
 from __future__ import annotations
 
@@ -62,7 +69,16 @@ def parse_args(argv):
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--iters", type=int, default=15, help="timed rounds (each runs every case once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per case before the rounds")
-    p.add_argument("--compile", action="store_true", help="also time every case with compiled blocks")
+    p.add_argument("--compile", action="store_true", help="also time every case compiled (--compile-scope)")
+    p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                   help="model: the whole model's forward, fullgraph=True (default); blocks: each transformer "
+                        "block on its own (regional: one compiled block reused by all layers, compiles fast)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
+    p.add_argument("--no-ops", dest="ops", action="store_false",
+                   help="skip the operation-count proxies (benchmarks/adapter_ops.py) printed before the timings")
+    p.add_argument("--explain", action="store_true", help="with the proxies: torch._dynamo.explain of the "
+                   "training forward of every adapter (graphs and graph breaks under fullgraph)")
     p.add_argument("--compile-cases", default="mtl_lora,peft_lora,reference,unmerged,merged",
                    help="which cases to compile, in order (compiling stops when --time-budget is spent)")
     p.add_argument("--paths", default="", help="also time the layer's update paths forced, e.g. fused,gather")
@@ -70,6 +86,8 @@ def parse_args(argv):
                    "prints the top kernels by device time")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; 0 = no limit on compiled cases")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the chip's dense bf16 peak for MFU on CUDA (H100/H200: 989)")
     return p.parse_args(argv)
 
 
@@ -92,20 +110,22 @@ def with_peft(base: nn.Module, args):
     return model, lambda ids: None
 
 
-def _mtl_lora_model(base: nn.Module, args):
+def _mtl_lora_model(base: nn.Module, args, method: str = "mtl_lora"):
     from kernel.config import AdapterConfig
     from modeling.inject import inject_adapters
 
     model = copy.deepcopy(base)
-    acfg = AdapterConfig(r=args.rank, alpha=2 * args.rank, n_up=args.n_up, dropout=args.dropout, targets=TARGETS)
+    acfg = AdapterConfig(method=method, r=args.rank, alpha=2 * args.rank, n_up=args.n_up, dropout=args.dropout,
+                         targets=TARGETS)
     router, _ = inject_adapters(model, acfg, args.tasks)
     return model, router
 
 
-def with_mtl_lora(base: nn.Module, args, path: str = "auto"):
+def with_mtl_lora(base: nn.Module, args, path: str = "auto", method: str = "mtl_lora"):
+    """modeling.mtl_lora on the same base; ``method`` "lora" / "per_task_lora" gives the baselines."""
     from modeling.inject import adapter_layers
 
-    model, router = _mtl_lora_model(base, args)
+    model, router = _mtl_lora_model(base, args, method)
     for layer in adapter_layers(model).values():
         layer.update_path = path
     return model, lambda ids: setattr(router, "task_ids", ids)
@@ -126,6 +146,30 @@ def with_merged(base: nn.Module, args):
 
     model, router = _mtl_lora_model(base, args)
     return merged_backbone(RelevanceModel(model, "last", router), task=0), lambda ids: None
+
+
+def adapter_groups(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0) -> list[dict]:
+    """The trainer's optimizer groups for this model: MTL-LoRA's (adapters, task) by parameter name
+    (``training.ds_config.optimizer_groups``); PEFT's model has one adapters group. One lr for all groups:
+    the default config (task_lr 0 means "same as lr")."""
+    from training.ds_config import optimizer_groups
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(n.endswith((".A", ".B")) for n, _ in named):
+        return optimizer_groups(named, {"adapters": lr, "task": lr}, weight_decay)
+    return [{"params": [p for _, p in named], "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
+
+
+def make_optimizer(model: nn.Module, on_gpu: bool, task_lr: float | None = None) -> torch.optim.Optimizer:
+    """The project's AdamW (multi-tensor: fused) over ``adapter_groups``, for every case alike;
+    ``task_lr`` gives Λ/w a learning rate of their own."""
+    from training.ds_config import make_optimizer as project_optimizer
+
+    groups = adapter_groups(model)
+    for g in groups:
+        if task_lr is not None and g["name"] == "task":
+            g["lr"] = task_lr
+    return project_optimizer(groups, on_gpu)
 
 
 def check_agreement(base: nn.Module, args, batch) -> None:
@@ -169,12 +213,12 @@ class Case:
         self.sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         self.times: list[float] = []
         self.peak_mib = float("nan")
+        self.non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
         if train:
             model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            # The fused AdamW (CPU and CUDA) for every case: its cost barely depends on how many tensors.
-            self.opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-            self.trainable = sum(p.numel() for p in params)
+            # The project's AdamW for every case (training.ds_config): fused, groups stepped together.
+            self.opt = make_optimizer(model, on_gpu=args.device.startswith("cuda"))
+            self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         else:
             model.eval()
             self.trainable = 0
@@ -265,14 +309,21 @@ def run_rounds(cases: list[Case], batch, args, title: str) -> None:
                 cases.remove(case)
     med = {c.name: statistics.median(c.times) * 1e3 for c in cases if c.times}
     print(f"\n== {title}: median ms over {args.iters} interleaved rounds ==")
+    tokens = args.batch * args.seq
     for c in cases:
         if c.name in med:
             spread = (max(c.times) - min(c.times)) * 1e3
             peak = "" if c.peak_mib != c.peak_mib else f"   peak +{c.peak_mib:,.0f} MiB"  # NaN on CPU
-            print(f"  {c.name:26s} {med[c.name]:9.2f} ms   spread {spread:8.2f}   trainable {c.trainable:>10,d}{peak}")
+            rate = ""
+            if c.train:  # MFU: 4 × non-embedding parameters × tokens (forward 2, backward through activations 2)
+                rate = f"   {tokens / med[c.name] * 1e3:9,.0f} tokens/s"
+                if args.device.startswith("cuda"):
+                    rate += f"   MFU {4 * c.non_embedding * tokens / (med[c.name] / 1e3) / (args.peak_tflops * 1e12):6.1%}"
+            print(f"  {c.name:26s} {med[c.name]:9.2f} ms   spread {spread:8.2f}   trainable {c.trainable:>10,d}"
+                  f"{rate}{peak}")
     sfx = " (compiled)" if "compile" in title else ""
     for num, den, label, target in (
-        ("mtl_lora", "peft_lora", "MTL-LoRA step / PEFT LoRA step", "<= 1.15 CPU, <= 1.05 GPU"),
+        ("mtl_lora", "peft_lora", "MTL-LoRA step / PEFT LoRA step", "<= 1.10" if sfx else "<= 1.05"),
         ("reference", "mtl_lora", "speed-up over the reference approach", ">= 2 GPU"),
         ("unmerged", "merged", "unmerged mixed-batch scoring / merged forward", "<= 1.10"),
     ):
@@ -306,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model, set_ids = build(base, args)
             if compiled:
-                for block in blocks(model):
-                    block.compile()
+                opts = {"fullgraph": True, "mode": None if args.compile_mode == "default" else args.compile_mode}
+                if args.compile_scope == "model":  # the whole forward: one graph (0 breaks), its backward
+                    model.compile(**opts)
+                else:
+                    for block in blocks(model):
+                        block.compile(**opts)
             case = Case(label, model, set_ids, train, args)
             graphs = _compiled_graphs()
             spent = case.warm(batch, args.warmup + (1 if compiled else 0))
@@ -322,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         check_agreement(base, args, batch)
     except Exception:
         print(f"agreement check failed\n{traceback.format_exc()}")
+    if args.ops:  # the CPU-side proxies: operations dispatched per step, next to PEFT LoRA
+        try:
+            import adapter_ops
+
+            adapter_ops.report(args, base, batch, explain_graphs=args.explain)
+        except Exception:
+            print(f"operation counts failed\n{traceback.format_exc()}")
     print("\n-- eager --")
     eager = [c for c in (make(n, False) for n in builders) if c is not None]
     run_rounds(eager, batch, args, "eager")
@@ -332,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profiling failed\n{traceback.format_exc()}")
     if args.compile:
         del eager
-        print("\n-- torch.compile (each transformer block) --")
+        scope = "the whole model, fullgraph" if args.compile_scope == "model" else "each transformer block"
+        print(f"\n-- torch.compile ({scope}, mode {args.compile_mode}) --")
         compiled: list[Case] = []
         for name in args.compile_cases.split(","):
             if args.time_budget and time.perf_counter() - start > args.time_budget:
