@@ -81,7 +81,9 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
             resume = state.begin(name, fp)
             outcome = STEP_TABLE[name].run(ctx, resume)
             outcome.info["seconds"] = round(time.time() - t0, 1)
-            rec = state.finish(name, fp, outcome.outputs, outcome.info, outcome.exit_code)
+            # What the step leaves is its new input state (promotion moves the champion it reads): record the
+            # fingerprint as it is now, so that a replay finds the step up to date.
+            rec = state.finish(name, fingerprint(ctx, name), outcome.outputs, outcome.info, outcome.exit_code)
             ctx.records[name] = rec
             rerun_rest = True
             print(f"[{name}] done in {outcome.info['seconds']} s", flush=True)

@@ -261,7 +261,7 @@ def run_promote(ctx: JobContext, resume: bool) -> Outcome:
     if version is None:
         return Outcome({"skipped": "tracking is off or nothing was registered"}, [])
     cfg = ctx.cfg
-    if champion_now(ctx).get("champion") == version:  # e.g. only a gate setting changed since it was promoted
+    if champion_now(ctx).get("champion") == str(version):  # e.g. only a gate setting changed since it was promoted
         return Outcome({"passed": True, "reasons": [], "candidate_version": version, "champion_version": version,
                         "note": f"version {version} is already the champion"}, [])
     eval_path = storage.join(ctx.paths.data, "test.parquet")
@@ -314,7 +314,7 @@ def champion_now(ctx: JobContext) -> dict:
         mv = registry.alias_version(client, cfg.tracking.registered_model, registry.CHAMPION)
     except Exception:  # noqa: BLE001 - no registered model yet: no champion
         return {"champion": None}
-    return {"champion": mv.version if mv else None}
+    return {"champion": str(mv.version) if mv else None}
 
 
 INGEST_KEYS = ["data.source", "data.columns", "data.scenarios", "data.max_chars", "data.overlong",

@@ -102,6 +102,22 @@ def files(p: str | Path) -> list[tuple[str, pafs.FileInfo]]:
     return sorted(out, key=lambda x: x[0])
 
 
+def entries(folder: str | Path) -> list[str]:
+    """Names of the files directly in ``folder`` (not below it); [] when it is absent."""
+    fs, path = resolve(folder)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(f.path) for f in found if f.type == pafs.FileType.File)
+
+
+def put_file(local: Path, dest: str | Path) -> None:
+    """Copy one local file to ``dest`` (one upload on an object store)."""
+    fs, path = resolve(dest)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def listing(p: str | Path) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime ns) of a file or of every file under a folder; [] if absent. Names with a
     part starting with '.' (temporaries) are left out."""

@@ -15,14 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kernel.atomic import read_json, write_bytes_atomic
+from kernel import storage
 from kernel.errors import DataError, UnknownScenario
 
 TASK_MAP_FILE = "task_map.json"
 
 
 class TaskMap:
-    def __init__(self, names: Sequence[str], source: Path | None = None):
+    def __init__(self, names: Sequence[str], source: str | Path | None = None):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate scenario names in {list(names)}")
         self.names = list(names)
@@ -54,14 +54,14 @@ class TaskMap:
 
     def save(self, path: str | Path) -> None:
         """Write the map; a map read from a file is copied as it is (the file ingestion wrote stays the one)."""
-        data = (Path(self.source).read_bytes() if self.source is not None
+        data = (storage.read_bytes(self.source) if self.source is not None
                 else json.dumps({"scenarios": self.names}, indent=2).encode())
-        write_bytes_atomic(path, data)
+        storage.write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskMap":
         """Read a task map file; DataError names the file when it is missing or malformed."""
-        d = read_json(path, "task map")
+        d = storage.read_json(path, "task map")
         if not isinstance(d, dict) or not isinstance(d.get("scenarios"), list):
             raise DataError(f"{path}: a task map needs a list under 'scenarios'")
-        return cls(d["scenarios"], source=Path(path))
+        return cls(d["scenarios"], source=path)

@@ -25,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kernel import storage
 from kernel.config import Config
 from kernel.errors import ConfigError
-from pipeline.reader import ParquetSource, build_filter, partition_base
+from pipeline.reader import ParquetSource, build_filter
 from pipeline.validate import ColumnMapping, quarantine_schema
 from serving import shards as sh
 from serving.scorer import BatchScorer
@@ -70,14 +71,9 @@ class Inputs:
 
     def __init__(self, cfg: Config, inputs: list[str]):
         self.filter = build_filter(cfg.data.filters)
-        parts, rel_dirs = [], []
-        for item in inputs:
-            root = Path(item).resolve()
-            base = partition_base(root)  # traffic/market=us counts from traffic: market=us stays in the layout
-            for part in ParquetSource.open(root).parts(self.filter):
-                parts.append(part)
-                parent = Path(part.path).parent
-                rel_dirs.append(str(parent.relative_to(base)) if parent.is_relative_to(base) else "")
+        parts = []
+        for item in inputs:  # local paths or object-store URIs; traffic/market=us keeps market=us in the layout
+            parts.extend(ParquetSource.open(item if storage.is_uri(item) else Path(item).resolve()).parts(self.filter))
         data = cfg.data
         self.canonical = bool(parts) and all(INGESTED_SIGNATURE <= set(p.schema.names) for p in parts)
         if self.canonical:  # ingestion's own output (e.g. <work_dir>/data/test.parquet): identity mapping
@@ -90,7 +86,7 @@ class Inputs:
         self.mapping.check_parts(parts)
         self.parts = parts
         # Each output keeps its input's folders (hive partitions such as market=us/day=1) below --output.
-        self.shards = [sh.Shard(i, Path(p.path), "" if d == "." else d) for i, (p, d) in enumerate(zip(parts, rel_dirs))]
+        self.shards = [sh.Shard(i, Path(p.path), p.rel_dir) for i, p in enumerate(parts)]
         if cfg.serving.unit_rows < 1:
             raise ConfigError(f"serving.unit_rows: must be >= 1, got {cfg.serving.unit_rows}")
         # Rows of every row group of each file, from the footers read above (FilePart's row starts cover all

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernel import storage
 from kernel.config import Config, config_from_dict, to_dict
 from kernel.errors import ConfigError
 from serving import shards as sh
@@ -77,7 +78,7 @@ class UnitScorer:
         self.cfg = config_from_dict(cfg)
         self.data = Inputs(self.cfg, inputs)
         self.scorer = BatchScorer(export_dir, self.cfg.serving, model_version)
-        self.out = Path(out)
+        self.out = out if storage.is_uri(out) else Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # batch: {"unit": (k,) int64 ordinals}; batch_size=1, so k == 1: one unit per call, committed
@@ -169,8 +170,9 @@ def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
                 UnitScorer,
                 fn_constructor_kwargs={"cfg": to_dict(cfg), "export_dir": str(Path(export_dir).resolve()),
                                        "model_version": model_version,
-                                       "inputs": [str(Path(i).resolve()) for i in inputs],
-                                       "out": str(Path(out).resolve()), "threads": threads},
+                                       "inputs": [i if storage.is_uri(i) else str(Path(i).resolve()) for i in inputs],
+                                       "out": str(out) if storage.is_uri(out) else str(Path(out).resolve()),
+                                       "threads": threads},
                 batch_size=1,  # one unit per call: its outputs are committed before the next one starts
                 # One unit in flight per actor: a free actor takes the next unit, none queues behind a busy one.
                 compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernel import storage
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import DataError, QuarantineRateExceeded
 from kernel.exit_codes import run_cli
@@ -59,9 +59,10 @@ from serving.scorer import check_serving_limits
 
 def _launch_local(req: ScoreRequest, cfg: Config, export_dir: Path, model_version: str, out: Path) -> None:
     """``--workers N``: N child processes of this module, each with --rank i; one GPU each if present."""
-    job = out / sh.JOB_DIR
+    # Children read the resolved config (one source of truth); it is local even when the output is not.
+    job = (Path(out) if not storage.is_uri(out) else cfg.local_work_dir) / sh.JOB_DIR
     job.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, job / "config.yaml")  # children read the resolved config: one source of truth
+    dump_config(cfg, job / "config.yaml")
     import torch
 
     gpus = torch.cuda.device_count()
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True, help="export folder, models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--input", required=True, nargs="+", help="Parquet files or directories (hive partitions allowed)")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--output", required=True, help="output folder: a local path or an object-store URI (s3://...)")
     p.add_argument("--resume", action="store_true", help="skip units already finished in --output")
     p.add_argument("--workers", type=int, default=1, help="local processes (or Ray actors with --engine ray)")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
@@ -130,7 +131,7 @@ class ScoreRequest:
     """What to score, where, and how: the command line's flags as one typed value (the job builds one)."""
 
     input: list[str]
-    output: Path
+    output: str | Path  # a local folder or an object-store URI
     resume: bool = False
     workers: int = 1
     engine: str = "local"
@@ -159,14 +160,15 @@ def score_files(req: ScoreRequest, cfg: Config, export_dir: Path, version: str) 
     """Score ``req.input`` into ``req.output`` with the export in ``export_dir``; the job's summary."""
     check_serving_limits(cfg.serving)
     data = Inputs(cfg, req.input)  # fails fast on a bad input or column mapping, before any folder exists
-    out = Path(req.output)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    out = req.output if storage.is_uri(req.output) else Path(req.output)  # a local folder or an object-store URI
+    created = not storage.exists(out)
+    if not storage.is_uri(out):
+        out.mkdir(parents=True, exist_ok=True)
     try:
         return _score_job(req, cfg, Path(export_dir), version, data, out)
     except BaseException:
         if created and not sh.holds_results(out):  # failed before writing anything: leave no trace
-            shutil.rmtree(out, ignore_errors=True)
+            storage.delete(out)
         raise
 
 
@@ -204,14 +206,15 @@ def check_quarantine_rate(summary: dict, out: Path) -> None:
     raise QuarantineRateExceeded(
         f"quarantine rate {q / n:.2%} ({q} of {n} rows) exceeds serving.max_quarantine_rate={limit:.2%}; "
         f"top reasons: {top}. The {summary['scored']} scored rows are in {out}, the quarantined ones in "
-        f"{out / sh.QUARANTINE_DIR}.{hint}")
+        f"{storage.join(out, sh.QUARANTINE_DIR)}.{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     # "--input a.parquet serving.batch_size=32": nargs="+" takes the override too; give it back (a hive
     # path such as data/market=us exists on disk and stays an input).
-    moved = [i for i in args.input if "=" in i and not Path(i).exists() and "." in i.split("=", 1)[0]]
+    moved = [i for i in args.input if "=" in i and not storage.is_uri(i) and not Path(i).exists()
+             and "." in i.split("=", 1)[0]]
     args.input = [i for i in args.input if i not in moved]
     args.overrides = moved + list(args.overrides)
     return run_cli(lambda: _work(args))  # errors -> one line on stderr and kernel.exit_codes' code

@@ -31,14 +31,16 @@ writers, listing and deletion), so another file system can replace the local one
 """
 from __future__ import annotations
 
-import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kernel.atomic import AtomicFile, write_json_atomic
+from kernel import storage
+from kernel.atomic import AtomicFile
 from kernel.errors import DataError
 
 QUARANTINE_DIR = "_quarantine"
@@ -153,16 +155,22 @@ def units_for_rank(units: list[Unit], rank: int, world: int) -> list[Unit]:
     return [u for u in units if u.ordinal % world == rank]
 
 
-def output_path(out: Path, unit: Unit) -> Path:
-    return out / unit.rel_dir / f"{unit.name}.parquet"
+# Every path below is a local path or an object-store URI (kernel.storage): the output folder may be either.
+
+def _at(out, *parts: str):
+    return storage.join(out, *[p for p in parts if p])
 
 
-def quarantine_path(out: Path, unit: Unit) -> Path:
-    return out / QUARANTINE_DIR / unit.rel_dir / f"{unit.name}.parquet"
+def output_path(out, unit: Unit):
+    return _at(out, unit.rel_dir, f"{unit.name}.parquet")
 
 
-def marker_path(out: Path, unit: Unit) -> Path:
-    return out / DONE_DIR / f"{unit.name}.json"
+def quarantine_path(out, unit: Unit):
+    return _at(out, QUARANTINE_DIR, unit.rel_dir, f"{unit.name}.parquet")
+
+
+def marker_path(out, unit: Unit):
+    return _at(out, DONE_DIR, f"{unit.name}.json")
 
 
 def is_done(out: Path, unit: Unit, model_version: str | None = None) -> bool:
@@ -170,7 +178,7 @@ def is_done(out: Path, unit: Unit, model_version: str | None = None) -> bool:
     another plan, i.e. another serving.unit_rows, does not finish it) and, when ``model_version`` is given,
     scored by that model: a resume with another model rescores the unit rather than mixing two models'
     scores in one output."""
-    if not (marker_path(out, unit).is_file() and output_path(out, unit).is_file()):
+    if not (storage.is_file(marker_path(out, unit)) and storage.is_file(output_path(out, unit))):
         return False
     marker = read_marker(out, unit)
     if marker.get("row_groups") != unit.extent()["row_groups"]:
@@ -178,22 +186,22 @@ def is_done(out: Path, unit: Unit, model_version: str | None = None) -> bool:
     return model_version is None or marker.get("model_version") == model_version
 
 
-def read_marker(out: Path, unit: Unit) -> dict:
-    return json.loads(marker_path(out, unit).read_text())
+def read_marker(out, unit: Unit) -> dict:
+    return storage.read_json(marker_path(out, unit), f"completion marker of {unit.name}")
 
 
 def mark_done(out: Path, unit: Unit, summary: dict) -> None:
-    """The unit's completion marker, written (atomically) after its output and quarantine are in place."""
-    marker_path(out, unit).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker_path(out, unit), {"input": str(unit.path), "file": unit.shard.index,
-                                               "unit": unit.index, **unit.extent(), **summary})
+    """The unit's completion marker, written after its output and quarantine are in place (one object on an
+    object store, a temporary file renamed locally: either way seen whole or not at all)."""
+    storage.write_json(marker_path(out, unit), {"input": str(unit.path), "file": unit.shard.index,
+                                                "unit": unit.index, **unit.extent(), **summary})
 
 
 def clear_unit(out: Path, unit: Unit) -> None:
     """Remove a unit's marker (first: it is no longer finished), output and quarantine; a unit that is
     redone starts from nothing."""
     for p in (marker_path(out, unit), output_path(out, unit), quarantine_path(out, unit)):
-        p.unlink(missing_ok=True)
+        storage.delete(p)
 
 
 def remove_foreign_parts(out: Path, units: list[Unit]) -> int:
@@ -209,22 +217,21 @@ def remove_foreign_parts(out: Path, units: list[Unit]) -> int:
         wanted.setdefault(u.shard.index, set()).add(u.name)
         shards[u.shard.index] = u.shard
     # Where each file's parts may lie; every folder is listed once (many files share a folder).
-    homes: dict[Path, set[int]] = {}
+    homes: dict[str, set[int]] = {}
     for i, shard in shards.items():
-        for folder in (out / shard.rel_dir, out / QUARANTINE_DIR / shard.rel_dir, out / DONE_DIR):
-            homes.setdefault(folder, set()).add(i)
+        for folder in (_at(out, shard.rel_dir), _at(out, QUARANTINE_DIR, shard.rel_dir), _at(out, DONE_DIR)):
+            homes.setdefault(str(folder), set()).add(i)
     n = 0
+    done_folder = str(_at(out, DONE_DIR))
     for folder, files in homes.items():
-        suffix = ".json" if folder == out / DONE_DIR else ".parquet"
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if not p.name.endswith(suffix) or not p.is_file():
+        suffix = ".json" if folder == done_folder else ".parquet"
+        for name in storage.entries(folder):
+            if not name.endswith(suffix):
                 continue
-            stem = p.name[: -len(suffix)]
+            stem = name[: -len(suffix)]
             index = _file_index(stem)
             if index in files and stem not in wanted[index] and stem.endswith(f"-{shards[index].path.stem}"):
-                p.unlink(missing_ok=True)
+                storage.delete(storage.join(folder, name))
                 n += 1
     return n
 
@@ -236,15 +243,23 @@ def _file_index(stem: str) -> int | None:
 
 
 class ShardWriter:
-    """Streams record batches into ``final`` through a temporary file; ``commit`` renames it into place.
+    """Streams record batches into ``final`` through a local temporary file; ``commit`` puts it in place: a
+    rename beside a local ``final``, one upload (one PUT: seen whole or not at all) to an object store.
 
     With no batch written, ``commit`` writes an empty file of ``schema`` (a unit with zero scored rows
     still gets its output, so readers and ``--resume`` see it as finished).
     """
 
-    def __init__(self, final: Path, schema: pa.Schema):
-        self._file = AtomicFile(final)
-        self.final, self.tmp = self._file.final, self._file.tmp
+    def __init__(self, final, schema: pa.Schema):
+        self.remote = storage.is_uri(final)
+        self.final = final
+        if self.remote:
+            fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".parquet.tmp")
+            os.close(fd)
+            self.tmp = Path(tmp)
+        else:
+            self._file = AtomicFile(final)
+            self.final, self.tmp = self._file.final, self._file.tmp
         self.schema = schema
         self.rows = 0
         self._writer = pq.ParquetWriter(self.tmp, schema)
@@ -254,28 +269,35 @@ class ShardWriter:
             self._writer.write_table(table.select(self.schema.names).cast(self.schema))
             self.rows += table.num_rows
 
-    def commit(self) -> Path:
+    def commit(self):
         self._writer.close()
-        return self._file.commit()
+        if not self.remote:
+            return self._file.commit()
+        try:
+            storage.put_file(self.tmp, self.final)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return self.final
 
     def abort(self) -> None:
         self._writer.close()
-        self._file.abort()
+        if self.remote:
+            self.tmp.unlink(missing_ok=True)
+        else:
+            self._file.abort()
 
 
 def holds_results(out: Path) -> bool:
     """Whether ``out`` holds any file a scoring run wrote (a unit's output, quarantine or marker), not
     counting ``_job/`` (the resolved config handed to local workers). False for a missing folder."""
-    if not out.is_dir():
-        return False
-    return any(p.is_file() for p in out.rglob("*") if p.relative_to(out).parts[0] != JOB_DIR)
+    return any(rel.split("/", 1)[0] != JOB_DIR for rel, _ in storage.files(out))
 
 
 def remove_stale_temporaries(out: Path) -> int:
     """Delete temporary files left by killed workers (``.part-*.tmp<pid>``); returns how many."""
     n = 0
-    if out.is_dir():
-        for p in out.rglob(".part-*.tmp*"):
+    if not storage.is_uri(out) and Path(out).is_dir():  # uploads leave no temporaries on an object store
+        for p in Path(out).rglob(".part-*.tmp*"):
             p.unlink(missing_ok=True)
             n += 1
     return n

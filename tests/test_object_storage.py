@@ -115,3 +115,69 @@ def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket
     table = canonical(wdc_raw(per_category=4))
     np.testing.assert_allclose(score_table(local, table)["score"].to_numpy(),
                                score_table(tmp_path / "local-export", table)["score"].to_numpy(), atol=1e-6)
+
+
+def test_scoring_s3_to_s3_killed_and_resumed_scores_each_row_exactly_once(tmp_path, s3_bucket):
+    """Input and output on S3; SIGKILL after some units are done; --resume keeps those and scores each row
+    exactly once, equal to an uninterrupted local run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    from serving.export import export_model
+    from serving.score import main as score_main
+    from tests.serving_testkit import SCENARIOS, trained_folder
+    from tests.shared import REPO
+
+    export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export")
+    for i in range(2):
+        fs, path = storage.resolve(f"{s3_bucket}/traffic/market=m{i}/part-0.parquet")
+        pq.write_table(wdc_raw(per_category=20, categories=SCENARIOS, offset=20 * i), path, filesystem=fs,
+                       row_group_size=6)
+    args = ["--model", str(tmp_path / "export"), "--input", f"{s3_bucket}/traffic", "--quiet",
+            "serving.chunk_rows=8", "serving.batch_size=4", "serving.unit_rows=6"]
+    out = f"{s3_bucket}/scores"
+    proc = subprocess.Popen([sys.executable, "-m", "serving.score", *args, "--output", out], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(storage.entries(f"{out}/_done")) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    before = set(storage.entries(f"{out}/_done"))
+    assert 2 <= len(before) < 20
+    assert score_main(args + ["--output", out, "--resume"]) == 0
+    markers = {n: storage.read_json(f"{out}/_done/{n}", "marker") for n in storage.entries(f"{out}/_done")}
+    assert len(markers) == 20 and {markers[n]["pid"] for n in before} == {proc.pid}  # kept, not redone
+    fs, path = storage.resolve(out)
+    resumed = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    keys = list(zip(resumed["source_file"].to_pylist(), resumed["source_row"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 120
+    assert set(resumed["market"].to_pylist()) == {"m0", "m1"}  # the partition layout, on S3 too
+    assert score_main(args + ["--output", str(tmp_path / "clean")]) == 0
+    clean = ds.dataset(tmp_path / "clean", format="parquet").to_table()
+    a = resumed.sort_by([("source_file", "ascending"), ("source_row", "ascending")])
+    b = clean.sort_by([("source_file", "ascending"), ("source_row", "ascending")])
+    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), atol=1e-6, rtol=0)
+
+
+def test_the_whole_job_with_its_work_dir_on_s3_then_a_replay(tmp_path, s3_bucket, capsys):
+    from job.run import main as job_main
+
+    job = ["--config", str(TINY_CONFIG), f"work_dir={s3_bucket}/job", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    assert job_main(job) == 0
+    names = {rel for rel, _ in storage.files(f"{s3_bucket}/job")}
+    for expected in ("state/train.json", "state/promote.json", "data/stats.json", "export/_COMMITTED",
+                     "export/manifest.json", "monitor/_COMMITTED", "monitor/report.html"):
+        assert expected in names, expected
+    assert any(n.startswith("scores/_done/") for n in names) and any(n.startswith("scores/part-") for n in names)
+    capsys.readouterr()
+    assert job_main(job) == 0  # the state lives on S3 too: a replay redoes nothing
+    assert capsys.readouterr().out.count("up to date") == 7
