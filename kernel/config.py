@@ -130,6 +130,9 @@ class AdapterConfig:
     tau: float = 0.1  # softmax temperature of the mixing weights
     dropout: float = 0.05
     lambda_type: Literal["full", "diagonal"] = "full"
+    # The mixing logits w start in U(±w_init_scale/√n): 1 is the paper's Kaiming-uniform; smaller starts
+    # softmax(w/τ) closer to uniform (tasks share every B_i at first). Within the paper's method.
+    w_init_scale: float = 1.0
     # Module-name suffixes at dot boundaries, presets (modeling.inject.TARGET_PRESETS), or regular
     # expressions (a target holding any of *+?[](){}|^$\ is searched as a regex in the full name).
     targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "attention.output.dense"])
@@ -144,6 +147,9 @@ class TrainConfig:
     head_lr: float = 0.0  # 0: same as lr
     # MTL-LoRA's per-scenario parameters (Λ_t, w_t) in their own optimizer group; 0: same as lr.
     task_lr: float = 0.0
+    # MTL-LoRA's Λ_t and w_t stay at their init for the first this many optimizer steps (their group's lr is
+    # 0), so the shared A and B_i learn first; 0: off.
+    task_warmup_steps: int = 0
     weight_decay: float = 0.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -328,6 +334,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"adapter.{name}: must be >= 1, got {value}")
     if a.tau <= 0:
         errors.append(f"adapter.tau: must be > 0, got {a.tau}")
+    if a.w_init_scale < 0:
+        errors.append(f"adapter.w_init_scale: must be >= 0, got {a.w_init_scale}")
     if not 0 <= a.dropout < 1:
         errors.append(f"adapter.dropout: must be in [0, 1), got {a.dropout}")
     if not a.targets:

@@ -97,6 +97,7 @@ def inject_adapters(
             tau=cfg.tau,
             dropout=cfg.dropout,
             lambda_type=cfg.lambda_type,
+            w_init_scale=cfg.w_init_scale,
         )
         setattr(parent, child, layer)
     return router, replaced

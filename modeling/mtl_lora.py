@@ -145,6 +145,7 @@ class MTLLoRALinear(nn.Module):
         tau: float = 0.1,
         dropout: float = 0.05,
         lambda_type: Literal["full", "diagonal"] = "full",
+        w_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -162,6 +163,7 @@ class MTLLoRALinear(nn.Module):
         self.scaling = alpha / r
         self.tau = tau
         self.lambda_type = lambda_type
+        self.w_init_scale = w_init_scale  # the mixing logits start in U(±w_init_scale/√n); 1: the paper's
         self.n_up = n_up if method == "mtl_lora" else 1
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         in_f, out_f = base_layer.in_features, base_layer.out_features
@@ -194,6 +196,7 @@ class MTLLoRALinear(nn.Module):
                 else:
                     self.lam.fill_(1.0)
                 nn.init.kaiming_uniform_(self.w, a=math.sqrt(5))  # fan_in = n: U(±1/√n)
+                self.w.mul_(self.w_init_scale)  # smaller: softmax(w/τ) starts closer to uniform mixing
 
     # --- the per-task update as LoRA pairs ------------------------------------------------------------
 

@@ -549,3 +549,16 @@ def test_per_task_lora_tasks_are_independent():
         b_grad = layer.B.grad.abs().sum((1, 2))
         assert a_grad[1] > 0 and b_grad[1] > 0
         assert a_grad[0] == 0 and a_grad[2] == 0 and b_grad[0] == 0 and b_grad[2] == 0
+
+
+def test_w_init_scale_shrinks_the_mixing_logits_toward_uniform_mixing():
+    from modeling.mtl_lora import MTLLoRALinear, TaskRouter
+
+    torch.manual_seed(0)
+    for scale in (1.0, 0.1, 0.0):
+        layer = MTLLoRALinear(torch.nn.Linear(16, 16), 4, TaskRouter(4), n_up=3, tau=0.1, w_init_scale=scale)
+        bound = scale / math.sqrt(3)
+        assert layer.w.abs().max() <= bound + 1e-7
+        if scale > 0:
+            assert layer.w.abs().max() > 0.5 * bound  # still random: the B_i are told apart
+    torch.testing.assert_close(layer.mixing_weights(), torch.full((4, 3), 1 / 3))  # scale 0: uniform

@@ -371,3 +371,25 @@ def test_training_rides_out_a_tracking_server_outage(tmp_path, data_dir):
         assert not list((tmp_path / "w" / "tracking_spool").glob("*.jsonl"))  # all delivered
     finally:
         server.stop()
+
+
+def test_task_warmup_holds_lambda_and_w_at_their_init_then_trains_them(tmp_path, data_dir, monkeypatch):
+    """train.task_warmup_steps=3: after 3 steps Λ_t and w_t are still their init (A and B moved); by 6 they moved."""
+    from modeling.model import is_task_param
+    from training.trainer import Trainer
+
+    _one_in_process_rank(monkeypatch, port=29671)
+    cfg = load_config(TINY, [f"work_dir={tmp_path}", "tracking.enabled=false", "train.task_warmup_steps=3",
+                             "train.max_steps=6", "train.warmup_steps=0"])
+    trainer = Trainer(cfg, data_dir, tmp_path / "train").setup()
+    init = trainer.gathered_trainable_state()
+    for _ in range(3):
+        trainer.step()
+    held = trainer.gathered_trainable_state()
+    task = [k for k in init if is_task_param(k)]
+    assert task and all(torch.equal(held[k], init[k]) for k in task)
+    assert any(not torch.equal(held[k], init[k]) for k in init if k.endswith(".B"))
+    for _ in range(3):
+        trainer.step()
+    moved = trainer.gathered_trainable_state()
+    assert all((moved[k] - init[k]).abs().max() > 0 for k in task)

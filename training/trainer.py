@@ -152,6 +152,7 @@ class Trainer:
         self._batches = iter(self.sampler)
         self._dtype = _DTYPES[cfg.train.precision]
         self._diag_every = max(0, cfg.train.diagnostics_every)  # training.diagnostics cadence; 0: off
+        self._hold_task_params()
         self._seen, self._t0, self.last_loss = 0, time.time(), float("nan")
         return self
 
@@ -217,12 +218,21 @@ class Trainer:
                     and self.engine.is_gradient_accumulation_boundary():  # full gradients, before the update
                 self._log_diagnostics(grads=True)
             self.engine.step()
+            self._hold_task_params()  # the scheduler just set every group's lr for the next step
             # DeepSpeed wrote the new weights through .data: the adapters' no-grad caches must not serve them.
             self.model.router.weights_changed()
             self._seen += len(batch["labels"]) * self.env.world
             self.last_loss = loss.item()
         self._log_progress()
         return self.last_loss
+
+    def _hold_task_params(self) -> None:
+        """train.task_warmup_steps: the "task" group (Λ_t, w_t) gets lr 0 until that many steps are done."""
+        k = self.cfg.train.task_warmup_steps
+        if k and self.global_step < k:
+            for group in self.engine.optimizer.param_groups:
+                if group.get("name") == "task":
+                    group["lr"] = 0.0
 
     def _log_progress(self) -> None:
         step = self.global_step
