@@ -207,7 +207,8 @@ def test_early_stopping_budget_variants_and_a_diverging_lr(tmp_path, capsys):
     assert ("variant winit0.1 skipped" in printed) == (not config_knows("adapter.w_init_scale"))
     results = json.loads((out / "results.json").read_text())
     failed = [t for t in results["trials"] if t["lr"] == 1e30]
-    assert len(failed) == 2 and all(t["diverged"] and t["val_auc_macro"] is None for t in failed)
+    ran = 2 + config_knows("adapter.w_init_scale")  # mtl_lora, +tasklr10x, and +winit0.1 once the config knows it
+    assert len(failed) == ran and all(t["diverged"] and t["val_auc_macro"] is None for t in failed)
     assert all(results["selected"][f"synthetic|es12|{m}"]["lr"] == 1e-3 for m in ("mtl_lora", "mtl_lora+tasklr10x"))
     assert not any("test_auc_macro" in t for t in failed)
     by_method = {t["method"]: t for t in results["trials"] if t["lr"] == 1e-3}
