@@ -126,9 +126,12 @@ def print_summary(ctx: JobContext) -> None:
             auc = m.get("auc")
             ci = f"[{m.get('auc_ci_low', 0):.3f}, {m.get('auc_ci_high', 0):.3f}]" if auc is not None else ""
             print(f"{name:<14}{(f'{auc:.4f}' if auc is not None else 'n/a'):>10}{ci:>18}{m.get('n', 0):>8}")
-        macro = (mon["summary"].get("overall") or {}).get("auc_macro")
-        if macro is not None:
-            print(f"{'macro':<14}{macro:>10.4f}")
+        overall = mon["summary"].get("overall") or {}
+        if overall.get("auc_macro") is not None:
+            missing = overall.get("scenarios_without_auc") or []
+            note = f"  (over {overall['scenarios'] - len(missing)} of {overall['scenarios']} scenarios; no AUC for " \
+                   f"{', '.join(missing)})" if missing else ""
+            print(f"{'macro':<14}{overall['auc_macro']:>10.4f}{note}")
     if "passed" in promo:
         name = cfg.tracking.registered_model
         verdict = (f"champion: models:/{name}@champion is version {promo['candidate_version']}" if promo["passed"]
