@@ -100,7 +100,15 @@ def load_tokenizer(cfg: Config):
 
 def load_saved_tokenizer(folder: Path):
     """The tokenizer saved in an export folder. No code from the folder is run: a mean-pooling checkpoint
-    carries model code, and the tokenizer needs none of it."""
+    carries model code, and the tokenizer needs none of it; it is given the wrapped encoder's own config
+    (which transformers would otherwise try, and fail, to read from the folder's custom one)."""
+    import json
+
     from transformers import AutoTokenizer
 
-    return ensure_pad_token(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
+    config = None
+    spec = json.loads((Path(folder) / "config.json").read_text()) if (Path(folder) / "config.json").is_file() else {}
+    if spec.get("model_type") == "ads_relevance_mean_pool" and spec.get("encoder"):
+        encoder = dict(spec["encoder"])
+        config = AutoConfig.for_model(encoder.pop("model_type"), **encoder)
+    return ensure_pad_token(AutoTokenizer.from_pretrained(folder, config=config, trust_remote_code=False))
