@@ -1,7 +1,7 @@
 """Batch-scoring throughput of the engines: the local one-process engine, Ray with 1 actor, Ray with 2 actors.
 
-    python benchmarks/ray_speed.py                        # CPU, 2 cores: a few minutes
-    python benchmarks/ray_speed.py --rows 4096 --repeats 3 --json ray_speed.json
+    python benchmarks/ray_speed.py                        # CPU, 2 cores: about 12 minutes
+    python benchmarks/ray_speed.py --rows 6144 --unit-rows 768 --row-group 256 --repeats 3   # many tiny units
 
 Two inputs of the same --rows rows, scored by ``serving.score.score_files`` (what the CLI and the job run):
     large   one file of --row-group rows per row group, serving.unit_rows=--unit-rows: several units of
@@ -142,15 +142,16 @@ def load() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--rows", type=int, default=6144, help="rows of each input")
-    p.add_argument("--row-group", type=int, default=256, help="rows per row group of the large file")
-    p.add_argument("--unit-rows", type=int, default=768, help="serving.unit_rows")
+    # Defaults: units of ~4 s of scoring each (12 per input), a job of ~50 s: what the targets are stated for.
+    p.add_argument("--rows", type=int, default=36000, help="rows of each input")
+    p.add_argument("--row-group", type=int, default=1024, help="rows per row group of the large file")
+    p.add_argument("--unit-rows", type=int, default=3072, help="serving.unit_rows")
     p.add_argument("--files", type=int, default=12, help="files of the small-files input")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the local engine and of each actor")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
