@@ -18,6 +18,8 @@ Protocol (``benchmarks.protocol`` holds its rules as pure functions):
 - Every method trains on the same base model, data, sampler, batch and budget (the config,
   ``configs/demo.yaml`` by default, plus trailing ``key=value`` overrides), once per (learning rate, seed).
 - **Learning rate.** ``--lrs`` is the same grid for every method: the same number of tuning trials each.
+  A later command on the same folder may add trials (variants at the lr MTL-LoRA chose, say); each method's
+  lr is chosen over every lr its folder holds for it, and the report lists each method's grid.
   It sets ``train.lr`` (the head and MTL-LoRA's task group follow it unless set apart). The chosen lr has
   the best validation macro AUC averaged over the seeds; only its trials are scored on the test split,
   once each.
@@ -421,8 +423,10 @@ def _load_results(path: Path, settings: dict) -> dict:
     if results.get("protocol") != PROTOCOL:
         raise ConfigError(f"{path} was written by the earlier one-lr protocol (re-render it with "
                           "python -m benchmarks.quality_report): use another --out")
-    if results["settings"] != settings:
-        changed = sorted(k for k in settings if results["settings"].get(k) != settings[k])
+    # The lr grid is not a setting: each (dataset, budget, method) records its own in "selected" (a later
+    # command may add variants at one lr). Files written while it was one are still read.
+    changed = sorted(k for k in settings if results["settings"].get(k) != settings[k])
+    if changed:
         raise ConfigError(f"{path} was made with other settings ({', '.join(changed)}): use another --out")
     return results
 
@@ -513,7 +517,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     plan = make_plan(args)
     out = Path(args.out)
     settings = {"config": args.config or "configs/demo.yaml", "overrides": list(args.overrides),
-                "max_length": args.max_length, "eval_rows": args.eval_rows, "lrs": plan.lrs,
+                "max_length": args.max_length, "eval_rows": args.eval_rows,
                 "es_eval_every": args.es_eval_every, "es_patience": args.es_patience,
                 "diagnostics_every": args.diagnostics_every}
     results = _load_results(out / "results.json", settings)
@@ -652,13 +656,19 @@ def _select_and_test(results: dict, dataset: str, budget: Budget, method: str, p
     from kernel.mlflow_client import MlflowTracker
 
     mine = [t for t in results["trials"] if (t["dataset"], t["budget"], t["method"]) == (dataset, budget.name, method)]
-    lr = select_lr(mine, plan.lrs, plan.seeds)
+    key = f"{dataset}|{budget.name}|{method}"
+    # A later, narrower command (variants at the chosen lr, one more seed) chooses over the whole grid this
+    # folder has run for the key, never over its own lrs alone: it must not re-select LoRA at MTL-LoRA's lr.
+    earlier = results["selected"].get(key, {})
+    lrs = sorted({*earlier.get("lrs", []), *plan.lrs})
+    seeds = sorted({*earlier.get("seeds", []), *plan.seeds})
+    lr = select_lr(mine, lrs, seeds)
     if lr is None:
         return 0
-    results["selected"][f"{dataset}|{budget.name}|{method}"] = {"lr": lr, "seeds": plan.seeds, "lrs": plan.lrs}
+    results["selected"][key] = {"lr": lr, "seeds": seeds, "lrs": lrs}
     n = 0
     for t in mine:
-        if t["lr"] == lr and t["seed"] in plan.seeds and "test_auc_macro" not in t and t.get("model_dir"):
+        if t["lr"] == lr and t["seed"] in seeds and "test_auc_macro" not in t and t.get("model_dir"):
             tracker = MlflowTracker(uri, experiment)
             tracker.run_id = t["run_id"]  # the trial's own (finished) run gets its test metrics
             t.update(score_trial(t, data_dir, cfg.train.precision, tracker))

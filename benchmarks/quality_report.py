@@ -284,8 +284,8 @@ def render_protocol_markdown(results: dict) -> str:
         lines.append(f"- `{c['command']}`: {c['wall_s'] / 60:.0f} min ({c['trained']} trials trained, "
                      f"{c['tested']} tests scored)")
     lines += ["", (f"Config `{s['config']}` with overrides {s['overrides'] or 'none'}; max length {s['max_length']}; "
-                   f"validation capped at {s['eval_rows']} rows per scenario. Learning-rate grid "
-                   f"{', '.join(f'{x:g}' for x in s['lrs'])}, the same for every method; the lr with the best "
+                   f"validation capped at {s['eval_rows']} rows per scenario. {_grids_sentence(results)} The lr "
+                   "with the best "
                    "validation macro AUC (mean over seeds) is chosen, and only its trials are scored on the test "
                    f"split, once each. Early stopping: validation every {s['es_eval_every']} steps, patience "
                    f"{s['es_patience']} validations, best validated checkpoint tested. Differences are paired by "
@@ -303,6 +303,26 @@ def render_protocol_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _grids_sentence(results: dict) -> str:
+    """Which learning rates each method was tuned over (one grid for all, or the exceptions named)."""
+    grids: dict[tuple[float, ...], list[str]] = {}
+    for key, sel in results["selected"].items():
+        method = key.split("|")[2]
+        names = grids.setdefault(tuple(sel["lrs"]), [])
+        if method not in names:
+            names.append(method)
+    if not grids:
+        return ""
+    fmt = lambda lrs: ", ".join(f"{x:g}" for x in lrs)  # noqa: E731
+    if len(grids) == 1:
+        return f"Learning-rate grid {fmt(next(iter(grids)))}, the same for every method."
+    widest = max(grids, key=len)
+    rest = "; ".join(f"{', '.join(label(m) for m in names)}: {fmt(lrs)}" for lrs, names in grids.items()
+                     if lrs != widest)
+    return (f"Learning-rate grid {fmt(widest)} for {', '.join(label(m) for m in grids[widest])}; {rest} "
+            "(a variant runs at the lr MTL-LoRA chose, so it had fewer tuning trials).")
+
+
 def _protocol_section(results: dict, picks: dict, dataset: str, budget: str, methods: list[str]) -> list[str]:
     rows = results.get("train_rows", {}).get(dataset, {})
     cell = results.get("grid", {}).get(dataset)
@@ -314,7 +334,7 @@ def _protocol_section(results: dict, picks: dict, dataset: str, budget: str, met
         lines += ["Training rows: " + ", ".join(f"{k} {v:,}" for k, v in rows.items()), ""]
     by = {m: picks[(dataset, budget, m)] for m in methods}
     scenarios = sorted({sc for trials in by.values() for t in trials.values() for sc in t["test_auc"]})
-    lrs = results["settings"]["lrs"]
+    lrs = sorted({lr for m in methods for lr in results["selected"][f"{dataset}|{budget}|{m}"]["lrs"]})
     head = ["method", "r", "adapter params", "lr", *[f"val @ {lr:g}" for lr in lrs], "steps (best)", *scenarios,
             "macro test AUC", "seeds", "train s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

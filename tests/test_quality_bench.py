@@ -186,9 +186,16 @@ def test_mlflow_children_resume_plan_and_settings(grid_run, capsys):
     assert "8 trials to run (16 done)" in capsys.readouterr().out
     assert quality.main([*argv, "--plan", "--seeds", "0", "1", "2", "--shard", "2/3"]) == 0
     assert "0 trials to run (16 done)" in capsys.readouterr().out
+    # A narrower lr grid later (as for variants at the chosen lr) trains nothing new and chooses over every lr
+    # the folder holds: each method keeps the lr its whole grid chose.
     lrs = argv.index("--lrs")
-    assert quality.main([*argv[:lrs], "--lrs", "1e-3", *argv[lrs + 3:]]) == 2
-    assert "other settings (lrs)" in capsys.readouterr().err
+    for narrow in ("1e-3", "5e-3"):
+        assert quality.main([*argv[:lrs], "--lrs", narrow, *argv[lrs + 3:]]) == 0
+        assert "0 trials trained" in capsys.readouterr().out
+        narrowed = json.loads((out / "results.json").read_text())
+        assert narrowed["selected"] == results["selected"] and narrowed["trials"] == results["trials"]
+    assert quality.main([*argv, "--max-length", "24"]) == 2
+    assert "other settings (max_length)" in capsys.readouterr().err
 
 
 def test_early_stopping_budget_variants_and_a_diverging_lr(tmp_path, capsys):
