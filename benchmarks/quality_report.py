@@ -313,7 +313,9 @@ def _grids_sentence(results: dict) -> str:
             names.append(method)
     if not grids:
         return ""
-    fmt = lambda lrs: ", ".join(f"{x:g}" for x in lrs)  # noqa: E731
+    def fmt(lrs: tuple[float, ...]) -> str:
+        return ", ".join(f"{x:g}" for x in lrs)
+
     if len(grids) == 1:
         return f"Learning-rate grid {fmt(next(iter(grids)))}, the same for every method."
     widest = max(grids, key=len)
