@@ -279,7 +279,8 @@ def _fmt_pair(a: float | None, b: float | None, digits: int = 2) -> str:
 def render_protocol_markdown(results: dict) -> str:
     s = results["settings"]
     picks = chosen(results)
-    lines = ["Commands (wall time on this machine):", ""]
+    # A command stopped before its end records no wall time: then there is no list to head.
+    lines = ["Commands (wall time on this machine):", ""] if results.get("commands") else []
     for c in results.get("commands", []):
         lines.append(f"- `{c['command']}`: {c['wall_s'] / 60:.0f} min ({c['trained']} trials trained, "
                      f"{c['tested']} tests scored)")
