@@ -194,27 +194,41 @@ def _plain_forward(layer: MTLLoRALinear, x: torch.Tensor) -> torch.Tensor:
     return layer._update(layer.base_layer(x), layer.dropout(x), ids, path)
 
 
-@pytest.mark.parametrize("method,lambda_type", FAST_CASES)
-@pytest.mark.parametrize("shape", [(4, 6), (4, 3, 2), (4,)])
-def test_eager_fast_path_equals_the_plain_maths(method, lambda_type, shape):
-    """Same scores and the same gradients for A, B, Λ, w and the input, path by path."""
+def _four_row_layer(method: str, lambda_type: str) -> MTLLoRALinear:
+    """Seeded: a 12 -> 10 layer over 3 tasks (n = 3, τ = 0.5) with random adapters, routed for tasks 0, 2, 1, 2."""
     torch.manual_seed(0)
     router = TaskRouter(3)
     layer = MTLLoRALinear(nn.Linear(12, 10), 3, router, method, r=4, n_up=3, tau=0.5, dropout=0.0,
                           lambda_type=lambda_type)
     randomize_adapters(nn.ModuleDict({"l": layer}))
     router.task_ids = torch.tensor([0, 2, 1, 2])
+    return layer
+
+
+def _fast_and_plain(layer: MTLLoRALinear, x: torch.Tensor, autocast: bool = False) -> list[tuple]:
+    """(scores, input grad, parameter grads) of the layer's own forward, then of the plain maths: the same
+    weighted-sum loss backpropagated through each. Scores keep their dtype; gradients come back as fp32."""
+    results = []
+    for forward in (layer, lambda x: _plain_forward(layer, x)):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(x)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads = {n: p.grad.float() for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), x.grad.float(), grads))
+    return results
+
+
+@pytest.mark.parametrize("method,lambda_type", FAST_CASES)
+@pytest.mark.parametrize("shape", [(4, 6), (4, 3, 2), (4,)])
+def test_eager_fast_path_equals_the_plain_maths(method, lambda_type, shape):
+    """Same scores and the same gradients for A, B, Λ, w and the input, path by path."""
+    layer = _four_row_layer(method, lambda_type)
     for path in ("gather", "fused", "auto"):
         layer.update_path = path
         x = torch.randn(*shape, 12, requires_grad=True)
-        results = []
-        for forward in (layer, lambda x: _plain_forward(layer, x)):
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            y = forward(x)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            results.append((y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}))
-        (y_fast, gx_fast, g_fast), (y_plain, gx_plain, g_plain) = results
+        (y_fast, gx_fast, g_fast), (y_plain, gx_plain, g_plain) = _fast_and_plain(layer, x)
         torch.testing.assert_close(y_fast, y_plain, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(gx_fast, gx_plain, atol=1e-6, rtol=1e-5)
         assert g_fast.keys() == g_plain.keys() and g_fast
@@ -226,26 +240,13 @@ def test_eager_fast_path_equals_the_plain_maths(method, lambda_type, shape):
 @pytest.mark.parametrize("precision", ["bf16", "autocast"])
 def test_eager_fast_path_tracks_the_plain_maths_in_bf16(method, lambda_type, precision):
     """bf16 parameters, and fp32 parameters under bf16 autocast: scores and gradients agree to bf16 rounding."""
-    torch.manual_seed(0)
-    router = TaskRouter(3)
-    layer = MTLLoRALinear(nn.Linear(12, 10), 3, router, method, r=4, n_up=3, tau=0.5, dropout=0.0,
-                          lambda_type=lambda_type)
-    randomize_adapters(nn.ModuleDict({"l": layer}))
+    layer = _four_row_layer(method, lambda_type)
     if precision == "bf16":
         layer.to(torch.bfloat16)
-    router.task_ids = torch.tensor([0, 2, 1, 2])
     x = torch.randn(4, 6, 12, dtype=layer.A.dtype, requires_grad=True)
-    results = []
-    for forward in (layer, lambda x: _plain_forward(layer, x)):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
-            y = forward(x)
-        assert y.dtype == torch.bfloat16
-        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        grads = {n: p.grad.float() for n, p in layer.named_parameters() if p.grad is not None}
-        results.append((y.detach().float(), x.grad.float(), grads))
-    (y_fast, gx_fast, g_fast), (y_plain, gx_plain, g_plain) = results
+    (y_fast, gx_fast, g_fast), (y_plain, gx_plain, g_plain) = _fast_and_plain(layer, x, precision == "autocast")
+    assert y_fast.dtype == y_plain.dtype == torch.bfloat16
+    y_fast, y_plain = y_fast.float(), y_plain.float()
     for name, a, b in [("y", y_fast, y_plain), ("x", gx_fast, gx_plain), *((n, g_fast[n], g_plain[n]) for n in g_plain)]:
         scale = b.abs().max().item()
         torch.testing.assert_close(a, b, atol=0.02 * scale, rtol=0.02, msg=name)
