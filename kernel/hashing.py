@@ -100,13 +100,22 @@ def stable_hash(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def fingerprint_files(paths: list[str | Path]) -> str:
     """sha256 over the names and bytes of the given files (in order; local paths or URIs): identifies the exact
     data a run saw."""
+    return fingerprint_files_and_each(paths)[0]
+
+
+def fingerprint_files_and_each(paths: list[str | Path]) -> tuple[str, list[str]]:
+    """``fingerprint_files(paths)`` and ``fingerprint_files([p])`` for each path, reading every file once."""
     from kernel import storage  # storage -> atomic; hashing stays importable on its own
 
-    h = hashlib.sha256()
+    whole, each = hashlib.sha256(), []
     for p in paths:
-        h.update(storage.name(p).encode())
+        one = hashlib.sha256()
+        for h in (whole, one):
+            h.update(storage.name(p).encode())
         fs, path = storage.resolve(p)
         with fs.open_input_stream(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+                whole.update(chunk)
+                one.update(chunk)
+        each.append(one.hexdigest()[:16])
+    return whole.hexdigest()[:16], each

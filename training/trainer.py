@@ -37,7 +37,7 @@ from kernel import storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, flat_params, to_dict
 from kernel.errors import ConfigError, DataError, TrainingDiverged
-from kernel.hashing import fingerprint_files
+from kernel.hashing import fingerprint_files_and_each
 from kernel.mlflow_client import NullTracker
 from kernel.provenance import git_commit
 from kernel.task_map import TASK_MAP_FILE, TaskMap
@@ -175,15 +175,11 @@ class Trainer:
         n_adapter, n_expected = adapter_param_count(model)
         t = self.tracker
         t.log_params(flat_params(self.cfg))
-        t.set_tags({
-            "git_commit": git_commit(),
-            "data_fingerprint": fingerprint_files([storage.join(self.data_dir, f"{s}.parquet") for s in ("train", "valid")]),
-            "world_size": self.env.world,
-        })
-        for split, context in (("train", "training"), ("valid", "validation")):
-            path = storage.join(self.data_dir, f"{split}.parquet")
-            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split,
-                          fingerprint_files([path]), context)
+        paths = [storage.join(self.data_dir, f"{s}.parquet") for s in ("train", "valid")]
+        both, each = fingerprint_files_and_each(paths)  # one read of each split, however large
+        t.set_tags({"git_commit": git_commit(), "data_fingerprint": both, "world_size": self.env.world})
+        for (split, context), path, digest in zip((("train", "training"), ("valid", "validation")), paths, each):
+            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split, digest, context)
         t.log_metrics({"params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                        "params/adapter": n_adapter, "params/adapter_expected": n_expected,
                        "params/total": sum(p.numel() for p in model.parameters())})
