@@ -25,6 +25,7 @@ from kernel import exit_codes, storage
 from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
 from kernel.mlflow_client import mlflow_client
+from kernel.stage import Outcome
 from monitoring import registry
 from monitoring.check import run_check
 from monitoring.history import model_name_of, read_history
@@ -71,13 +72,6 @@ class JobPaths:
     @property
     def score_input(self) -> str | Path:
         return self.cfg.data.score_input or storage.join(self.data, "test.parquet")
-
-
-@dataclass
-class Outcome:
-    info: dict
-    outputs: list[Path]
-    exit_code: int = exit_codes.OK
 
 
 @dataclass
