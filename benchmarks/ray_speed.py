@@ -62,7 +62,7 @@ def build_model(work: Path, hidden: int, layers: int, max_length: int) -> Path:
     from kernel.task_map import TaskMap
     from modeling.artifact import save_trained
     from modeling.model import build_model as build
-    from serving.export import export_model
+    from serving.export.cli import export_model
 
     cfg = config_from_dict({
         "model": {"init": "random", "pooling": "mean", "tokenizer": "minilm",
@@ -117,7 +117,7 @@ def from_markers(out: Path) -> tuple[float, float, int]:
 
 
 def run_one(engine: str, inputs: Path, out: Path, cfg, export: Path, threads: int) -> dict:
-    from serving.score import ScoreRequest, score_files
+    from serving.scoring.cli import ScoreRequest, score_files
 
     actors = {"local": 1, "ray1": 1, "ray2": 2}[engine]
     req = ScoreRequest(input=[str(inputs)], output=out, quiet=True, workers=actors,
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kernel.config import load_config
-    from serving.ray_engine import init_ray
+    from serving.scoring.ray_engine import init_ray
 
     torch.set_num_threads(args.threads)  # the local engine scores in this process
     work = Path(tempfile.mkdtemp(prefix="ray-speed-"))

@@ -7,7 +7,7 @@
 
 Speed (pairs/s, median of --repeats timed passes, paths interleaved so load changes hit all alike):
     base       the plain base model (no adapters): the cost floor
-    merged     serving.scoring_model.ScoringModel as serving.scorer drives it: per chunk of --chunk rows,
+    merged     serving.scoring.model.ScoringModel as serving.scoring.scorer drives it: per chunk of --chunk rows,
                rows grouped by scenario, weights switched to W0 + U_t A_t once per group (switch cost
                included; the scenario still loaded goes first), then the plain forward
     unmerged   the training-time RelevanceModel: one mixed-scenario batch through MTL-LoRA layers
@@ -48,7 +48,7 @@ PRESETS = {  # BERT-shaped encoders; vocab of the MiniLM tokenizer
 def build(preset: str, tasks: int, r: int, pooling: str, dtype: torch.dtype, device: str):
     from kernel.config import config_from_dict
     from modeling.model import build_model
-    from serving.scoring_model import ScoringModel
+    from serving.scoring.model import ScoringModel
 
     cfg = config_from_dict({
         "model": {"init": "random", "pooling": pooling,
@@ -74,7 +74,7 @@ def sync(device: str) -> None:
 @torch.no_grad()
 def speed(args) -> dict:
     from modeling.merge import base_backbone
-    from serving.scoring_model import pooled_logits
+    from serving.scoring.model import pooled_logits
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, merged, scenarios = build(args.preset, args.tasks, args.r, args.pooling, dtype, args.device)
@@ -88,7 +88,7 @@ def speed(args) -> dict:
     base_batches = [(ids[s:s + bs].to(dev), torch.ones(min(bs, args.rows - s), args.seq, dtype=torch.long,
                                                           device=dev)) for s in range(0, args.rows, bs)]
     unmerged_batches = [(i, m, task[s:s + bs].to(dev)) for (i, m), s in zip(base_batches, range(0, args.rows, bs))]
-    chunks = []  # per chunk: {task: [(ids, mask), ...]}, rows grouped by scenario as serving.scorer does
+    chunks = []  # per chunk: {task: [(ids, mask), ...]}, rows grouped by scenario as serving.scoring.scorer does
     for c in range(0, args.rows, chunk):
         t_chunk, groups = task[c:c + chunk], {}
         for t in sorted(set(t_chunk.tolist())):
@@ -104,7 +104,7 @@ def speed(args) -> dict:
 
     def merged_path():
         # The scenario still loaded goes first, one weight switch per further group; the loaded scenario
-        # carries over between chunks and passes, as in serving.scorer.
+        # carries over between chunks and passes, as in serving.scoring.scorer.
         for groups in chunks:
             order = sorted(groups, key=lambda t: scenarios[t] != merged.current)
             for t in order:
@@ -152,7 +152,7 @@ def rss(args) -> dict:
     from kernel.task_map import TaskMap
     from modeling.artifact import save_trained
     from modeling.model import build_model
-    from serving.export import export_model
+    from serving.export.cli import export_model
 
     words = np.array("camera lens zoom laptop ssd ram shoe leather size watch strap steel black red blue "
                      "pro max mini ultra 4k usb wifi sport men women kids case kit".split())
@@ -179,7 +179,7 @@ def rss(args) -> dict:
                 text = lambda m: [" ".join(x) for x in words[rng.integers(0, len(words), (k, m))]]  # noqa: E731
                 w.write_table(pa.table({"query": text(4), "title": text(12),
                                         "scenario": rng.choice(["a", "b", "c"], k).tolist()}))
-        code = ("import resource, sys, psutil; from serving.score import main; rc = main(sys.argv[1:]); "
+        code = ("import resource, sys, psutil; from serving.scoring.cli import main; rc = main(sys.argv[1:]); "
                 "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
                 "print('ENDRSS', psutil.Process().memory_info().rss // 1024); sys.exit(rc)")
         cmd = [sys.executable, "-c", code, "--model", str(work / "export"), "--input", str(path), "--output",

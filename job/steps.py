@@ -26,16 +26,16 @@ from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
 from kernel.mlflow_client import mlflow_client
 from kernel.stage import Outcome
-from monitoring import registry
+from serving.registry import aliases as registry
 from monitoring.check import run_check
 from monitoring.history import model_name_of, read_history
 from monitoring.promote import promote
 from pipeline.ingest import run_ingest as ingest
 from pipeline.synthetic import generate
-from serving.export import export_model
+from serving.export.cli import export_model
 from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
-from serving.registry_cache import resolve_model
-from serving.score import ScoreRequest, check_quarantine_rate, score_files
+from serving.registry.cache import resolve_model
+from serving.scoring.cli import ScoreRequest, check_quarantine_rate, score_files
 from training.compare import compare_on_validation
 from training.launch import run as train
 

@@ -13,7 +13,7 @@ resamples, see ``evaluation.metrics``). The gate passes when:
   * no scenario's metric is missing for the candidate (no rows scored, non-finite scores, a single class);
   * with no champion yet: every scenario's AUC is at least ``monitoring.min_auc``.
 Pass: ``previous`` -> the old champion, ``champion`` -> the candidate. Fail: no alias moves. Either way the
-candidate is tagged with the decision (who, when, metrics, reasons; see ``monitoring.registry``).
+candidate is tagged with the decision (who, when, metrics, reasons; see ``serving.registry.aliases``).
 ``--rollback`` points ``champion`` back at ``previous`` and clears ``previous``. Aliases only: no stages.
 
 Exit codes (kernel.exit_codes): 0 promoted / rolled back; 2 bad input (unknown model, version, alias,
@@ -34,8 +34,8 @@ from evaluation.metrics import scenario_metrics, summarize
 from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
-from monitoring import registry
-from serving.scorer import score_table
+from serving.registry import aliases as registry
+from serving.scoring.scorer import score_table
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]

@@ -13,7 +13,7 @@
         scenarios/<scenario>/      a plain checkpoint with that scenario's ΔW merged into the weights
         calibration.json           per-scenario calibration (optional, fitted on --valid)
         reference.json             score/length reference profile for drift monitoring (optional)
-        registered.json            the registry's name and version, once registered (serving.registration)
+        registered.json            the registry's name and version, once registered (serving.registry.register)
 
 Pooling "cls"/"last": base/ and scenarios/<s>/ load with ``AutoModelForSequenceClassification`` and the
 score is ``sigmoid(logits[:, 0])``. Pooling "mean": no built-in transformers class pools by a masked mean over

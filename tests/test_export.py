@@ -17,10 +17,10 @@ from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from kernel.config import ServingConfig, load_config
-from serving.export import export_model
+from serving.export.cli import export_model
 from serving.layout import read_manifest
-from serving.scorer import BatchScorer
-from serving.scoring_model import ScoringModel
+from serving.scoring.scorer import BatchScorer
+from serving.scoring.model import ScoringModel
 from tests.serving_testkit import SCENARIOS, canonical, sigmoid, trained_folder, training_logits, wdc_raw
 
 ATOL = 1e-5

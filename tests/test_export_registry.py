@@ -6,9 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 
-from serving.export import main
+from serving.export.cli import main
 from serving.layout import read_manifest
-from serving.registry_cache import resolve_model
+from serving.registry.cache import resolve_model
 from tests.serving_testkit import SCENARIOS, canonical, trained_folder, wdc_raw
 
 
@@ -67,8 +67,8 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
     scoring models:/relevance/1 from each registry returns that registry's model, through one shared cache."""
     import numpy as np
 
-    from serving.export import export_model
-    from serving.scorer import score_table
+    from serving.export.cli import export_model
+    from serving.scoring.scorer import score_table
 
     cache = tmp_path / "shared-cache"
     table = canonical(wdc_raw(per_category=5))
@@ -94,7 +94,7 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
 
 
 def test_a_damaged_cached_copy_is_downloaded_again(tmp_path):
-    from serving.export import export_model
+    from serving.export.cli import export_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     manifest = export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export", tracking_uri=uri, name="m")
@@ -102,7 +102,7 @@ def test_a_damaged_cached_copy_is_downloaded_again(tmp_path):
     (local / "factors.safetensors").write_bytes(b"not the factors")
     again, _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
     assert again == local and read_manifest(again)["model_version"] == manifest["model_version"]
-    from serving.registry_cache import content_digest
+    from serving.registry.cache import content_digest
 
     assert f"export-{content_digest(again)}" == manifest["model_version"]
 

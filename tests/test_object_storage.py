@@ -77,9 +77,9 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
     points there, and models:/ resolves by downloading from S3; the scores equal the local export's."""
     import numpy as np
 
-    from serving.export import export_model
-    from serving.registry_cache import resolve_model
-    from serving.scorer import score_table
+    from serving.export.cli import export_model
+    from serving.registry.cache import resolve_model
+    from serving.scoring.scorer import score_table
     from tests.serving_testkit import canonical, trained_folder
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -99,9 +99,9 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
 def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket):
     import numpy as np
 
-    from serving.export import export_model
-    from serving.registry_cache import resolve_model
-    from serving.scorer import score_table
+    from serving.export.cli import export_model
+    from serving.registry.cache import resolve_model
+    from serving.scoring.scorer import score_table
     from tests.serving_testkit import canonical, trained_folder
 
     model = trained_folder(tmp_path, "mean")
@@ -129,8 +129,8 @@ def test_scoring_s3_to_s3_killed_and_resumed_scores_each_row_exactly_once(tmp_pa
     import numpy as np
     import pyarrow.dataset as ds
 
-    from serving.export import export_model
-    from serving.score import main as score_main
+    from serving.export.cli import export_model
+    from serving.scoring.cli import main as score_main
     from tests.serving_testkit import SCENARIOS, trained_folder
     from tests.shared import REPO
 

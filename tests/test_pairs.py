@@ -14,8 +14,8 @@ from kernel.config import ServingConfig, SyntheticConfig
 from modeling.base import resolve_model_path
 from modeling.pairs import encode_pairs, longest_first, resolve_pair_format, separates_pairs
 from pipeline.synthetic import generate
-from serving.export import export_model
-from serving.scorer import BatchScorer
+from serving.export.cli import export_model
+from serving.scoring.scorer import BatchScorer
 from tests.serving_testkit import canonical, sigmoid, trained_folder, training_logits, wdc_raw
 
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from kernel.config import config_from_dict
 from kernel.errors import RelevanceError
-from monitoring import registry
+from serving.registry import aliases as registry
 from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
 from tests.mlflow_testkit import MlflowServer
 from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores

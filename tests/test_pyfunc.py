@@ -15,8 +15,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from serving.export import export_model
-from serving.score import main as score_main
+from serving.export.cli import export_model
+from serving.scoring.cli import main as score_main
 from tests.mlflow_testkit import free_port
 from tests.serving_testkit import canonical, trained_folder, wdc_raw
 

@@ -19,8 +19,8 @@ from kernel.exit_codes import BAD_INPUT, DATA_GATE, OK
 from pipeline.ingest import main as ingest_main
 from pipeline.ingest import run_ingest
 from pipeline.split import SPLITS
-from serving.export import export_model
-from serving.score import main as score_main
+from serving.export.cli import export_model
+from serving.scoring.cli import main as score_main
 from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
 
 

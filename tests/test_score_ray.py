@@ -11,8 +11,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from serving.export import export_model
-from serving.score import main
+from serving.export.cli import export_model
+from serving.scoring.cli import main
 from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' to run the Ray engine test")
@@ -100,7 +100,7 @@ def test_ray_engine_matches_single_process_and_resumes(tmp_path, export_dir):
 def test_actors_request_a_gpu_where_the_cluster_has_gpus():
     """Without num_gpus Ray hides the GPUs from an actor (CUDA_VISIBLE_DEVICES=""): request one per actor
     when the cluster has any (a local Ray gets the CUDA devices torch sees). No GPU here: a stand-in Ray."""
-    from serving.ray_engine import actor_resources
+    from serving.scoring.ray_engine import actor_resources
 
     class FakeRay:
         def __init__(self, resources):

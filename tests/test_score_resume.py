@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from serving.export import export_model
-from serving.score import main
+from serving.export.cli import export_model
+from serving.scoring.cli import main
 from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
 from tests.shared import REPO
 

@@ -8,7 +8,7 @@ own files.
 
 Inputs are read with ingestion's column mapping and validation (pipeline.reader, pipeline.validate); files
 written by ingestion itself are read with the identity mapping. A unit's output, its quarantine and its
-marker are written atomically (serving.shards), so every engine (one process, local workers, Ray actors)
+marker are written atomically (serving.scoring.outputs), so every engine (one process, local workers, Ray actors)
 runs the same ``score_unit`` on the same units, and resumes exactly.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ from kernel.config import Config
 from kernel.errors import ConfigError
 from pipeline.reader import ParquetSource, build_filter
 from pipeline.validate import ColumnMapping, quarantine_schema
-from serving import shards as sh
-from serving.scorer import BatchScorer
+from serving.scoring import outputs as sh
+from serving.scoring.scorer import BatchScorer
 
 # The scored output after the pass-through keys (documented in README.md, "Scoring output"):
 OUTPUT_FIXED = [
@@ -63,7 +63,7 @@ INGESTED_SIGNATURE = {"query", "title", "description", "url", "label", "scenario
 
 class Inputs:
     """The input files (shards) and their units, with ingestion's column mapping checked against every file
-    up front. ``units`` is the job's plan: the same for every worker, engine and resume (serving.shards).
+    up front. ``units`` is the job's plan: the same for every worker, engine and resume (serving.scoring.outputs).
 
     Files written by ingestion (all of INGESTED_SIGNATURE present) are already canonical and are read with
     the identity mapping; anything else goes through ``data.columns``.

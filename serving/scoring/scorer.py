@@ -29,8 +29,8 @@ from kernel.errors import ConfigError, DataError
 from modeling.base import load_saved_tokenizer
 from modeling.pairs import pair_format_from
 from serving.layout import BASE_DIR
-from serving.registry_cache import resolve_model
-from serving.scoring_model import ScoringModel
+from serving.registry.cache import resolve_model
+from serving.scoring.model import ScoringModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCORE_COLUMNS = ("score", "score_raw", "score_calibrated", "decision")

@@ -4,7 +4,7 @@
                                  training_run="3fa0...", parent_run="91bc...")
     mlflow.pyfunc.load_model("models:/ads-relevance/3").predict(frame)      # anywhere, in a fresh process
 
-What is registered: the pyfunc of ``serving/pyfunc_model.py`` (logged from code: no pickle), with the export
+What is registered: the pyfunc of ``serving/scoring/pyfunc_model.py`` (logged from code: no pickle), with the export
 folder as its artifact ``export``, the project code it needs (``code_paths``), a signature and an input
 example. It is logged into the training run when there is one, so the registered version links to the run
 that trained it (the UI's "Source run"); the export's own run (a child of the job's run) is tagged on the
@@ -22,9 +22,10 @@ from kernel.atomic import write_json_atomic
 from kernel.mlflow_client import artifact_location, fluent_uri, mlflow_client, source_tags
 from serving.layout import REGISTERED_FILE, read_manifest
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# What the pyfunc imports when it loads (serving.scorer and everything below it).
+# The pyfunc is scoring code (it imports the scorer); it is referred to by path, never imported from here.
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "scoring" / "pyfunc_model.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# What the pyfunc imports when it loads (serving.scoring.scorer and everything below it).
 CODE_PACKAGES = ("kernel", "modeling", "evaluation", "features", "pipeline", "serving")
 REQUIREMENTS = ("torch", "transformers", "pyarrow", "safetensors", "scikit-learn", "pandas", "pyyaml", "mlflow",
                 "numpy")

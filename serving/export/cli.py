@@ -75,8 +75,8 @@ from serving.layout import (
     factor_key,
     scenario_dirname,
 )
-from serving.registration import register_export
-from serving.scorer import score_table
+from serving.registry.register import register_export
+from serving.scoring.scorer import score_table
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
                 "max(sum_i mask_i, 1) over the backbone's last_hidden_state h (batch, tokens, hidden)")

@@ -11,7 +11,7 @@ copy of W0 (never to the previous merged weight, so switching many times accumul
 cast to the run dtype. A switch costs one (out, r) @ (r, in) product per adapted layer; callers group a
 chunk of rows by scenario so switches stay rare.
 
-Where the export folder comes from (a path, or the model registry) is ``serving.registry_cache``.
+Where the export folder comes from (a path, or the model registry) is ``serving.registry.cache``.
 """
 from __future__ import annotations
 

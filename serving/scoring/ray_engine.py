@@ -3,10 +3,10 @@
     python -m serving.score --model models:/ads-relevance@champion --input s3-mounted/traffic/ \\
         --output scores/ --engine ray --workers 16 --ray-address auto      # pip install '.[ray]'
 
-The dataset is the list of units still to score (serving.shards: runs of whole row groups of one input
+The dataset is the list of units still to score (serving.scoring.outputs: runs of whole row groups of one input
 file, one item and one block per unit), so one large file spreads over every actor. ``map_batches`` with
 a callable class runs ``UnitScorer`` actors in a fixed pool of --workers; each builds one BatchScorer
-in its constructor and scores one unit per call with the single-process code (``serving.batch.score_unit``),
+in its constructor and scores one unit per call with the single-process code (``serving.scoring.worker.score_unit``),
 committing the unit's output, quarantine and marker before the call returns. Outputs, markers and
 ``--resume`` therefore behave as on one process, and the scores are the same. The output folder must be
 reachable from every node (a shared file system).
@@ -48,9 +48,9 @@ import numpy as np
 from kernel import storage
 from kernel.config import Config, config_from_dict, to_dict
 from kernel.errors import ConfigError
-from serving import shards as sh
-from serving.batch import Inputs, score_unit
-from serving.scorer import BatchScorer
+from serving.scoring import outputs as sh
+from serving.scoring.worker import Inputs, score_unit
+from serving.scoring.scorer import BatchScorer
 
 # Seconds the pool may take to start every actor (process, imports, model load) before scoring begins.
 ACTOR_START_TIMEOUT_S = 600

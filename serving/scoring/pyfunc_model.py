@@ -30,8 +30,8 @@ class RelevancePyfunc(PythonModel):
         from pathlib import Path
 
         from kernel.config import load_config
-        from serving.registry_cache import resolve_model
-        from serving.scorer import BatchScorer
+        from serving.registry.cache import resolve_model
+        from serving.scoring.scorer import BatchScorer
 
         export_dir, version = resolve_model(Path(context.artifacts["export"]))
         meta = export_dir.parents[1] / "registered_model_meta"  # <model>/artifacts/<export>: MLflow's record

@@ -1,0 +1,1 @@
+"""The scoring wing: ``python -m serving.score`` turns Parquet rows into scores through an export folder."""
