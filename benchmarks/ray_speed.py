@@ -3,14 +3,14 @@
     python benchmarks/ray_speed.py                        # CPU, 2 cores: about 12 minutes
     python benchmarks/ray_speed.py --rows 6144 --unit-rows 768 --row-group 256 --repeats 3   # many tiny units
 
-Two inputs of the same --rows rows, scored by ``serving.score.score_files`` (what the CLI and the job run):
+Two inputs of the same --rows rows, scored by ``serving.scoring.cli.run`` (what the CLI and the job run):
     large   one file of --row-group rows per row group, serving.unit_rows=--unit-rows: several units of
             one file (the case Ray could not split before units existed)
     small   --files files of one row group each: one unit per file
 Every (input, engine) pair runs once per repeat, in an order rotated every repeat, so load changes of the
 (shared) machine hit all alike; medians over --repeats are reported.
 
-Timing: ``score_files`` end to end, into a fresh output folder, with the private Ray already running (as a
+Timing: ``run`` end to end, into a fresh output folder, with the private Ray already running (as a
 cluster would be): the local engine loads its model in this process; Ray starts its actors (a process each,
 imports, model load) inside the timed call. "steady" is rows / (last unit's end - first unit's start), from
 the units' markers: the scoring rate once the model is loaded, without the fixed start-up; "first unit
@@ -117,14 +117,13 @@ def from_markers(out: Path) -> tuple[float, float, int]:
 
 
 def run_one(engine: str, inputs: Path, out: Path, cfg, export: Path, threads: int) -> dict:
-    from serving.scoring.cli import ScoreRequest, score_files
+    from serving.scoring.cli import run
 
     actors = {"local": 1, "ray1": 1, "ray2": 2}[engine]
-    req = ScoreRequest(input=[str(inputs)], output=out, quiet=True, workers=actors,
-                       engine="local" if engine == "local" else "ray", ray_threads=threads)
     shutil.rmtree(out, ignore_errors=True)
     wall, t0 = time.time(), time.perf_counter()
-    summary = score_files(req, cfg, export, "bench")
+    summary = run(cfg, export, [str(inputs)], out, model_version="bench", quiet=True, workers=actors,
+                  engine="local" if engine == "local" else "ray", ray_threads=threads).info
     seconds = time.perf_counter() - t0
     assert summary["rows_in"] == summary["scored"], summary
     steady, first_start, pids = from_markers(out)

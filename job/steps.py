@@ -6,7 +6,7 @@ Each step calls its stage's function with the typed config (never a command line
     ingest    pipeline.ingest.run_ingest
     train     training.launch.run                (one process; multi-GPU training runs training.launch itself)
     export    serving.export.export_model        (registers the model when tracking is on)
-    score     serving.score.score_files
+    score     serving.scoring.cli.run
     monitor   monitoring.check.run_check
     promote   monitoring.promote.promote
 """
@@ -24,9 +24,9 @@ from job.state import digest, listing
 from kernel import exit_codes, storage
 from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
+from kernel.errors import QuarantineRateExceeded
 from kernel.mlflow_client import mlflow_client
 from kernel.stage import Outcome
-from serving.registry import aliases as registry
 from monitoring.check import run_check
 from monitoring.history import model_name_of, read_history
 from monitoring.promote import promote
@@ -34,8 +34,9 @@ from pipeline.ingest import run_ingest as ingest
 from pipeline.synthetic import generate
 from serving.export.cli import export_model
 from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
+from serving.registry import aliases as registry
 from serving.registry.cache import resolve_model
-from serving.scoring.cli import ScoreRequest, check_quarantine_rate, score_files
+from serving.scoring.cli import run as score
 from training.compare import compare_on_validation
 from training.launch import run as train
 
@@ -203,14 +204,16 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
     version = served_version(ctx)
     with ctx.lineage.child("score") as tracker:
         tracker.log_dataset(str(p.score_input), "traffic", digest(listing(p.score_input)), "scoring")
-        summary = score_files(ScoreRequest(input=[str(p.score_input)], output=p.scores, resume=True, quiet=True),
-                              ctx.cfg, local_export(p), version)
+        outcome = score(ctx.cfg, local_export(p), [str(p.score_input)], p.scores, model_version=version, resume=True,
+                        quiet=True)
+        summary = outcome.info
         tracker.set_tags({"model_version": version})
         tracker.log_metrics({f"score/{k}": summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")
                              if summary.get(k) is not None})
     print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
           f"-> {p.scores}")
-    check_quarantine_rate(summary, p.scores)  # raises: the job exits with the data-gate code
+    if outcome.exit_code == exit_codes.DATA_GATE:  # the job stops here and exits with the data-gate code
+        raise QuarantineRateExceeded(summary["quarantine_breach"])
     return Outcome({"dir": str(p.scores), **{k: summary[k] for k in ("rows_in", "scored", "quarantined")}},
                    [p.scores])
 
@@ -246,7 +249,7 @@ def champion_scores(ctx: JobContext, candidate: str) -> dict | None:
     export_dir, version = resolve_model(f"models:/{cfg.tracking.registered_model}/{champ}", cfg.tracking_uri)
     out = ctx.paths.champion_scores
     storage.delete(out)
-    score_files(ScoreRequest(input=[str(ctx.paths.score_input)], output=out, quiet=True), cfg, export_dir, version)
+    score(cfg, export_dir, [str(ctx.paths.score_input)], out, model_version=version, quiet=True)  # no gate here
     return {"scored": out, "version": version}
 
 

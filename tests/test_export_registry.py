@@ -68,7 +68,7 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
     import numpy as np
 
     from serving.export.cli import export_model
-    from serving.scoring.scorer import score_table
+    from serving.scoring.table import score_table
 
     cache = tmp_path / "shared-cache"
     table = canonical(wdc_raw(per_category=5))

@@ -79,7 +79,7 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
 
     from serving.export.cli import export_model
     from serving.registry.cache import resolve_model
-    from serving.scoring.scorer import score_table
+    from serving.scoring.table import score_table
     from tests.serving_testkit import canonical, trained_folder
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -101,7 +101,7 @@ def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket
 
     from serving.export.cli import export_model
     from serving.registry.cache import resolve_model
-    from serving.scoring.scorer import score_table
+    from serving.scoring.table import score_table
     from tests.serving_testkit import canonical, trained_folder
 
     model = trained_folder(tmp_path, "mean")

@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 
 from kernel.config import config_from_dict
 from kernel.errors import RelevanceError
-from serving.registry import aliases as registry
 from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
+from serving.registry import aliases as registry
 from tests.mlflow_testkit import MlflowServer
 from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores
 

@@ -17,7 +17,7 @@ import pytest
 from serving.export.cli import export_model
 from serving.layout import read_manifest
 from serving.scoring.cli import main
-from serving.scoring.scorer import score_table
+from serving.scoring.table import score_table
 from tests.serving_testkit import SCENARIOS, canonical, sigmoid, tiny_config, trained_folder, training_logits, wdc_raw
 
 
@@ -231,7 +231,7 @@ def test_the_input_partition_layout_is_kept(tmp_path, exported):
 
 
 def test_units_pack_whole_row_groups_in_order():
-    from serving.scoring.outputs import Shard, plan_units
+    from serving.scoring.plan import Shard, plan_units
 
     a, b, c = Shard(0, Path("a.parquet")), Shard(1, Path("b.parquet")), Shard(2, Path("c.parquet"))
     units = plan_units([a, b, c], [[7, 7, 7, 7, 7, 7, 3], [100], []], unit_rows=15)

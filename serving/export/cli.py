@@ -76,7 +76,7 @@ from serving.layout import (
     scenario_dirname,
 )
 from serving.registry.register import register_export
-from serving.scoring.scorer import score_table
+from serving.scoring.table import score_table
 
 HEAD_FORMULA = ("score = sigmoid(head.weight @ mean_pool + head.bias); mean_pool = sum_i(mask_i * h_i) / "
                 "max(sum_i mask_i, 1) over the backbone's last_hidden_state h (batch, tokens, hidden)")

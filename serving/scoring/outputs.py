@@ -1,14 +1,12 @@
-"""Units of a batch-scoring job: planning, per-unit outputs written atomically, completion markers.
+"""Where a scoring job's rows end up: per-unit outputs written atomically, then completion markers.
 
-    units = plan_units(shards, group_rows, unit_rows=50_000)   # row groups of each file, packed into units
-    mine = units_for_rank(units, rank, world)                  # disjoint across workers (ordinal % world)
-    if not is_done(out, u, version): clear_unit(out, u); ... ShardWriter(output_path(out, u)) ...; mark_done(...)
+    if not is_done(out, unit, version):
+        clear_unit(out, unit)
+        w = PartWriter(output_path(out, unit), output_schema(key_types)); w.write(scored); w.commit()
+        mark_done(out, unit, summary)                 # last: the unit is finished
 
-A shard is one input file; a unit is a run of whole row groups of one shard ([first_group, end_group)),
-packed up to ``serving.unit_rows`` rows (a larger row group is a unit alone; a file of one row group is one
-unit). Units are planned from the files' footers alone, so every worker, engine and resume sees the same
-units. Layout under the output folder (names starting with "_" are skipped by pyarrow dataset discovery,
-so ``pyarrow.dataset.dataset(out)`` reads exactly the scores):
+Layout under the output folder (names starting with "_" are skipped by pyarrow dataset discovery, so
+``pyarrow.dataset.dataset(out)`` reads exactly the scores):
 
     <dirs>/part-00003-0002-<file stem>.parquet          scores of unit 2 of input file 3, in input order
     _quarantine/<dirs>/part-00003-0002-<stem>.parquet   rows of that unit that were not scored, with reason
@@ -18,7 +16,7 @@ so ``pyarrow.dataset.dataset(out)`` reads exactly the scores):
 
 ``<dirs>`` are the input file's folders below its input root (hive partitions such as ``market=us/day=1``
 included), so the output keeps the input's layout and ``pyarrow.dataset.dataset(out, partitioning="hive")``
-reads the partition values back.
+reads the partition values back. Units are planned in serving.scoring.plan.
 
 A unit's files are written under temporary names and renamed; the marker is written last. A job killed at
 any point leaves either a complete unit (marker present) or one that ``--resume`` redoes from scratch, so
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,118 +38,34 @@ import pyarrow.parquet as pq
 
 from kernel import storage
 from kernel.atomic import AtomicFile
-from kernel.errors import DataError
+from serving.scoring.plan import Shard, Unit
 
 QUARANTINE_DIR = "_quarantine"
 DONE_DIR = "_done"
 JOB_DIR = "_job"  # --workers N: the resolved config the child processes read
 
-
-@dataclass(frozen=True)
-class Shard:
-    """One input file, indexed in the job's (sorted) file order."""
-
-    index: int
-    path: Path
-    rel_dir: str = ""  # the input file's folders below its input root ("" for a file given directly)
-
-    @property
-    def prefix(self) -> str:
-        """What every output name of this file starts with: its units' names, and the one name per file
-        of the layout before units (``part-00003-<stem>``)."""
-        return f"part-{self.index:05d}-"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """The unit of work: row groups [first_group, end_group) of one input file, scored into its own files.
-
-    ``first_row``/``num_rows`` are the file's row numbers those groups hold (before data.filters);
-    ``ordinal`` is the unit's place among all the job's units (the order of files, then of row groups),
-    which spreads units over workers (``ordinal % world == rank``) and names Ray's work items.
-    """
-
-    shard: Shard
-    index: int  # within its file: 0, 1, ...
-    ordinal: int
-    first_group: int
-    end_group: int
-    first_row: int
-    num_rows: int
-
-    @property
-    def path(self) -> Path:
-        return self.shard.path
-
-    @property
-    def rel_dir(self) -> str:
-        return self.shard.rel_dir
-
-    @property
-    def name(self) -> str:
-        return f"{self.shard.prefix}{self.index:04d}-{self.shard.path.stem}"
-
-    def extent(self) -> dict:
-        """What of its file the unit covers; recorded in its marker and compared on resume."""
-        return {"row_groups": [self.first_group, self.end_group],
-                "rows": [self.first_row, self.first_row + self.num_rows]}
+# The scored output after the pass-through keys (documented in README.md, "Scoring output"):
+OUTPUT_FIXED = [
+    ("source_file", pa.string()),       # the input file of the row
+    ("source_row", pa.int64()),         # its row number in that file
+    ("scenario", pa.string()),          # as read
+    ("scored_as", pa.string()),         # the scenario whose weights scored it (differs with fallback)
+    ("fallback", pa.bool_()),           # scored as serving.fallback_scenario
+    ("score", pa.float32()),            # the served probability: score_calibrated with serving.calibrate, else score_raw
+    ("score_raw", pa.float32()),        # sigmoid(logit)
+    ("score_calibrated", pa.float32()),  # per-scenario calibration of score_raw; null without calibration.json
+    ("decision", pa.bool_()),           # score_calibrated >= the scenario's threshold; null without one
+    ("label", pa.int8()),               # 0/1 when the input had a usable label, else null
+    ("label_invalid", pa.bool_()),      # a label value was present but unusable
+    ("model_version", pa.string()),     # the registry's name/version (or the export's digest)
+    ("query_len", pa.int32()),          # characters (drift monitoring)
+    ("title_len", pa.int32()),
+]
 
 
-def list_inputs(inputs: list[str | Path] | str | Path) -> list[Path]:
-    """Parquet files named directly or found (recursively, sorted) under directories; errors name the path."""
-    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*.parquet")
-                           if not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
-            if not found:
-                raise DataError(f"--input {p}: directory holds no .parquet files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"--input {p}: no such file or directory")
-    return files
-
-
-def plan_shards(files: list[Path]) -> list[Shard]:
-    """One shard per input file, indexed in the given (sorted) order: stable across runs and workers."""
-    return [Shard(i, f) for i, f in enumerate(files)]
-
-
-def plan_units(shards: list[Shard], group_rows: list[list[int]], unit_rows: int) -> list[Unit]:
-    """Every file's row groups (``group_rows[i]``: the rows of each row group of ``shards[i]``, all of them,
-    from the footer) packed in order into units of at most ``unit_rows`` rows; a row group is never split
-    (one larger than ``unit_rows`` is a unit alone). A file without row groups is one empty unit.
-
-    Only footers decide the plan (not data.filters, which prune row groups at read time), so the same
-    inputs and ``unit_rows`` give the same units to every worker and every resume.
-    """
-    if unit_rows < 1:
-        raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
-    units: list[Unit] = []
-    for shard, sizes in zip(shards, group_rows, strict=True):
-        if not sizes:
-            units.append(Unit(shard, 0, len(units), 0, 0, 0, 0))
-            continue
-        first, start_row, k = 0, 0, 0
-        while first < len(sizes):
-            end, rows = first + 1, sizes[first]
-            while end < len(sizes) and rows + sizes[end] <= unit_rows:
-                rows += sizes[end]
-                end += 1
-            units.append(Unit(shard, k, len(units), first, end, start_row, rows))
-            first, start_row, k = end, start_row + rows, k + 1
-    return units
-
-
-def units_for_rank(units: list[Unit], rank: int, world: int) -> list[Unit]:
-    """This worker's units: round robin over the job's units, so one large file spreads over workers too."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside [0, {world})")
-    return [u for u in units if u.ordinal % world == rank]
+def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
+    """A unit's scored output: the pass-through keys, then OUTPUT_FIXED."""
+    return pa.schema(list(key_types.items()) + OUTPUT_FIXED)
 
 
 # Every path below is a local path or an object-store URI (kernel.storage): the output folder may be either.
@@ -242,7 +155,7 @@ def _file_index(stem: str) -> int | None:
     return int(head) if stem.startswith("part-") and sep and head.isdigit() else None
 
 
-class ShardWriter:
+class PartWriter:
     """Streams record batches into ``final`` through a local temporary file; ``commit`` puts it in place: a
     rename beside a local ``final``, one upload (one PUT: seen whole or not at all) to an object store.
 

@@ -7,7 +7,7 @@
 Logged "from code" (MLflow's models-from-code): this file is stored with the model and run on load, so no
 Python object is pickled; the weights are the export's safetensors, carried as the artifact ``export``, and
 the project code it imports travels with the model (``code_paths``). The scores are those of
-``serving.score`` with the export's own config (the same ``BatchScorer``): ``mlflow models serve`` and
+``python -m serving.score`` with the export's own config (the same ``BatchScorer``): ``mlflow models serve`` and
 ``mlflow.pyfunc.spark_udf`` score exactly as the batch job does.
 
 Input columns: query, title (strings), scenario (string), description and url (optional strings, "" when
@@ -52,11 +52,10 @@ class RelevancePyfunc(PythonModel):
         n = len(model_input)
         cols = {c: model_input[c].fillna("").astype(str).tolist() if c in model_input.columns else [""] * n
                 for c in INPUT_COLUMNS}
+        from serving.scoring.table import score_chunks
+
         table = pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
-        parts = [self.scorer.score_all(table.slice(i, self.chunk)) for i in range(0, n, self.chunk)] or [
-            self.scorer.score_all(table)]
-        scored = pa.concat_tables(parts).select(list(OUTPUT_COLUMNS))
-        return scored.to_pandas()
+        return score_chunks(self.scorer, table, self.chunk).select(list(OUTPUT_COLUMNS)).to_pandas()
 
 
 mlflow.models.set_model(RelevancePyfunc())

@@ -3,7 +3,7 @@
     python -m serving.score --model models:/ads-relevance@champion --input s3-mounted/traffic/ \\
         --output scores/ --engine ray --workers 16 --ray-address auto      # pip install '.[ray]'
 
-The dataset is the list of units still to score (serving.scoring.outputs: runs of whole row groups of one input
+The dataset is the list of units still to score (serving.scoring.plan: runs of whole row groups of one input
 file, one item and one block per unit), so one large file spreads over every actor. ``map_batches`` with
 a callable class runs ``UnitScorer`` actors in a fixed pool of --workers; each builds one BatchScorer
 in its constructor and scores one unit per call with the single-process code (``serving.scoring.worker.score_unit``),
@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from kernel import storage
-from kernel.config import Config, config_from_dict, to_dict
+from kernel.config import config_from_dict, to_dict
 from kernel.errors import ConfigError
-from serving.scoring import outputs as sh
-from serving.scoring.worker import Inputs, score_unit
+from serving.scoring.plan import Inputs
 from serving.scoring.scorer import BatchScorer
+from serving.scoring.worker import Job, score_unit
 
 # Seconds the pool may take to start every actor (process, imports, model load) before scoring begins.
 ACTOR_START_TIMEOUT_S = 600
@@ -136,12 +136,10 @@ def actor_resources(ray, threads: int) -> dict:
     return {"num_cpus": max(1, threads), "num_gpus": 1 if gpus >= 1 else 0}
 
 
-def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
-               actors: int, address: str = "local", threads: int = 1, quiet: bool = False) -> list[dict]:
-    """Score every (unfinished, with ``resume``) unit on Ray; returns one row per unit scored:
+def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", threads: int = 1) -> list[dict]:
+    """Score every unit of ``plan`` still to do (``job.todo``) on Ray; returns one row per unit scored:
     {unit (ordinal), rows_in, scored, pid}."""
-    data = Inputs(cfg, inputs)
-    todo = [u.ordinal for u in data.units if not (resume and sh.is_done(out, u, model_version))]
+    todo = [u.ordinal for u in job.todo(plan.units)]
     if not todo:
         return []
     ray = init_ray(address)
@@ -168,10 +166,10 @@ def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
             ds = ds.map_batches(
                 UnitScorer,
-                fn_constructor_kwargs={"cfg": to_dict(cfg), "export_dir": str(Path(export_dir).resolve()),
-                                       "model_version": model_version,
-                                       "inputs": [i if storage.is_uri(i) else str(Path(i).resolve()) for i in inputs],
-                                       "out": str(out) if storage.is_uri(out) else str(Path(out).resolve()),
+                fn_constructor_kwargs={"cfg": to_dict(job.cfg), "export_dir": str(Path(job.model).resolve()),
+                                       "model_version": job.model_version,
+                                       "inputs": [i if storage.is_uri(i) else str(Path(i).resolve()) for i in job.inputs],
+                                       "out": str(job.out) if storage.is_uri(job.out) else str(Path(job.out).resolve()),
                                        "threads": threads},
                 batch_size=1,  # one unit per call: its outputs are committed before the next one starts
                 # One unit in flight per actor: a free actor takes the next unit, none queues behind a busy one.
@@ -179,7 +177,7 @@ def run_on_ray(cfg: Config, export_dir: Path, model_version: str, inputs: list[s
                 **resources,
                 **extra,
             )
-        with _console_at_warning("ray.data") if quiet else contextlib.nullcontext():
+        with _console_at_warning("ray.data") if job.quiet else contextlib.nullcontext():
             return ds.take_all()
     finally:
         context.wait_for_min_actors_s = saved_wait

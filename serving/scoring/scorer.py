@@ -24,13 +24,13 @@ import torch
 
 from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
 from features.tokenize import build_features
-from kernel.config import ServingConfig, load_config
+from kernel.config import ServingConfig
 from kernel.errors import ConfigError, DataError
 from modeling.base import load_saved_tokenizer
 from modeling.pairs import pair_format_from
 from serving.layout import BASE_DIR
-from serving.registry.cache import resolve_model
 from serving.scoring.model import ScoringModel
+from serving.scoring.plan import check_serving_limits
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCORE_COLUMNS = ("score", "score_raw", "score_calibrated", "decision")
@@ -52,15 +52,6 @@ def route_scenarios(scenarios: pa.Array | pa.ChunkedArray, known: list[str],
         return scored_as, unknown, np.zeros(len(names), dtype=bool)
     scored_as[unknown] = None
     return scored_as, np.zeros(len(names), dtype=bool), unknown
-
-
-def check_serving_limits(serving: ServingConfig) -> None:
-    """The serving values that need no model: sizes >= 1, the quarantine-rate gate in [0, 1]."""
-    for name in ("batch_size", "chunk_rows"):
-        if getattr(serving, name) < 1:
-            raise ConfigError(f"serving.{name}: must be >= 1, got {getattr(serving, name)}")
-    if not 0 <= serving.max_quarantine_rate <= 1:
-        raise ConfigError(f"serving.max_quarantine_rate: must be in [0, 1], got {serving.max_quarantine_rate}")
 
 
 def check_serving(serving: ServingConfig, known: list[str], export_dir: Path) -> None:
@@ -180,30 +171,3 @@ class BatchScorer:
         take = pa.array(np.where(keep, rows, 0), mask=unknown)  # unknown rows: null in every score column
         full = {k: v.take(take) if len(v) else pa.nulls(table.num_rows, v.type) for k, v in scored.items()}
         return self._annotate(table, scored_as, fallback, full)
-
-
-# ----------------------------------------------------------------------------------------------------
-# In-process scoring of a canonical table (monitoring, export validation).
-
-_SCORERS: dict[tuple, BatchScorer] = {}
-
-
-def score_table(model: str | Path, table: pa.Table, tracking_uri: str | None = None,
-                calibrate: bool | None = None) -> pa.Table:
-    """``table`` (canonical columns: query, title, ..., scenario) with scored_as, fallback, score (float32
-    probability), model_version, query_len and title_len appended; row order and count are kept. Rows of an
-    unknown scenario get a null score unless the model's config routes them to a fallback scenario.
-    ``calibrate`` overrides serving.calibrate. The loaded model is cached per (folder, version, options)."""
-    export_dir, version = resolve_model(model, tracking_uri)
-    cfg = load_config(export_dir / "config.yaml")
-    if calibrate is not None:
-        cfg.serving.calibrate = calibrate
-    key = (str(Path(export_dir).resolve()), version, cfg.serving.calibrate, cfg.serving.dtype,
-           cfg.serving.unknown_scenario, cfg.serving.fallback_scenario)
-    if key not in _SCORERS:
-        _SCORERS.clear()  # keep one model in memory
-        _SCORERS[key] = BatchScorer(export_dir, cfg.serving, version)
-    scorer = _SCORERS[key]
-    parts = [scorer.score_all(table.slice(i, cfg.serving.chunk_rows))
-             for i in range(0, table.num_rows, cfg.serving.chunk_rows)]
-    return pa.concat_tables(parts) if parts else scorer.score_all(table)

@@ -1,140 +1,82 @@
-"""One worker's share of a batch-scoring job: the input files planned into units, each unit scored into its
-own files.
+"""One worker's share of a scoring job: each of its units scored into its own files, then marked done.
 
-    data = Inputs(cfg, ["traffic/"])             # every file's columns checked against data.columns up front
-    data.units                                   # row-group runs of each file (serving.unit_rows), in order
-    run_worker(cfg, export_dir, "ads-relevance/3", ["traffic/"], out, resume=True, rank=0, world=1)
-    score_unit(scorer, data, data.units[7], out)   # one unit: output + quarantine, then its marker
+    job = Job(cfg, ["traffic/"], export_dir, "ads-relevance/3", out, resume=True)
+    score_units(job, plan, rank=0, world=1)          # this worker's units (ordinal % world == rank)
+    score_unit(scorer, plan, plan.units[7], out)     # one unit: output + quarantine, then its marker
+    python -m serving.scoring.worker --config _job/config.yaml ... --rank 1 --world-size 4   # a child process
 
-Inputs are read with ingestion's column mapping and validation (pipeline.reader, pipeline.validate); files
-written by ingestion itself are read with the identity mapping. A unit's output, its quarantine and its
-marker are written atomically (serving.scoring.outputs), so every engine (one process, local workers, Ray actors)
-runs the same ``score_unit`` on the same units, and resumes exactly.
+A unit's rows go: plan.batches (read, mapped, validated; rejected rows to the unit's quarantine) -> chunks of
+``serving.chunk_rows`` -> BatchScorer.score (serving.scoring.scorer) -> the unit's output file. A unit's
+output, its quarantine and its marker are written atomically (serving.scoring.outputs), so every engine (this
+process, local worker processes, Ray actors) runs the same ``score_unit`` on the same units, and resumes
+exactly.
 """
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import os
 import socket
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kernel import storage
-from kernel.config import Config
-from kernel.errors import ConfigError
-from pipeline.reader import ParquetSource, build_filter
-from pipeline.validate import ColumnMapping, quarantine_schema
-from serving.scoring import outputs as sh
+from kernel.config import Config, load_config
+from kernel.exit_codes import OK, run_cli
+from serving.scoring import outputs
+from serving.scoring.plan import Inputs, Unit, units_for_rank
 from serving.scoring.scorer import BatchScorer
 
-# The scored output after the pass-through keys (documented in README.md, "Scoring output"):
-OUTPUT_FIXED = [
-    ("source_file", pa.string()),       # the input file of the row
-    ("source_row", pa.int64()),         # its row number in that file
-    ("scenario", pa.string()),          # as read
-    ("scored_as", pa.string()),         # the scenario whose weights scored it (differs with fallback)
-    ("fallback", pa.bool_()),           # scored as serving.fallback_scenario
-    ("score", pa.float32()),            # the served probability: score_calibrated with serving.calibrate, else score_raw
-    ("score_raw", pa.float32()),        # sigmoid(logit)
-    ("score_calibrated", pa.float32()),  # per-scenario calibration of score_raw; null without calibration.json
-    ("decision", pa.bool_()),           # score_calibrated >= the scenario's threshold; null without one
-    ("label", pa.int8()),               # 0/1 when the input had a usable label, else null
-    ("label_invalid", pa.bool_()),      # a label value was present but unusable
-    ("model_version", pa.string()),     # the registry's name/version (or the export's digest)
-    ("query_len", pa.int32()),          # characters (drift monitoring)
-    ("title_len", pa.int32()),
-]
 
+@dataclass(frozen=True)
+class Job:
+    """What every worker of one scoring job is given; the engines hand it down unchanged.
 
-def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:
-    return pa.schema(list(key_types.items()) + OUTPUT_FIXED)
-
-
-# Columns that only ingestion's output has together: such input is read with the identity mapping.
-INGESTED_SIGNATURE = {"query", "title", "description", "url", "label", "scenario", "weight", "source_file",
-                      "source_row", "truncated"}
-
-
-class Inputs:
-    """The input files (shards) and their units, with ingestion's column mapping checked against every file
-    up front. ``units`` is the job's plan: the same for every worker, engine and resume (serving.scoring.outputs).
-
-    Files written by ingestion (all of INGESTED_SIGNATURE present) are already canonical and are read with
-    the identity mapping; anything else goes through ``data.columns``.
+    inputs: the input paths as given (each process plans the same units from them); model: the local export
+    folder; model_version: what the scores carry; out: the output folder (a local path or an object-store
+    URI); resume: skip the units this model version already finished.
     """
 
-    def __init__(self, cfg: Config, inputs: list[str]):
-        self.filter = build_filter(cfg.data.filters)
-        parts = []
-        for item in inputs:  # local paths or object-store URIs; traffic/market=us keeps market=us in the layout
-            parts.extend(ParquetSource.open(item if storage.is_uri(item) else Path(item).resolve()).parts(self.filter))
-        data = cfg.data
-        self.canonical = bool(parts) and all(INGESTED_SIGNATURE <= set(p.schema.names) for p in parts)
-        if self.canonical:  # ingestion's own output (e.g. <work_dir>/data/test.parquet): identity mapping
-            data = dataclasses.replace(data, columns=dataclasses.replace(
-                data.columns, query="query", title="title", description="description", url="url", label="label",
-                label_threshold=None, scenario="scenario", scenario_from_partition=None, scenario_constant=None,
-                weight="weight"))
-        # scenarios=[]: ingestion accepts every scenario; unknown ones are routed here (fallback/quarantine).
-        self.mapping = ColumnMapping(data, scenarios=[], require_label=False)
-        self.mapping.check_parts(parts)
-        self.parts = parts
-        # Each output keeps its input's folders (hive partitions such as market=us/day=1) below --output.
-        self.shards = [sh.Shard(i, Path(p.path), p.rel_dir) for i, p in enumerate(parts)]
-        if cfg.serving.unit_rows < 1:
-            raise ConfigError(f"serving.unit_rows: must be >= 1, got {cfg.serving.unit_rows}")
-        # Rows of every row group of each file, from the footers read above (FilePart's row starts cover all
-        # of the file's groups, pruned or not): the plan does not depend on data.filters.
-        group_rows = [np.diff(p._row_starts).tolist() for p in parts]
-        self.units = sh.plan_units(self.shards, group_rows, cfg.serving.unit_rows)
-        self.batch_rows = cfg.data.batch_rows
-        self.schema = output_schema(self.mapping.key_types)
-        self.quarantine_schema = quarantine_schema(self.mapping.keys)
+    cfg: Config
+    inputs: list[str]
+    model: Path
+    model_version: str
+    out: Path | str
+    resume: bool = False
+    quiet: bool = False
 
-    def rows(self, unit: sh.Unit) -> int:
-        return unit.num_rows
-
-    def batches(self, unit: sh.Unit):
-        """(accepted canonical batch, quarantined batch, rows read) of one unit, streamed in input order.
-
-        The unit's file part keeps only the unit's row groups (of those data.filters left); row numbers
-        stay the file's own, so source_row is the row's number inside its file.
-        """
-        whole = self.parts[unit.shard.index]
-        part = dataclasses.replace(whole, row_groups=[g for g in whole.row_groups
-                                                      if unit.first_group <= g < unit.end_group])
-        for batch, rows in part.batches(self.mapping.read_columns(), self.batch_rows, self.filter):
-            accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
-            yield accepted, quarantined, batch.num_rows
-
-    def to_quarantine(self, table: pa.Table, reason: str, column: str = "") -> pa.Table:
-        """Accepted-schema rows -> quarantine rows (values as strings) with ``reason`` and ``column``."""
-        cols = {}
-        for f in self.quarantine_schema:
-            if f.name in ("reason", "column"):
-                value = reason if f.name == "reason" else column
-                cols[f.name] = pa.repeat(pa.scalar(value, pa.string()), table.num_rows)
-            else:
-                cols[f.name] = pc.cast(table.column(f.name), f.type)
-        return pa.table(cols, schema=self.quarantine_schema)
+    def todo(self, units: list[Unit]) -> list[Unit]:
+        """The units still to score: every one, or with ``resume`` those not finished by this model version."""
+        return [u for u in units if not (self.resume and outputs.is_done(self.out, u, self.model_version))]
 
 
-def score_unit(scorer: BatchScorer, inputs: Inputs, unit: sh.Unit, out: Path, progress=None) -> dict:
+def score_units(job: Job, plan: Inputs | None = None, rank: int = 0, world: int = 1) -> list[dict]:
+    """Score this worker's units (ordinal % world == rank) with one BatchScorer; their markers' summaries.
+    ``plan``: the job's plan when this process has it already, else it is planned here from ``job.inputs``."""
+    plan = plan or Inputs(job.cfg, job.inputs)
+    todo = job.todo(units_for_rank(plan.units, rank, world))
+    if not todo:
+        return []
+    scorer = BatchScorer(job.model, job.cfg.serving, job.model_version)
+    with _progress(sum(u.num_rows for u in todo), rank, job.quiet) as bar:
+        return [score_unit(scorer, plan, unit, job.out, bar) for unit in todo]
+
+
+def score_unit(scorer: BatchScorer, inputs: Inputs, unit: Unit, out: Path | str, progress=None) -> dict:
     """Score one unit into its output + quarantine files (atomically), then write its marker; the summary.
 
     Whatever an earlier attempt left of the unit is removed first, so a unit that is redone (resume, a
     retried Ray task) ends with exactly one score per row. The marker records the process that scored it.
     """
     t0 = time.time()
-    sh.clear_unit(out, unit)
-    writer = sh.ShardWriter(sh.output_path(out, unit), inputs.schema)
-    quarantine = sh.ShardWriter(sh.quarantine_path(out, unit), inputs.quarantine_schema)
+    outputs.clear_unit(out, unit)
+    writer = outputs.PartWriter(outputs.output_path(out, unit), outputs.output_schema(inputs.mapping.key_types))
+    quarantine = outputs.PartWriter(outputs.quarantine_path(out, unit), inputs.quarantine_schema)
     counts = Counter()
     reasons = Counter()
     pending: list[pa.RecordBatch] = []
@@ -180,7 +122,7 @@ def score_unit(scorer: BatchScorer, inputs: Inputs, unit: sh.Unit, out: Path, pr
                "quarantined": sum(reasons.values()), "by_reason": dict(reasons),
                "model_version": scorer.model_version, "pid": os.getpid(), "host": socket.gethostname(),
                "started": round(t0, 3), "seconds": round(time.time() - t0, 3)}
-    sh.mark_done(out, unit, summary)
+    outputs.mark_done(out, unit, summary)
     return summary
 
 
@@ -191,17 +133,30 @@ def _progress(total: int, rank: int, quiet: bool):
                 desc=f"scoring[{rank}]" if rank else "scoring", mininterval=1.0, dynamic_ncols=True)
 
 
-def run_worker(cfg: Config, export_dir: Path, model_version: str, inputs: list[str], out: Path, resume: bool,
-               rank: int = 0, world: int = 1, quiet: bool = False) -> list[dict]:
-    """Score this worker's units (ordinal % world == rank); finished ones are skipped with ``resume``."""
-    data = Inputs(cfg, inputs)
-    mine = sh.units_for_rank(data.units, rank, world)
-    todo = [u for u in mine if not (resume and sh.is_done(out, u, model_version))]
-    if not todo:
-        return []
-    scorer = BatchScorer(export_dir, cfg.serving, model_version)
-    results = []
-    with _progress(sum(data.rows(u) for u in todo), rank, quiet) as bar:
-        for unit in todo:
-            results.append(score_unit(scorer, data, unit, out, bar))
-    return results
+def main(argv: list[str] | None = None) -> int:
+    """A worker process of ``--workers N`` (started by serving.scoring.engines): its share of the units, with
+    the config its parent resolved. The parent plans the job, cleans the output folder and judges the job."""
+    p = argparse.ArgumentParser(prog="python -m serving.scoring.worker",
+                                description="one worker process of python -m serving.score --workers N")
+    p.add_argument("--config", required=True, type=Path, help="the resolved config (written by the parent)")
+    p.add_argument("--model", required=True, type=Path, help="the local export folder")
+    p.add_argument("--model-version", required=True, help="what the scores carry")
+    p.add_argument("--output", required=True, help="output folder: a local path or an object-store URI")
+    p.add_argument("--input", required=True, nargs="+", help="the job's inputs, as given to the parent")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        out = args.output if storage.is_uri(args.output) else Path(args.output)
+        job = Job(load_config(args.config), args.input, args.model, args.model_version, out, args.resume, args.quiet)
+        score_units(job, rank=args.rank, world=args.world_size)
+        return OK
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
