@@ -74,7 +74,7 @@ def sync(device: str) -> None:
 @torch.no_grad()
 def speed(args) -> dict:
     from modeling.merge import base_backbone
-    from serving.scoring.model import pooled_logits
+    from modeling.model import pooled_logits
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, merged, scenarios = build(args.preset, args.tasks, args.r, args.pooling, dtype, args.device)

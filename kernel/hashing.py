@@ -119,3 +119,23 @@ def fingerprint_files_and_each(paths: list[str | Path]) -> tuple[str, list[str]]
                 one.update(chunk)
         each.append(one.hexdigest()[:16])
     return whole.hexdigest()[:16], each
+
+
+def json_digest(obj: object, n: int = 16) -> str:
+    """sha256 of ``obj`` as JSON with sorted keys (a value JSON cannot hold as its ``str``), its first ``n`` hex
+    digits: the key of a settings or identity dict, the same on every machine and run."""
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def file_digest(path: str | Path, n: int = 16) -> str:
+    """sha256 of one file's bytes (a local path or a URI), read 1 MiB at a time; its first ``n`` hex digits."""
+    from kernel import storage  # storage -> atomic; hashing stays importable on its own
+
+    h = hashlib.sha256()
+    fs, p = storage.resolve(path)
+    with fs.open_input_stream(p) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]

@@ -232,3 +232,41 @@ def publish_files(stage: Path, dest: str | Path, names: list[str]) -> None:
     for n in names:
         pafs.copy_files(str(stage / n), posixpath.join(root, n), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
+
+
+class StagedFile:
+    """One file written over many calls under a local temporary name (``tmp``), then published at ``dest``
+    whole: ``commit`` renames it beside a local ``dest`` (kernel.atomic.AtomicFile), or uploads it to an
+    object store in one PUT (seen whole or not at all); ``abort`` removes it, leaving ``dest`` untouched.
+
+        f = StagedFile("s3://bucket/scores/part-00003.parquet");  write to f.tmp;  f.commit()  (or f.abort())
+    """
+
+    def __init__(self, dest: str | Path):
+        import os
+
+        from kernel.atomic import AtomicFile
+
+        self.dest = dest
+        self._local = None if is_uri(dest) else AtomicFile(local_path(dest))
+        if self._local is not None:
+            self.tmp = self._local.tmp
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name(dest)}.", suffix=".upload")
+            os.close(fd)
+            self.tmp = Path(tmp)
+
+    def commit(self) -> str | Path:
+        if self._local is not None:
+            return self._local.commit()
+        try:
+            put_file(self.tmp, self.dest)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return self.dest
+
+    def abort(self) -> None:
+        if self._local is not None:
+            self._local.abort()
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -29,6 +29,19 @@ ADAPTER_PARAM_SUFFIXES = (".A", ".B", ".lam", ".w")
 TASK_PARAM_SUFFIXES = (".lam", ".w")  # MTL-LoRA's per-scenario Λ_t and mixing logits w_t
 
 
+def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The relevance logit (batch,) float32 of ``backbone`` pooled as ``pooling`` says: the one pooling
+    dispatch of training (RelevanceModel) and serving (a merged backbone, serving.scoring.model)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    if pooling == "mean":
+        hidden = backbone(**kwargs).last_hidden_state  # (b, L, d)
+        return head(masked_mean(hidden, attention_mask)).squeeze(-1).float()
+    return backbone(**kwargs).logits.squeeze(-1).float()
+
+
 class RelevanceModel(nn.Module):
     def __init__(self, backbone: nn.Module, pooling: str, router: TaskRouter, head: nn.Module | None = None):
         super().__init__()
@@ -45,13 +58,7 @@ class RelevanceModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.router.task_ids = task_ids
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        if self.pooling == "mean":
-            hidden = self.backbone(**kwargs).last_hidden_state  # (b, L, d)
-            return self.head(masked_mean(hidden, attention_mask)).squeeze(-1).float()
-        return self.backbone(**kwargs).logits.squeeze(-1).float()
+        return pooled_logits(self.backbone, self.pooling, self.head, input_ids, attention_mask, token_type_ids)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

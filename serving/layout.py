@@ -29,6 +29,7 @@ from pathlib import Path
 
 from kernel.atomic import read_json
 from kernel.errors import DataError
+from kernel.hashing import file_digest
 from kernel.task_map import TASK_MAP_FILE, TaskMap
 
 MANIFEST_FILE = "manifest.json"
@@ -47,6 +48,12 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 def scenario_dirname(name: str, task_id: int) -> str:
     """A file-system-safe directory name for a scenario: the name itself when safe, else ``task<id>``."""
     return name if _SAFE_NAME.match(name) else f"task{task_id}"
+
+
+def factors_digest(export_dir: str | Path) -> str:
+    """The digest an export names its model version after (``export-<digest>``): sha256 of its
+    factors.safetensors, 12 hex digits. The export computes it; every local copy is checked against it."""
+    return file_digest(Path(export_dir) / FACTORS_FILE, n=12)
 
 
 def factor_key(task_id: int, layer: str, which: str) -> str:

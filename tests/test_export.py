@@ -17,10 +17,11 @@ from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from kernel.config import ServingConfig, load_config
+from kernel.task_map import TASK_MAP_FILE
 from serving.export.cli import export_model
 from serving.layout import read_manifest
-from serving.scoring.scorer import BatchScorer
 from serving.scoring.model import ScoringModel
+from serving.scoring.scorer import BatchScorer
 from tests.serving_testkit import SCENARIOS, canonical, sigmoid, trained_folder, training_logits, wdc_raw
 
 ATOL = 1e-5
@@ -45,8 +46,8 @@ def test_exported_artifacts_reproduce_training_scores(tmp_path, pooling, arch):
     out = tmp_path / "export"
     manifest = export_model(str(model_dir), out)
     assert read_manifest(out) == json.loads((out / "manifest.json").read_text())
-    assert json.loads((out / "task_map.json").read_text())["scenarios"] == SCENARIOS
-    assert (out / "task_map.json").read_bytes() == (model_dir / "task_map.json").read_bytes()  # one file, copied
+    assert json.loads((out / TASK_MAP_FILE).read_text())["scenarios"] == SCENARIOS
+    assert (out / TASK_MAP_FILE).read_bytes() == (model_dir / TASK_MAP_FILE).read_bytes()  # one file, copied
     assert manifest["pooling"] == pooling and load_config(out / "config.yaml").model.pooling == pooling
 
     table = canonical(wdc_raw(per_category=6))

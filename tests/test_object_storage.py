@@ -12,6 +12,7 @@ import pytest
 from kernel import storage
 from kernel.config import load_config
 from kernel.errors import DataError
+from kernel.task_map import TASK_MAP_FILE
 from pipeline.ingest import main as ingest_main
 from pipeline.ingest import run_ingest
 from tests.serving_testkit import WDC_COLUMNS, wdc_raw
@@ -35,7 +36,7 @@ def test_ingest_reads_a_hive_dataset_on_s3_and_publishes_there(tmp_path, s3_buck
     report = run_ingest(cfg, f"{s3_bucket}/traffic", f"{s3_bucket}/data")
     assert report.rows_in == 120 and report.rows_accepted + report.rows_quarantined == 120
     names = {rel for rel, _ in storage.files(f"{s3_bucket}/data")}
-    assert {"train.parquet", "valid.parquet", "test.parquet", "quarantine.parquet", "task_map.json",
+    assert {"train.parquet", "valid.parquet", "test.parquet", "quarantine.parquet", TASK_MAP_FILE,
             "stats.json"} <= names
     stats = storage.read_json(f"{s3_bucket}/data/stats.json", "stats")
     assert stats["rows_in"] == 120

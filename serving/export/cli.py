@@ -35,7 +35,6 @@ Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did no
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -73,6 +72,7 @@ from serving.layout import (
     REGISTERED_FILE,
     SCENARIOS_DIR,
     factor_key,
+    factors_digest,
     scenario_dirname,
 )
 from serving.registry.register import register_export
@@ -256,7 +256,7 @@ def export_model(run: str, out_dir: str | Path, valid: str | Path | None = None,
             tokenizer = load_tokenizer(cfg)
             layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
             metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
-            digest = hashlib.sha256((stage / FACTORS_FILE).read_bytes()).hexdigest()[:12]
+            digest = factors_digest(stage)
             fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
             manifest = {
                 "format_version": FORMAT_VERSION,

@@ -16,18 +16,20 @@ fails either check is downloaded again. ``cache_dir`` defaults to ``$XDG_CACHE_H
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kernel import storage
 from kernel.atomic import publish_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
+from kernel.hashing import json_digest
 from kernel.mlflow_client import mlflow_client
-from serving.layout import ADAPTERS_DIR, BASE_DIR, FACTORS_FILE, MANIFEST_FILE, REGISTERED_FILE, read_manifest
+from serving.layout import ADAPTERS_DIR, BASE_DIR, MANIFEST_FILE, REGISTERED_FILE, factors_digest, read_manifest
 
 IDENTITY_FILE = "_registry.json"
 
@@ -65,15 +67,6 @@ def parse_model_ref(ref: str) -> tuple[str, str, bool]:
     raise DataError(f"--model {ref}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
-def content_digest(export_dir: Path) -> str:
-    """The digest the export named its model version after: sha256 of factors.safetensors, 12 hex digits."""
-    h = hashlib.sha256()
-    with open(export_dir / FACTORS_FILE, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def folder_version(export_dir: Path) -> str:
     """The version scores from a folder carry: the registry's ``name/version`` once the folder was registered
     (registered.json, for exactly this content), else the export's own ``export-<digest>``."""
@@ -93,22 +86,10 @@ def _remote_folder(uri: str, root: Path) -> tuple[Path, str]:
     if marker is None:
         raise DataError(f"--model {uri}: not a completely published export (no valid {storage.COMMIT_MARKER})")
     identity = {"uri": uri.rstrip("/"), "files": marker["files"]}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    target = root / f"{storage.name(uri)}-{key}"
+    target = root / f"{storage.name(uri)}-{json_digest(identity, n=16)}"
     if not _intact(target, identity):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            local = storage.download_dir(uri, tmp / "export")
-            digest = content_digest(local)
-            if read_manifest(local)["model_version"] != f"export-{digest}":
-                raise DataError(f"{uri}: factors do not match the manifest's model_version (an altered export)")
-            repoint_adapters(local, target)
-            write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
-            if not (target.exists() and _intact(target, identity)):
-                publish_dir(local, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _scratch(target) as tmp:
+            _install(storage.download_dir(uri, tmp / "export"), target, identity, uri)
     registered = storage.join(uri, REGISTERED_FILE)
     version = folder_version(target)
     if storage.is_file(registered):
@@ -145,7 +126,7 @@ def _intact(folder: Path, identity: dict) -> bool:
         return False
     return (recorded.get("identity") == identity
             and manifest["model_version"] == f"export-{recorded.get('content_digest')}"
-            and content_digest(folder) == recorded.get("content_digest"))
+            and factors_digest(folder) == recorded.get("content_digest"))
 
 
 def resolve_model(model: str | Path, tracking_uri: str | None = None,
@@ -168,31 +149,37 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
         raise DataError(f"--model {text}: not found in the registry at {uri} ({e.message})") from e
     identity = {"registry": uri, "name": name, "version": str(mv.version), "run_id": mv.run_id,
                 "source": mv.source, "created": mv.creation_timestamp}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or default_cache_dir())
-    target = root / f"{name.replace('/', '_')}-v{mv.version}-{key}"
+    target = root / f"{name.replace('/', '_')}-v{mv.version}-{json_digest(identity, n=16)}"
     if not _intact(target, identity):
-        _download(client, uri, name, str(mv.version), identity, target, text)
+        import mlflow
+
+        with _scratch(target) as tmp:
+            source = client.get_model_version_download_uri(name, str(mv.version))
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp))
+            _install(export_root(Path(local)), target, identity, f"{text} (version {mv.version})")
     return target, f"{name}/{mv.version}"
 
 
-def _download(client, uri: str, name: str, version: str, identity: dict, target: Path, text: str) -> None:
-    import mlflow
-
+@contextmanager
+def _scratch(target: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``target`` to download into; removed afterwards."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        source = client.get_model_version_download_uri(name, version)
-        local = export_root(Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri,
-                                                                     dst_path=str(tmp))))
-        digest = content_digest(local)
-        if read_manifest(local)["model_version"] != f"export-{digest}":
-            raise DataError(f"{text} (version {version}): factors do not match the manifest's model_version "
-                            "(a damaged or altered artifact)")
-        repoint_adapters(local, target)
-        write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
-        if target.exists() and _intact(target, identity):  # another process finished the same download first
-            return
-        publish_dir(local, target)  # a stale or damaged copy is replaced whole
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(local: Path, target: Path, identity: dict, what: str) -> None:
+    """Check a downloaded export's factors against its manifest's model version, point its adapters at
+    ``target`` and publish it there whole (a stale or damaged copy is replaced; a copy another process
+    finished first is kept)."""
+    digest = factors_digest(local)
+    if read_manifest(local)["model_version"] != f"export-{digest}":
+        raise DataError(f"{what}: factors do not match the manifest's model_version (a damaged or altered export)")
+    repoint_adapters(local, target)
+    write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
+    if not (target.exists() and _intact(target, identity)):
+        publish_dir(local, target)

@@ -11,7 +11,8 @@ copy of W0 (never to the previous merged weight, so switching many times accumul
 cast to the run dtype. A switch costs one (out, r) @ (r, in) product per adapted layer; callers group a
 chunk of rows by scenario so switches stay rare.
 
-Where the export folder comes from (a path, or the model registry) is ``serving.registry.cache``.
+Where the export folder comes from (a path, or the model registry) is ``serving.registry.cache``. The
+pooling after the backbone is training's own (``modeling.model.pooled_logits``).
 """
 from __future__ import annotations
 
@@ -25,19 +26,9 @@ from kernel.errors import DataError, UnknownScenario
 from kernel.task_map import TaskMap
 from modeling.inject import adapter_layers
 from modeling.merge import base_backbone
-from modeling.modeling_ads_relevance import MeanPoolRelevanceModel, masked_mean
+from modeling.model import pooled_logits
+from modeling.modeling_ads_relevance import MeanPoolRelevanceModel
 from serving.layout import BASE_DIR, FACTORS_FILE, factor_key, read_manifest, read_task_map
-
-
-def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The relevance logit (batch,) float32 of a plain backbone, pooled exactly as at training time."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        kwargs["token_type_ids"] = token_type_ids
-    if pooling == "mean":
-        return head(masked_mean(backbone(**kwargs).last_hidden_state, attention_mask)).squeeze(-1).float()
-    return backbone(**kwargs).logits.squeeze(-1).float()
 
 
 def load_plain(model_dir: str | Path, pooling: str, dtype: torch.dtype = torch.float32):

@@ -29,15 +29,12 @@ writers, listing and deletion), so another file system can replace the local one
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kernel import storage
-from kernel.atomic import AtomicFile
 from serving.scoring.plan import Shard, Unit
 
 QUARANTINE_DIR = "_quarantine"
@@ -156,26 +153,18 @@ def _file_index(stem: str) -> int | None:
 
 
 class PartWriter:
-    """Streams record batches into ``final`` through a local temporary file; ``commit`` puts it in place: a
-    rename beside a local ``final``, one upload (one PUT: seen whole or not at all) to an object store.
+    """Streams record batches into ``final`` through a local temporary file; ``commit`` publishes it whole
+    (kernel.storage.StagedFile: a rename beside a local ``final``, one upload to an object store).
 
     With no batch written, ``commit`` writes an empty file of ``schema`` (a unit with zero scored rows
     still gets its output, so readers and ``--resume`` see it as finished).
     """
 
     def __init__(self, final, schema: pa.Schema):
-        self.remote = storage.is_uri(final)
-        self.final = final
-        if self.remote:
-            fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".parquet.tmp")
-            os.close(fd)
-            self.tmp = Path(tmp)
-        else:
-            self._file = AtomicFile(final)
-            self.final, self.tmp = self._file.final, self._file.tmp
+        self._file = storage.StagedFile(final)
         self.schema = schema
         self.rows = 0
-        self._writer = pq.ParquetWriter(self.tmp, schema)
+        self._writer = pq.ParquetWriter(self._file.tmp, schema)
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -184,20 +173,11 @@ class PartWriter:
 
     def commit(self):
         self._writer.close()
-        if not self.remote:
-            return self._file.commit()
-        try:
-            storage.put_file(self.tmp, self.final)
-        finally:
-            self.tmp.unlink(missing_ok=True)
-        return self.final
+        return self._file.commit()
 
     def abort(self) -> None:
         self._writer.close()
-        if self.remote:
-            self.tmp.unlink(missing_ok=True)
-        else:
-            self._file.abort()
+        self._file.abort()
 
 
 def holds_results(out: Path) -> bool:
