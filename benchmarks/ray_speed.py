@@ -62,7 +62,8 @@ def build_model(work: Path, hidden: int, layers: int, max_length: int) -> Path:
     from kernel.task_map import TaskMap
     from modeling.artifact import save_trained
     from modeling.model import build_model as build
-    from serving.export.cli import export_model
+    from serving.export.cli import run as export
+    from serving.export.source import export_config
 
     cfg = config_from_dict({
         "model": {"init": "random", "pooling": "mean", "tokenizer": "minilm",
@@ -82,7 +83,7 @@ def build_model(work: Path, hidden: int, layers: int, max_length: int) -> Path:
             if p.requires_grad and not name.endswith((".A", ".lam", ".w")):
                 torch.nn.init.normal_(p, std=0.02)
     save_trained(model, cfg, tm, {}, work / "model")
-    export_model(str(work / "model"), work / "export")
+    export(export_config(work / "model"), work / "model", work / "export")
     return work / "export"
 
 

@@ -152,7 +152,8 @@ def rss(args) -> dict:
     from kernel.task_map import TaskMap
     from modeling.artifact import save_trained
     from modeling.model import build_model
-    from serving.export.cli import export_model
+    from serving.export.cli import run as export
+    from serving.export.source import export_config
 
     words = np.array("camera lens zoom laptop ssd ram shoe leather size watch strap steel black red blue "
                      "pro max mini ultra 4k usb wifi sport men women kids case kit".split())
@@ -167,7 +168,7 @@ def rss(args) -> dict:
     })
     tm = TaskMap(["a", "b", "c"])
     save_trained(build_model(cfg, len(tm)), cfg, tm, {}, work / "model")
-    export_model(str(work / "model"), work / "export")
+    export(export_config(work / "model"), work / "model", work / "export")
     rng = np.random.default_rng(0)
     out = {}
     for n in args.rss_rows:

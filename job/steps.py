@@ -5,8 +5,8 @@ Each step calls its stage's function with the typed config (never a command line
     generate  pipeline.synthetic.generate        (demo data only)
     ingest    pipeline.ingest.run_ingest
     train     training.launch.run                (one process; multi-GPU training runs training.launch itself)
-    export    serving.export.export_model        (registers the model when tracking is on)
-    score     serving.scoring.cli.run
+    export    serving.export.cli.run             (the trained config; registers the model when tracking is on)
+    score     serving.scoring.cli.run            (the job's config)
     monitor   monitoring.check.run_check
     promote   monitoring.promote.promote
 """
@@ -33,7 +33,8 @@ from monitoring.history import model_name_of, read_history
 from monitoring.promote import promote
 from pipeline.ingest import run_ingest as ingest
 from pipeline.synthetic import generate
-from serving.export.cli import export_model
+from serving.export.cli import run as export
+from serving.export.source import export_config
 from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
 from serving.registry import aliases as registry
 from serving.registry.cache import resolve_model
@@ -179,12 +180,13 @@ def log_compare(ctx: JobContext, results: dict, evidence: dict) -> None:
 
 def run_export(ctx: JobContext, resume: bool) -> Outcome:
     cfg, p = ctx.cfg, ctx.paths
-    manifest = export_model(str(p.train / "model"), p.export, valid=storage.join(p.data, "valid.parquet"),
-                            tracking_uri=cfg.tracking_uri if cfg.tracking.enabled else None,
-                            name=cfg.tracking.registered_model if cfg.tracking.enabled else None,
-                            source_run_id=ctx.info("train").get("run_id"),
-                            calibration_method=cfg.monitoring.calibration_method,
-                            parent_run=ctx.lineage.parent_run_id)
+    model_dir = p.train / "model"
+    manifest = export(export_config(model_dir), model_dir, p.export, valid=storage.join(p.data, "valid.parquet"),
+                      tracking_uri=cfg.tracking_uri if cfg.tracking.enabled else None,
+                      name=cfg.tracking.registered_model if cfg.tracking.enabled else None,
+                      source_run_id=ctx.info("train").get("run_id"),
+                      calibration_method=cfg.monitoring.calibration_method,
+                      parent_run=ctx.lineage.parent_run_id).info
     registered = manifest.get("registered") or {}
     return Outcome({"dir": str(p.export), "model_version": manifest["model_version"],
                     "version": registered.get("version")}, [p.export])

@@ -60,6 +60,15 @@ def trained_folder(root: Path, pooling: str = "cls", arch: str = "bert", serving
     return save_trained(model, cfg, task_map, {"auc_macro": 0.5}, root / "model")
 
 
+def export(model_dir: Path, out, overrides: list[str] | None = None, **options) -> dict:
+    """Export a trained-model folder as ``python -m serving.export --run <model_dir>`` does: the trained config
+    with ``overrides`` in its deployment sections, ``options`` as serving.export.cli.run takes them. The manifest."""
+    from serving.export.cli import run
+    from serving.export.source import export_config
+
+    return run(export_config(model_dir, overrides=overrides or []), model_dir, out, **options).info
+
+
 def wdc_raw(split: str = "test", per_category: int = 12, categories: list[str] | None = None,
             offset: int = 0) -> pa.Table:
     """Real rows in their own column names (left, right, label, category)."""

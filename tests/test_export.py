@@ -18,11 +18,10 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from kernel.config import ServingConfig, load_config
 from kernel.task_map import TASK_MAP_FILE
-from serving.export.cli import export_model
 from serving.layout import read_manifest
 from serving.scoring.model import ScoringModel
 from serving.scoring.scorer import BatchScorer
-from tests.serving_testkit import SCENARIOS, canonical, sigmoid, trained_folder, training_logits, wdc_raw
+from tests.serving_testkit import SCENARIOS, canonical, export, sigmoid, trained_folder, training_logits, wdc_raw
 
 ATOL = 1e-5
 
@@ -44,7 +43,7 @@ def plain_logits(folder, pooling: str, queries: list[str], titles: list[str], ma
 def test_exported_artifacts_reproduce_training_scores(tmp_path, pooling, arch):
     model_dir = trained_folder(tmp_path, pooling, arch)
     out = tmp_path / "export"
-    manifest = export_model(str(model_dir), out)
+    manifest = export(model_dir, out)
     assert read_manifest(out) == json.loads((out / "manifest.json").read_text())
     assert json.loads((out / TASK_MAP_FILE).read_text())["scenarios"] == SCENARIOS
     assert (out / TASK_MAP_FILE).read_bytes() == (model_dir / TASK_MAP_FILE).read_bytes()  # one file, copied
@@ -84,7 +83,7 @@ def test_mean_pooling_checkpoint_never_loads_with_a_random_head(tmp_path):
     """The usual AutoModelForSequenceClassification load refuses without trust_remote_code (a plain BERT class
     would load the encoder and a freshly initialised classifier, with only a warning)."""
     out = tmp_path / "export"
-    manifest = export_model(str(trained_folder(tmp_path, "mean")), out)
+    manifest = export(trained_folder(tmp_path, "mean"), out)
     for folder in (out / "base", out / manifest["scenarios"]["shoes"]["merged"]):
         with pytest.raises(ValueError, match="trust_remote_code"):
             AutoModelForSequenceClassification.from_pretrained(folder)
@@ -95,7 +94,7 @@ def test_mean_pooling_checkpoint_never_loads_with_a_random_head(tmp_path):
 
 def test_bf16_scoring_within_stated_tolerance(tmp_path):
     model_dir = trained_folder(tmp_path, "mean")
-    export_model(str(model_dir), tmp_path / "export")
+    export(model_dir, tmp_path / "export")
     table = canonical(wdc_raw(per_category=8))
     ref = sigmoid(training_logits(model_dir, table))
     for dtype, tol in (("fp32", 1e-5), ("bf16", 2e-2)):

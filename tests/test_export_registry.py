@@ -6,12 +6,14 @@ import hashlib
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
+from kernel.errors import ConfigError
 from kernel.task_map import TASK_MAP_FILE
 from serving.export.cli import main
 from serving.layout import read_manifest
 from serving.registry.cache import resolve_model
-from tests.serving_testkit import SCENARIOS, canonical, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, canonical, export, trained_folder, wdc_raw
 
 
 def test_export_from_run_id_with_validation_registers_a_resolvable_model(tmp_path, capsys):
@@ -69,7 +71,6 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
     scoring models:/relevance/1 from each registry returns that registry's model, through one shared cache."""
     import numpy as np
 
-    from serving.export.cli import export_model
     from serving.scoring.table import score_table
 
     cache = tmp_path / "shared-cache"
@@ -79,7 +80,7 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
         work = tmp_path / name
         uri = f"sqlite:///{work / 'mlflow.db'}"
         folder = trained_folder(work, "cls" if name == "a" else "mean")  # two different models
-        manifest = export_model(str(folder), work / "export", tracking_uri=uri, name="relevance")
+        manifest = export(folder, work / "export", tracking_uri=uri, name="relevance")
         assert manifest["registered"]["version"] == "1"
         local, version = resolve_model("models:/relevance/1", uri, cache)
         assert version == "relevance/1" and read_manifest(local)["model_version"] == manifest["model_version"]
@@ -96,10 +97,8 @@ def test_two_registries_with_the_same_name_and_version_never_share_a_cached_mode
 
 
 def test_a_damaged_cached_copy_is_downloaded_again(tmp_path):
-    from serving.export.cli import export_model
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    manifest = export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export", tracking_uri=uri, name="m")
+    manifest = export(trained_folder(tmp_path, "cls"), tmp_path / "export", tracking_uri=uri, name="m")
     local, _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
     (local / "factors.safetensors").write_bytes(b"not the factors")
     again, _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
@@ -119,3 +118,19 @@ def test_a_registry_model_needs_an_explicit_registry(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--tracking-uri"):
         resolve_model("models:/m@champion", None, tmp_path / "cache")
     assert not (tmp_path / "mlflow.db").exists()  # nothing implicit was created
+
+
+def test_an_export_keeps_the_sections_its_weights_were_trained_with(tmp_path, capsys):
+    """The command line refuses an override of a trained section; the stage refuses a config that changed one."""
+    from serving.export import run
+    from serving.export.source import export_config
+
+    folder = trained_folder(tmp_path, "cls")
+    assert main(["--run", str(folder), "--out", str(tmp_path / "export"), "adapter.r=8"]) == 2
+    assert "adapter.r" in capsys.readouterr().err
+    cfg = export_config(folder, overrides=["serving.batch_size=3"])  # a deployment section: allowed
+    assert cfg.serving.batch_size == 3 and cfg.adapter.r == 4
+    cfg.adapter.r = 8
+    with pytest.raises(ConfigError, match="adapter"):
+        run(cfg, folder, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

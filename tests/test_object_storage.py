@@ -78,13 +78,12 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
     points there, and models:/ resolves by downloading from S3; the scores equal the local export's."""
     import numpy as np
 
-    from serving.export.cli import export_model
     from serving.registry.cache import resolve_model
     from serving.scoring.table import score_table
-    from tests.serving_testkit import canonical, trained_folder
+    from tests.serving_testkit import canonical, export, trained_folder
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export", tracking_uri=uri, name="relevance",
+    export(trained_folder(tmp_path, "cls"), tmp_path / "export", tracking_uri=uri, name="relevance",
                  overrides=[f"tracking.artifact_uri={s3_bucket}/mlflow"])
     bucket = s3_bucket[len("s3://"):]
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]]
@@ -100,14 +99,13 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
 def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket):
     import numpy as np
 
-    from serving.export.cli import export_model
     from serving.registry.cache import resolve_model
     from serving.scoring.table import score_table
-    from tests.serving_testkit import canonical, trained_folder
+    from tests.serving_testkit import canonical, export, trained_folder
 
     model = trained_folder(tmp_path, "mean")
-    export_model(str(model), tmp_path / "local-export")
-    manifest = export_model(str(model), f"{s3_bucket}/exports/relevance")
+    export(model, tmp_path / "local-export")
+    manifest = export(model, f"{s3_bucket}/exports/relevance")
     assert storage.committed(f"{s3_bucket}/exports/relevance") is not None
     local, version = resolve_model(f"{s3_bucket}/exports/relevance", cache_dir=tmp_path / "cache")
     assert version == manifest["model_version"]
@@ -130,12 +128,11 @@ def test_scoring_s3_to_s3_killed_and_resumed_scores_each_row_exactly_once(tmp_pa
     import numpy as np
     import pyarrow.dataset as ds
 
-    from serving.export.cli import export_model
     from serving.scoring.cli import main as score_main
-    from tests.serving_testkit import SCENARIOS, trained_folder
+    from tests.serving_testkit import SCENARIOS, export, trained_folder
     from tests.shared import REPO
 
-    export_model(str(trained_folder(tmp_path, "cls")), tmp_path / "export")
+    export(trained_folder(tmp_path, "cls"), tmp_path / "export")
     for i in range(2):
         fs, path = storage.resolve(f"{s3_bucket}/traffic/market=m{i}/part-0.parquet")
         pq.write_table(wdc_raw(per_category=20, categories=SCENARIOS, offset=20 * i), path, filesystem=fs,

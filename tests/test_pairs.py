@@ -14,9 +14,8 @@ from kernel.config import ServingConfig, SyntheticConfig
 from modeling.base import resolve_model_path
 from modeling.pairs import encode_pairs, longest_first, resolve_pair_format, separates_pairs
 from pipeline.synthetic import generate
-from serving.export.cli import export_model
 from serving.scoring.scorer import BatchScorer
-from tests.serving_testkit import canonical, sigmoid, trained_folder, training_logits, wdc_raw
+from tests.serving_testkit import canonical, export, sigmoid, trained_folder, training_logits, wdc_raw
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_a_tokenizer_without_pair_template_gets_the_text_format(decoder_tokenize
 def test_training_export_and_scoring_share_the_text_format(tmp_path, decoder_tokenizer_dir):
     vocab = len(AutoTokenizer.from_pretrained(decoder_tokenizer_dir))
     model_dir = trained_folder(tmp_path, "last", "llama", tokenizer=str(decoder_tokenizer_dir), vocab_size=vocab)
-    manifest = export_model(str(model_dir), tmp_path / "export")
+    manifest = export(model_dir, tmp_path / "export")
     assert manifest["input"]["pair_format"]["kind"] == "text"
     table = canonical(wdc_raw(per_category=6))
     ref = sigmoid(training_logits(model_dir, table))
@@ -100,7 +99,7 @@ def test_a_gguf_decoder_exports_a_dequantized_safetensors_base(tmp_path):
     model = build_model(cfg, 3)
     assert getattr(model.backbone, "hf_quantizer", None) is None
     model_dir = save_trained(model, cfg, TaskMap(["cameras", "computers", "shoes"]), {}, tmp_path / "model")
-    manifest = export_model(str(model_dir), tmp_path / "export")
+    manifest = export(model_dir, tmp_path / "export")
     base = tmp_path / "export" / "base"
     assert (base / "model.safetensors").is_file() and "quantization_config" not in (base / "config.json").read_text()
     assert manifest["input"]["pair_format"]["kind"] == "text"

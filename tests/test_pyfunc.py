@@ -15,10 +15,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from serving.export.cli import export_model
 from serving.scoring.cli import main as score_main
 from tests.mlflow_testkit import free_port
-from tests.serving_testkit import canonical, trained_folder, wdc_raw
+from tests.serving_testkit import canonical, export, trained_folder, wdc_raw
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def registered(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     valid = root / "valid.parquet"
     pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
-    export_model(str(trained_folder(root, "mean")), root / "export", valid=valid, tracking_uri=uri,
+    export(trained_folder(root, "mean"), root / "export", valid=valid, tracking_uri=uri,
                  name="relevance", alias="champion", overrides=["serving.calibrate=true"])
     raw = wdc_raw("test", per_category=7, categories=["cameras", "computers", "shoes", "watches"])
     traffic = root / "traffic.parquet"

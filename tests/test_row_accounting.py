@@ -19,9 +19,8 @@ from kernel.exit_codes import BAD_INPUT, DATA_GATE, OK
 from pipeline.ingest import main as ingest_main
 from pipeline.ingest import run_ingest
 from pipeline.split import SPLITS
-from serving.export.cli import export_model
 from serving.scoring.cli import main as score_main
-from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
 
 
 def cfg_of(**data):
@@ -202,7 +201,7 @@ def test_ingest_cli_exit_codes(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
-    export_model(str(trained_folder(root, "mean")), root / "export")
+    export(trained_folder(root, "mean"), root / "export")
     return root / "export"
 
 

@@ -14,18 +14,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from serving.export.cli import export_model
 from serving.layout import read_manifest
 from serving.scoring.cli import main
 from serving.scoring.table import score_table
-from tests.serving_testkit import SCENARIOS, canonical, sigmoid, tiny_config, trained_folder, training_logits, wdc_raw
+from tests.serving_testkit import SCENARIOS, canonical, export, sigmoid, tiny_config, trained_folder, training_logits, wdc_raw
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     model_dir = trained_folder(root, "mean")
-    export_model(str(model_dir), root / "export")
+    export(model_dir, root / "export")
     return model_dir, root / "export"
 
 
@@ -182,7 +181,7 @@ def calibrated(tmp_path_factory):
     pq.write_table(canonical(wdc_raw("valid", per_category=40)), valid)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     model_dir = trained_folder(root, "cls")
-    export_model(str(model_dir), root / "export", valid=valid, tracking_uri=uri, name="relevance")
+    export(model_dir, root / "export", valid=valid, tracking_uri=uri, name="relevance")
     return model_dir, root / "export", uri
 
 

@@ -11,9 +11,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from serving.export.cli import export_model
 from serving.scoring.cli import main
-from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' to run the Ray engine test")
 
@@ -21,7 +20,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ra
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-model")
-    export_model(str(trained_folder(root, "mean")), root / "export")
+    export(trained_folder(root, "mean"), root / "export")
     return root / "export"
 
 

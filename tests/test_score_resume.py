@@ -15,9 +15,8 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from serving.export.cli import export_model
 from serving.scoring.cli import main
-from tests.serving_testkit import SCENARIOS, trained_folder, wdc_raw
+from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
 from tests.shared import REPO
 
 FILES = 2
@@ -33,7 +32,7 @@ def scores(out: Path):
 def test_sigkill_then_resume_scores_each_row_exactly_once(tmp_path):
     model_dir = trained_folder(tmp_path, "cls")
     export_dir = tmp_path / "export"
-    export_model(str(model_dir), export_dir)
+    export(model_dir, export_dir)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(FILES):
