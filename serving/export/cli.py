@@ -98,9 +98,9 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
         layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
         source = {"run_id": source_run_id, "git_commit": tags.get("git_commit"),
                   "model_dir": str(model_dir) if source_run_id is None else f"runs:/{source_run_id}/model"}
+        fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
         manifest = build_manifest(cfg, tokenizer, layers, entries, digest=factors_digest(stage),
-                                  metrics=trained_metrics(model_dir), source=source,
-                                  fingerprint=tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None))
+                                  metrics=trained_metrics(model_dir), source=source, fingerprint=fingerprint)
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         dump_config(cfg, stage / CONFIG_FILE)
         task_map.save(stage / TASK_MAP_FILE)  # a copy of the file ingestion wrote

@@ -73,13 +73,6 @@ def run_tags(run_id: str | None, tracking_uri: str | None) -> dict:
         raise DataError(f"source run {run_id}: not found at {tracking_uri} ({e.message})") from e
 
 
-def trained_config(model_dir: str | Path) -> Config:
-    path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise DataError(f"{model_dir} is not a trained-model folder: {CONFIG_FILE} is missing")
-    return load_config(path)
-
-
 def trained_metrics(model_dir: str | Path) -> dict:
     """The validation metrics the trainer recorded beside the weights ({} when there are none)."""
     path = Path(model_dir) / "metrics.json"
@@ -90,7 +83,7 @@ def export_config(model_dir: str | Path, deployment: Config | None = None, overr
     """The config an export of ``model_dir`` carries: the trained one, with the deployment sections (data
     mapping, serving, monitoring, tracking) taken from ``deployment`` (default: as trained) and ``overrides``;
     the sections the weights depend on stay as trained (overriding one is an error)."""
-    trained = trained_config(model_dir)
+    trained = load_config(Path(model_dir) / CONFIG_FILE)
     overrides = list(overrides)
     touched = sorted({o.split("=", 1)[0] for o in overrides if o.split(".", 1)[0] in MODEL_SECTIONS})
     if touched:

@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from kernel import storage
-from kernel.atomic import publish_dir, write_json_atomic
+from kernel.atomic import publish_dir, staging_dir, write_json_atomic
 from kernel.errors import ConfigError, DataError
 from kernel.hashing import json_digest
 from kernel.mlflow_client import mlflow_client
@@ -88,7 +84,7 @@ def _remote_folder(uri: str, root: Path) -> tuple[Path, str]:
     identity = {"uri": uri.rstrip("/"), "files": marker["files"]}
     target = root / f"{storage.name(uri)}-{json_digest(identity, n=16)}"
     if not _intact(target, identity):
-        with _scratch(target) as tmp:
+        with staging_dir(target) as tmp:  # beside target: publishing it is a rename
             _install(storage.download_dir(uri, tmp / "export"), target, identity, uri)
     registered = storage.join(uri, REGISTERED_FILE)
     version = folder_version(target)
@@ -154,22 +150,11 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
     if not _intact(target, identity):
         import mlflow
 
-        with _scratch(target) as tmp:
+        with staging_dir(target) as tmp:  # beside target: publishing it is a rename
             source = client.get_model_version_download_uri(name, str(mv.version))
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp))
             _install(export_root(Path(local)), target, identity, f"{text} (version {mv.version})")
     return target, f"{name}/{mv.version}"
-
-
-@contextmanager
-def _scratch(target: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``target`` to download into; removed afterwards."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _install(local: Path, target: Path, identity: dict, what: str) -> None:

@@ -158,6 +158,7 @@ def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", thre
     saved_wait = context.wait_for_min_actors_s
     context.wait_for_min_actors_s = max(saved_wait, ACTOR_START_TIMEOUT_S)
     extra = _no_restarts(ray) if address == "local" else {}  # see the module docstring (the E-line)
+    inputs = [i if storage.is_uri(i) else str(Path(i).resolve()) for i in job.inputs]  # as every node sees them
     try:
         ds = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
         with warnings.catch_warnings():
@@ -168,7 +169,7 @@ def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", thre
                 UnitScorer,
                 fn_constructor_kwargs={"cfg": to_dict(job.cfg), "export_dir": str(Path(job.model).resolve()),
                                        "model_version": job.model_version,
-                                       "inputs": [i if storage.is_uri(i) else str(Path(i).resolve()) for i in job.inputs],
+                                       "inputs": inputs,
                                        "out": str(job.out) if storage.is_uri(job.out) else str(Path(job.out).resolve()),
                                        "threads": threads},
                 batch_size=1,  # one unit per call: its outputs are committed before the next one starts
