@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from kernel.config import config_from_dict
 from kernel.errors import UnknownScenario
+from modeling import mtl_lora_fast as fast
 from modeling.inject import adapter_layers, adapter_param_count
-from modeling.model import build_model, enable_activation_checkpointing, is_adapter_param
+from modeling.model import enable_activation_checkpointing, is_adapter_param
 from modeling.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
-from tests.shared import BERT, LLAMA, NO_DROPOUT
+from modeling.routed_update import RoutedUpdate
+from tests.shared import BERT, LLAMA, NO_DROPOUT, padded_batch, tiny_adapted_model
 
 T = 3
 ARCHS = {
@@ -39,12 +40,8 @@ METHODS = ["mtl_lora", "lora", "per_task_lora"]
 def make_model(arch: str, method: str = "mtl_lora", lambda_type: str = "full", dtype=torch.float32,
                dropout: float = 0.0, num_tasks: int = T):
     a = ARCHS[arch]
-    cfg = config_from_dict({
-        "model": {"init": "random", "pooling": a["pooling"], "random_config": a["random_config"]},
-        "adapter": {"method": method, "lambda_type": lambda_type, "targets": a["targets"], "r": 4,
-                    "n_up": 3, "dropout": dropout},
-    })
-    return build_model(cfg, num_tasks, dtype=dtype)
+    return tiny_adapted_model(a["random_config"], a["pooling"], a["targets"], num_tasks, dtype=dtype, method=method,
+                              lambda_type=lambda_type, r=4, n_up=3, dropout=dropout)
 
 
 def randomize_adapters(model: nn.Module, seed: int = 1, zero_b: bool = False) -> None:
@@ -65,15 +62,9 @@ def randomize_adapters(model: nn.Module, seed: int = 1, zero_b: bool = False) ->
 
 
 def make_batch(model, batch: int = 6, length: int = 7, seed: int = 0):
-    """Right-padded token ids (pad = the model's pad id), mask and per-row task ids cycling 0..T-1."""
-    g = torch.Generator().manual_seed(seed)
-    pad = model.backbone.config.pad_token_id
-    ids = torch.randint(3, 1000, (batch, length), generator=g)
-    lengths = torch.randint(2, length + 1, (batch,), generator=g)
-    mask = (torch.arange(length) < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
-    tasks = torch.arange(batch) % T
-    return ids, mask, tasks
+    """Right-padded token ids, mask and per-row task ids cycling 0..T-1."""
+    ids, mask = padded_batch(model, batch, length, min_length=2, seed=seed)
+    return ids, mask, torch.arange(batch) % T
 
 
 def strip_adapters(model):
@@ -124,11 +115,15 @@ def test_forward_equals_spec_formula(method, lambda_type, bias, shape, path):
     randomize_adapters(nn.ModuleDict({"l": layer}))
     x = torch.randn(*shape, 12)
     router.task_ids = torch.tensor([2, 0, 3, 1, 2])
-    y = layer(x)
-    assert y.shape == (*shape, 10)
     flat = x.reshape(5, -1, 12)
     expected = torch.stack([spec_forward(layer, flat[:, j], router.task_ids) for j in range(flat.shape[1])], 1)
-    torch.testing.assert_close(y.reshape(5, -1, 10).double(), expected, atol=1e-5, rtol=1e-5)
+    ids = None if method == "lora" else router.task_ids
+    with torch.no_grad():
+        scored = layer(x)  # without autograd: the reference maths or a plain layout, factors cached
+        reference = layer.reference_update(layer.base_layer(x), x, ids)
+    for y in (layer(x), scored, reference):  # layer(x) with autograd: the training layouts
+        assert y.shape == (*shape, 10)
+        torch.testing.assert_close(y.reshape(5, -1, 10).double(), expected, atol=1e-5, rtol=1e-5)
     # delta_weight / lora_pair describe the same update.
     for t in range(4):
         a, up = layer.lora_pair(t)
@@ -140,7 +135,7 @@ def test_compiled_and_eager_contraction_forms_agree(lambda_type):
     """The tiny contractions written elementwise (the form inductor fuses) give the numbers of mm/bmm."""
     layer = MTLLoRALinear(nn.Linear(12, 10), 4, TaskRouter(4), r=3, n_up=2, lambda_type=lambda_type)
     randomize_adapters(nn.ModuleDict({"l": layer}))
-    torch.testing.assert_close(layer._up_t(elementwise=True), layer._up_t(elementwise=False), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast.up_t_elementwise(layer), layer._up_t(), atol=1e-6, rtol=1e-6)
 
 
 def _three_task_layer(path: str) -> MTLLoRALinear:
@@ -170,8 +165,6 @@ FAST_CASES = [("mtl_lora", "full"), ("mtl_lora", "diagonal"), ("lora", "full"), 
 def test_hand_written_backward_passes_gradcheck(method, lambda_type):
     """The eager path's written-out backward against finite differences, in float64. The parameters enter
     through the layer's persistent views as well, so this also shows that those follow in-place changes."""
-    from modeling.mtl_lora import _RoutedUpdate
-
     torch.manual_seed(0)
     layer = MTLLoRALinear(nn.Linear(5, 6), 3, TaskRouter(3), method, r=2, n_up=2, tau=0.7, dropout=0.0,
                           lambda_type=lambda_type).double()
@@ -182,16 +175,20 @@ def test_hand_written_backward_passes_gradcheck(method, lambda_type):
     params = [p for p in (layer.A, layer.B, getattr(layer, "lam", None), getattr(layer, "w", None)) if p is not None]
 
     def update(out0, xd, A, B, lam=None, w=None):
-        return _RoutedUpdate.apply(out0.clone(), xd, ids, layer._spec(), layer._aliases(), A, B, lam, w)
+        return RoutedUpdate.apply(out0.clone(), xd, ids, fast.spec(layer), fast.views(layer), A, B, lam, w)
 
     assert torch.autograd.gradcheck(update, [out0, xd, *params])
 
 
 def _plain_forward(layer: MTLLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's forward through the plain maths (``_update``), with autograd deriving the backward."""
-    path = layer._path(x)
-    ids = None if path == "shared" else layer._row_ids(x)
-    return layer._update(layer.base_layer(x), layer.dropout(x), ids, path)
+    """The layer's forward in plain tensor ops, autograd deriving the backward: the reference maths where the
+    layer takes the written-out autograd node, else the (plain) layout it takes."""
+    out, xd = layer.base_layer(x), layer.dropout(x)
+    ids = None if layer.method == "lora" else layer._row_ids(x)
+    layout = fast.choose_layout(layer, x)
+    if layout in ("routed", "reference"):
+        return layer.reference_update(out, xd, ids)
+    return fast.update(layer, layout, out, xd, ids)
 
 
 def _four_row_layer(method: str, lambda_type: str) -> MTLLoRALinear:
@@ -247,23 +244,25 @@ def test_eager_fast_path_tracks_the_plain_maths_in_bf16(method, lambda_type, pre
     (y_fast, gx_fast, g_fast), (y_plain, gx_plain, g_plain) = _fast_and_plain(layer, x, precision == "autocast")
     assert y_fast.dtype == y_plain.dtype == torch.bfloat16
     y_fast, y_plain = y_fast.float(), y_plain.float()
-    for name, a, b in [("y", y_fast, y_plain), ("x", gx_fast, gx_plain), *((n, g_fast[n], g_plain[n]) for n in g_plain)]:
+    pairs = [("y", y_fast, y_plain), ("x", gx_fast, gx_plain), *((n, g_fast[n], g_plain[n]) for n in g_plain)]
+    for name, a, b in pairs:
         scale = b.abs().max().item()
         torch.testing.assert_close(a, b, atol=0.02 * scale, rtol=0.02, msg=name)
-    assert g_fast.keys() == g_plain.keys() and all(p.grad.dtype == p.dtype for p in layer.parameters() if p.grad is not None)
+    assert g_fast.keys() == g_plain.keys()
+    assert all(p.grad.dtype == p.dtype for p in layer.parameters() if p.grad is not None)
 
 
 def test_persistent_views_follow_a_new_storage():
     """``.data =`` (ZeRO-3 re-gathers, ``.to()``) gives a parameter new storage: the views are made again."""
     layer = _three_task_layer("gather")
     x = torch.randn(3, 6, 12)
-    before = layer._aliases()
-    assert layer._aliases() is before  # reused while the storage stays
+    before = fast.views(layer)
+    assert fast.views(layer) is before  # reused while the storage stays
     with torch.no_grad():
         layer.A.mul_(2)  # in place: the old views show it
-    assert layer._aliases() is before and torch.equal(before.a_t, layer.A.t())
+    assert fast.views(layer) is before and torch.equal(before.a_t, layer.A.t())
     layer.A.data = layer.A.data * 0.5
-    after = layer._aliases()
+    after = fast.views(layer)
     assert after is not before and torch.equal(after.a_t, layer.A.t())
     torch.testing.assert_close(layer(x), _plain_forward(layer, x), atol=1e-6, rtol=1e-5)
 
@@ -553,8 +552,6 @@ def test_per_task_lora_tasks_are_independent():
 
 
 def test_w_init_scale_shrinks_the_mixing_logits_toward_uniform_mixing():
-    from modeling.mtl_lora import MTLLoRALinear, TaskRouter
-
     torch.manual_seed(0)
     for scale in (1.0, 0.1, 0.0):
         layer = MTLLoRALinear(torch.nn.Linear(16, 16), 4, TaskRouter(4), n_up=3, tau=0.1, w_init_scale=scale)
