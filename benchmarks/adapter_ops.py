@@ -23,14 +23,24 @@ import collections
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
-from adapter_speed import DTYPES, TARGETS, build_base, make_batch, make_optimizer, with_mtl_lora, with_peft
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.adapter_models import (
+    DTYPES,
+    TARGETS,
+    build_base,
+    make_batch,
+    make_optimizer,
+    parse_args,
+    with_mtl_lora,
+    with_peft,
+)
 
 TARGET_RATIO = 1.10  # every proxy: MTL-LoRA / PEFT LoRA
 
@@ -198,8 +208,6 @@ def report(args, base: nn.Module | None = None, batch=None, explain_graphs: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapter_speed import parse_args
-
     args = parse_args(argv)  # the same options as adapter_speed.py (--preset, --dtype, --batch, --explain, ...)
     if args.threads:
         torch.set_num_threads(args.threads)
