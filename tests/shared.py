@@ -48,3 +48,24 @@ def padded_batch(model, rows: int = 6, length: int = 7, min_length: int = 2, see
     lengths = torch.randint(min_length, length + 1, (rows,), generator=g)
     mask = (torch.arange(length) < lengths[:, None]).long()
     return torch.where(mask.bool(), ids, torch.full_like(ids, pad)), mask
+
+
+def randomize_adapters(model, seed: int = 1, zero_b: bool = False) -> None:
+    """Move every adapter parameter off its init, so each task's update is distinct and non-zero.
+
+    A keeps its (random) init; B gets N(0, 0.2²), Λ and w a random perturbation: updates of a size a
+    trained adapter has, so the tiny models stay well conditioned (bf16 comparisons stay meaningful).
+    """
+    import torch
+
+    from modeling.inject import adapter_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for name, p in layer.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g).to(p.dtype)
+                if name == "B" and not zero_b:
+                    p.copy_(0.2 * noise)
+                elif name in ("lam", "w"):
+                    p.add_(0.5 * noise)
