@@ -192,7 +192,8 @@ def run_rounds(cases: list[Case], batch, args, title: str) -> None:
             if c.train:  # MFU: 4 × non-embedding parameters × tokens (forward 2, backward through activations 2)
                 rate = f"   {tokens / med[c.name] * 1e3:9,.0f} tokens/s"
                 if args.device.startswith("cuda"):
-                    rate += f"   MFU {4 * c.non_embedding * tokens / (med[c.name] / 1e3) / (args.peak_tflops * 1e12):6.1%}"
+                    flops_per_s = 4 * c.non_embedding * tokens / (med[c.name] / 1e3)
+                    rate += f"   MFU {flops_per_s / (args.peak_tflops * 1e12):6.1%}"
             print(f"  {c.name:26s} {med[c.name]:9.2f} ms   spread {spread:8.2f}   trainable {c.trainable:>10,d}"
                   f"{rate}{peak}")
     sfx = " (compiled)" if "compile" in title else ""
