@@ -7,7 +7,7 @@ fuses it. Everywhere else it picks one of these layouts (``choose_layout``):
     routed   eager training: ``RoutedUpdate``, one autograd node per layer with the backward written out,
              reading parameter views that persist across steps (``views``). Eagerly the host launches every
              operation one by one, so fewer, larger operations are what makes a step fast.
-    shared   shared LoRA (one factor for every row) without autograd: s·h B₀ᵀ as one 2-D GEMM over all tokens
+    shared   shared LoRA (one factor for every row) outside eager training: s·h B₀ᵀ, one 2-D GEMM over all tokens
     slots    short rows (fewer than r tokens, or ``update_path = "fused"``): h placed in its task's r-slot,
              one GEMM with K = T·r (FLOPs T× a LoRA's up-projection, but no per-row factor copies)
 
