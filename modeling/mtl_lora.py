@@ -19,11 +19,12 @@ Baselines share the forward (``method``):
     lora           one A (r, in) and one B (1, out, r) for every row; task ids are ignored
     per_task_lora  A (T·r, in) and B (T, out, r): an independent adapter per task
 
-The forward (``reference_update``) is the formula in plain tensor ops: U_t = B̃_t Λ_t for every task once
-per forward (two tiny contractions, ``_up_t``), then each row's U_t gathered and one batched GEMM. Scoring
-(no autograd, the factors cached) and torch.compile run it; eager training, short rows and shared LoRA take
-faster layouts of the same numbers (``modeling.mtl_lora_fast``; the training step's autograd node with its
-backward written out is ``modeling.routed_update``). Tests hold every layout to the same scores and gradients.
+The reference maths (``reference_update``) is the formula in plain tensor ops: U_t = B̃_t Λ_t for every task
+once per forward (two tiny contractions, ``_up_t``), then each row's U_t gathered and one batched GEMM.
+Scoring (no autograd, the factors cached) and torch.compile run it; eager training, short rows and shared
+LoRA take faster layouts of the same numbers (``modeling.mtl_lora_fast``; the training step's autograd node
+with its backward written out is ``modeling.routed_update``). Tests hold every layout to the same scores and
+gradients.
 """
 from __future__ import annotations
 
