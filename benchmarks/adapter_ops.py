@@ -23,14 +23,24 @@ import collections
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
-from adapter_speed import DTYPES, TARGETS, build_base, make_batch, make_optimizer, with_mtl_lora, with_peft
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.adapter_models import (
+    DTYPES,
+    TARGETS,
+    build_base,
+    make_batch,
+    make_optimizer,
+    parse_args,
+    with_mtl_lora,
+    with_peft,
+)
 
 TARGET_RATIO = 1.10  # every proxy: MTL-LoRA / PEFT LoRA
 
@@ -92,8 +102,8 @@ def count_layer(method: str, in_f: int, out_f: int, args, dtype: torch.dtype) ->
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
-        peft = get_peft_model(_OneLinear(base), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
-                                                 target_modules=["q_proj"]), autocast_adapter_dtype=False)
+        lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules=["q_proj"])
+        peft = get_peft_model(_OneLinear(base), lcfg, autocast_adapter_dtype=False)
         layer = peft.base_model.model.q_proj
     else:
         router = TaskRouter(args.tasks)
@@ -158,7 +168,8 @@ def report(args, base: nn.Module | None = None, batch=None, explain_graphs: bool
         counts[name] = count_step(model, set_ids, batch)
         if name == "mtl_lora":  # Λ/w with a learning rate of their own: one more fused call
             model, set_ids = build(base, args)
-            counts["mtl_lora, task_lr != lr"] = {"optimizer": count_step(model, set_ids, batch, task_lr=3e-4)["optimizer"]}
+            apart = count_step(model, set_ids, batch, task_lr=3e-4)
+            counts["mtl_lora, task_lr != lr"] = {"optimizer": apart["optimizer"]}
     n_layers = sum(1 for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple(TARGETS)))
     print(f"\n== aten operations per step ({args.preset}, {args.dtype}, batch {args.batch} x {args.seq}, "
           f"{args.tasks} tasks, r {args.rank}, {n_layers} adapted layers; TorchDispatchMode) ==")
@@ -198,8 +209,6 @@ def report(args, base: nn.Module | None = None, batch=None, explain_graphs: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapter_speed import parse_args
-
     args = parse_args(argv)  # the same options as adapter_speed.py (--preset, --dtype, --batch, --explain, ...)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,7 +27,6 @@ all alike; medians are printed, with the ratios the targets are stated in.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -35,141 +34,25 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
-PRESETS = {  # LLaMA-shaped; speed does not depend on the (random) weights
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 1000},
-    "llama-small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32000},
-    # Qwen2-0.5B's shape as a LLaMA (hidden 896, 24 layers, GQA 14/2): ~0.49B parameters.
-    "llama-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                   "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936},
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python benchmarks/adapter_speed.py", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--preset", choices=PRESETS, default="llama-small")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--n-up", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--iters", type=int, default=15, help="timed rounds (each runs every case once)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case before the rounds")
-    p.add_argument("--compile", action="store_true", help="also time every case compiled (--compile-scope)")
-    p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
-                   help="model: the whole model's forward, fullgraph=True (default); blocks: each transformer "
-                        "block on its own (regional: one compiled block reused by all layers, compiles fast)")
-    p.add_argument("--compile-mode", default="default",
-                   help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
-    p.add_argument("--no-ops", dest="ops", action="store_false",
-                   help="skip the operation-count proxies (benchmarks/adapter_ops.py) printed before the timings")
-    p.add_argument("--explain", action="store_true", help="with the proxies: torch._dynamo.explain of the "
-                   "training forward of every adapter (graphs and graph breaks under fullgraph)")
-    p.add_argument("--compile-cases", default="mtl_lora,peft_lora,reference,unmerged,merged",
-                   help="which cases to compile, in order (compiling stops when --time-budget is spent)")
-    p.add_argument("--paths", default="", help="also time the layer's update paths forced, e.g. fused,gather")
-    p.add_argument("--profile", default="", help="cases to profile one step of (e.g. peft_lora,mtl_lora); "
-                   "prints the top kernels by device time")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--time-budget", type=float, default=0, help="seconds; 0 = no limit on compiled cases")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="the chip's dense bf16 peak for MFU on CUDA (H100/H200: 989)")
-    return p.parse_args(argv)
-
-
-def build_base(args) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    cfg = LlamaConfig(**PRESETS[args.preset], num_labels=1, pad_token_id=0, use_cache=False,
-                      max_position_embeddings=max(2048, args.seq))
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForSequenceClassification(cfg)
-    return model.to(DTYPES[args.dtype]).requires_grad_(False)
-
-
-def with_peft(base: nn.Module, args):
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules=TARGETS)
-    model = get_peft_model(copy.deepcopy(base), lcfg, autocast_adapter_dtype=False)  # adapters in bf16 too
-    return model, lambda ids: None
-
-
-def _mtl_lora_model(base: nn.Module, args, method: str = "mtl_lora"):
-    from kernel.config import AdapterConfig
-    from modeling.inject import inject_adapters
-
-    model = copy.deepcopy(base)
-    acfg = AdapterConfig(method=method, r=args.rank, alpha=2 * args.rank, n_up=args.n_up, dropout=args.dropout,
-                         targets=TARGETS)
-    router, _ = inject_adapters(model, acfg, args.tasks)
-    return model, router
-
-
-def with_mtl_lora(base: nn.Module, args, path: str = "auto", method: str = "mtl_lora"):
-    """modeling.mtl_lora on the same base; ``method`` "lora" / "per_task_lora" gives the baselines."""
-    from modeling.inject import adapter_layers
-
-    model, router = _mtl_lora_model(base, args, method)
-    for layer in adapter_layers(model).values():
-        layer.update_path = path
-    return model, lambda ids: setattr(router, "task_ids", ids)
-
-
-def with_reference(base: nn.Module, args):
-    from reference_mtl_lora import inject_gather_adapters
-
-    model = copy.deepcopy(base)
-    router = inject_gather_adapters(model, TARGETS, args.tasks, args.rank, 2 * args.rank, args.n_up, 0.1,
-                                    args.dropout)
-    return model, lambda ids: setattr(router, "task_ids", ids)
-
-
-def with_merged(base: nn.Module, args):
-    from modeling.merge import merged_backbone
-    from modeling.model import RelevanceModel
-
-    model, router = _mtl_lora_model(base, args)
-    return merged_backbone(RelevanceModel(model, "last", router), task=0), lambda ids: None
-
-
-def adapter_groups(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0) -> list[dict]:
-    """The trainer's optimizer groups for this model: MTL-LoRA's (adapters, task) by parameter name
-    (``training.ds_config.optimizer_groups``); PEFT's model has one adapters group. One lr for all groups:
-    the default config (task_lr 0 means "same as lr")."""
-    from training.ds_config import optimizer_groups
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if any(n.endswith((".A", ".B")) for n, _ in named):
-        return optimizer_groups(named, {"adapters": lr, "task": lr}, weight_decay)
-    return [{"params": [p for _, p in named], "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
-
-
-def make_optimizer(model: nn.Module, on_gpu: bool, task_lr: float | None = None) -> torch.optim.Optimizer:
-    """The project's AdamW (multi-tensor: fused) over ``adapter_groups``, for every case alike;
-    ``task_lr`` gives Λ/w a learning rate of their own."""
-    from training.ds_config import make_optimizer as project_optimizer
-
-    groups = adapter_groups(model)
-    for g in groups:
-        if task_lr is not None and g["name"] == "task":
-            g["lr"] = task_lr
-    return project_optimizer(groups, on_gpu)
+from benchmarks import adapter_ops
+from benchmarks.adapter_models import (
+    build_base,
+    make_batch,
+    make_optimizer,
+    parse_args,
+    with_merged,
+    with_mtl_lora,
+    with_peft,
+    with_reference,
+)
 
 
 def check_agreement(base: nn.Module, args, batch) -> None:
@@ -262,15 +145,6 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def make_batch(args, vocab: int):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (args.batch, args.seq), generator=g)
-    tasks = torch.randint(0, args.tasks, (args.batch,), generator=g)
-    labels = torch.randint(0, 2, (args.batch,), generator=g).float()
-    mask = torch.ones_like(ids)
-    return tuple(t.to(args.device) for t in (ids, mask, tasks, labels))
-
-
 def profile_cases(cases: list[Case], names: list[str], batch, top: int = 14) -> None:
     """One profiled step per named case: host time, device busy time, kernel launches, top host ops.
 
@@ -318,7 +192,8 @@ def run_rounds(cases: list[Case], batch, args, title: str) -> None:
             if c.train:  # MFU: 4 × non-embedding parameters × tokens (forward 2, backward through activations 2)
                 rate = f"   {tokens / med[c.name] * 1e3:9,.0f} tokens/s"
                 if args.device.startswith("cuda"):
-                    rate += f"   MFU {4 * c.non_embedding * tokens / (med[c.name] / 1e3) / (args.peak_tflops * 1e12):6.1%}"
+                    flops_per_s = 4 * c.non_embedding * tokens / (med[c.name] / 1e3)
+                    rate += f"   MFU {flops_per_s / (args.peak_tflops * 1e12):6.1%}"
             print(f"  {c.name:26s} {med[c.name]:9.2f} ms   spread {spread:8.2f}   trainable {c.trainable:>10,d}"
                   f"{rate}{peak}")
     sfx = " (compiled)" if "compile" in title else ""
@@ -330,6 +205,66 @@ def run_rounds(cases: list[Case], batch, args, title: str) -> None:
         keys = [k + ("/compile" if sfx else "") for k in (num, den)]
         if all(k in med for k in keys):
             print(f"  {label + sfx:58s} {med[keys[0]] / med[keys[1]]:6.3f}   target {target}")
+
+
+def case_builders(args) -> dict[str, tuple]:
+    """name -> (builder, trains): every timed case, plus the layer's update paths forced (--paths)."""
+    builders = {"peft_lora": (with_peft, True), "mtl_lora": (with_mtl_lora, True),
+                "reference": (with_reference, True), "merged": (with_merged, False),
+                "unmerged": (with_mtl_lora, False)}
+    for path in filter(None, args.paths.split(",")):  # the layer's two update paths, forced
+        builders[f"mtl_lora[{path}]"] = (lambda base, args, path=path: with_mtl_lora(base, args, path), True)
+        builders[f"unmerged[{path}]"] = (lambda base, args, path=path: with_mtl_lora(base, args, path), False)
+    return builders
+
+
+def make_case(name: str, compiled: bool, builders: dict, base: nn.Module, batch, args) -> Case | None:
+    """Build one case (compiled: --compile-scope, fullgraph) and warm it up; None, with the trace, if it fails."""
+    build, train = builders[name]
+    label = name + ("/compile" if compiled else "")
+    try:
+        model, set_ids = build(base, args)
+        if compiled:
+            opts = {"fullgraph": True, "mode": None if args.compile_mode == "default" else args.compile_mode}
+            if args.compile_scope == "model":  # the whole forward: one graph (0 breaks), its backward
+                model.compile(**opts)
+            else:
+                for block in blocks(model):
+                    block.compile(**opts)
+        case = Case(label, model, set_ids, train, args)
+        graphs = _compiled_graphs()
+        spent = case.warm(batch, args.warmup + (1 if compiled else 0))
+        extra = f", compile included, {_compiled_graphs() - graphs} graphs" if compiled else ""
+        print(f"  {label}: ready ({spent:.1f} s warm-up{extra})")
+        return case
+    except Exception:
+        print(f"  {label}: failed\n{traceback.format_exc()}")
+        return None
+
+
+def _profile(cases: list[Case], names: list[str], batch) -> None:
+    try:
+        profile_cases(cases, names, batch)
+    except Exception:
+        print(f"profiling failed\n{traceback.format_exc()}")
+
+
+def run_compiled(builders: dict, base: nn.Module, batch, args, start: float) -> None:
+    """The --compile-cases compiled, in order, until --time-budget is spent; then their rounds."""
+    scope = "the whole model, fullgraph" if args.compile_scope == "model" else "each transformer block"
+    print(f"\n-- torch.compile ({scope}, mode {args.compile_mode}) --")
+    compiled: list[Case] = []
+    for name in args.compile_cases.split(","):
+        if args.time_budget and time.perf_counter() - start > args.time_budget:
+            print(f"  {name}/compile: skipped, time budget of {args.time_budget:.0f} s spent")
+            continue
+        case = make_case(name.strip(), True, builders, base, batch, args)
+        if case is not None:
+            compiled.append(case)
+    if compiled:
+        run_rounds(compiled, batch, args, "torch.compile")
+        if args.profile:
+            _profile(compiled, [n + "/compile" for n in args.profile.split(",")], batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,73 +279,24 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}")
     base = build_base(args)
     batch = make_batch(args, base.config.vocab_size)
-    builders = {"peft_lora": (with_peft, True), "mtl_lora": (with_mtl_lora, True),
-                "reference": (with_reference, True), "merged": (with_merged, False),
-                "unmerged": (with_mtl_lora, False)}
-    for path in filter(None, args.paths.split(",")):  # the layer's two update paths, forced
-        builders[f"mtl_lora[{path}]"] = (lambda base, args, path=path: with_mtl_lora(base, args, path), True)
-        builders[f"unmerged[{path}]"] = (lambda base, args, path=path: with_mtl_lora(base, args, path), False)
-
-    def make(name: str, compiled: bool) -> Case | None:
-        build, train = builders[name]
-        label = name + ("/compile" if compiled else "")
-        try:
-            model, set_ids = build(base, args)
-            if compiled:
-                opts = {"fullgraph": True, "mode": None if args.compile_mode == "default" else args.compile_mode}
-                if args.compile_scope == "model":  # the whole forward: one graph (0 breaks), its backward
-                    model.compile(**opts)
-                else:
-                    for block in blocks(model):
-                        block.compile(**opts)
-            case = Case(label, model, set_ids, train, args)
-            graphs = _compiled_graphs()
-            spent = case.warm(batch, args.warmup + (1 if compiled else 0))
-            extra = f", compile included, {_compiled_graphs() - graphs} graphs" if compiled else ""
-            print(f"  {label}: ready ({spent:.1f} s warm-up{extra})")
-            return case
-        except Exception:
-            print(f"  {label}: failed\n{traceback.format_exc()}")
-            return None
-
+    builders = case_builders(args)
     try:
         check_agreement(base, args, batch)
     except Exception:
         print(f"agreement check failed\n{traceback.format_exc()}")
     if args.ops:  # the CPU-side proxies: operations dispatched per step, next to PEFT LoRA
         try:
-            import adapter_ops
-
             adapter_ops.report(args, base, batch, explain_graphs=args.explain)
         except Exception:
             print(f"operation counts failed\n{traceback.format_exc()}")
     print("\n-- eager --")
-    eager = [c for c in (make(n, False) for n in builders) if c is not None]
+    eager = [c for c in (make_case(n, False, builders, base, batch, args) for n in builders) if c is not None]
     run_rounds(eager, batch, args, "eager")
     if args.profile:
-        try:
-            profile_cases(eager, args.profile.split(","), batch)
-        except Exception:
-            print(f"profiling failed\n{traceback.format_exc()}")
+        _profile(eager, args.profile.split(","), batch)
     if args.compile:
         del eager
-        scope = "the whole model, fullgraph" if args.compile_scope == "model" else "each transformer block"
-        print(f"\n-- torch.compile ({scope}, mode {args.compile_mode}) --")
-        compiled: list[Case] = []
-        for name in args.compile_cases.split(","):
-            if args.time_budget and time.perf_counter() - start > args.time_budget:
-                print(f"  {name}/compile: skipped, time budget of {args.time_budget:.0f} s spent")
-                continue
-            case = make(name.strip(), True)
-            if case is not None:
-                compiled.append(case)
-        if compiled:
-            run_rounds(compiled, batch, args, "torch.compile")
-            if args.profile:
-                try:
-                    profile_cases(compiled, [n + "/compile" for n in args.profile.split(",")], batch)
-                except Exception:
-                    print(f"profiling failed\n{traceback.format_exc()}")
+        run_compiled(builders, base, batch, args, start)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 

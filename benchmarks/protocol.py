@@ -1,7 +1,8 @@
-"""The quality benchmark's protocol as pure functions: budgets, variants, learning-rate selection, pairing.
+"""The quality benchmark's protocol as pure functions: budgets, variants, the plan, lr selection, pairing.
 
-No training here (``benchmarks.quality`` runs the trials); everything below works on the rows of its
-results.json, so the rules that decide the reported numbers are tested in isolation:
+No training here (``benchmarks.quality_runner`` runs the trials); everything below works on the command's
+options or on the rows of its results.json, so the rules that decide the reported numbers are tested in
+isolation:
 
     budgets    "250": a fixed 250 optimizer steps, validated once at the end (the final model is tested).
                "es2000": early stopping: up to 2000 steps, validated every ``eval_every`` steps, stopped after
@@ -16,6 +17,8 @@ results.json, so the rules that decide the reported numbers are tested in isolat
     variants   MTL-LoRA with extra config overrides, within the paper's method (VARIANTS, or
                ``NAME:key=value;key=value``). A value ``<k>xlr`` is k times the trial's lr. A variant whose
                keys the config does not know (yet) is skipped with a message, never run half-configured.
+    methods    mtl_lora, lora, per_task_lora as configured; lora_matched is shared LoRA whose r makes its
+               adapter parameters closest to MTL-LoRA's (only r changes: alpha stays, so s = alpha / r).
 """
 from __future__ import annotations
 
@@ -25,7 +28,15 @@ import statistics
 import typing
 from dataclasses import dataclass
 
+from kernel.config import AdapterConfig, Config
+from kernel.errors import ConfigError
+
 DEFAULT_ES_MAX_STEPS = 2000
+DEFAULT_LRS = (5e-4, 1e-3, 2e-3)
+BASE_METHODS = ("mtl_lora", "lora", "lora_matched", "per_task_lora")
+# Any further adapter.method the config knows (a method outside the paper lives there, never as mtl_lora).
+METHODS = BASE_METHODS + tuple(m for m in typing.get_args(typing.get_type_hints(AdapterConfig)["method"])
+                               if m not in BASE_METHODS)
 
 # MTL-LoRA variants within the paper's method (spec: τ, n, Λ full/diagonal; the optimizer's task group).
 # adapter.w_init_scale (the U(±scale/√n) bound of w, 1 = spec) and train.task_warmup_steps (a warm-up of
@@ -66,8 +77,6 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     """"250" (fixed steps), "es" or "es2000" (early stopping, up to that many steps)."""
-    from kernel.errors import ConfigError
-
     t = text.strip().lower()
     try:
         if t.startswith("es"):
@@ -106,8 +115,6 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """A catalogue name (VARIANTS) or ``NAME:key=value;key=value``."""
-    from kernel.errors import ConfigError
-
     name, _, spec = text.partition(":")
     if not spec:
         if name not in VARIANTS:
@@ -122,8 +129,6 @@ def parse_variant(text: str) -> Variant:
 
 def config_knows(key: str) -> bool:
     """Whether the dotted ``key`` is a field of the project config (``kernel.config.Config``)."""
-    from kernel.config import Config
-
     node: typing.Any = Config
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
@@ -137,6 +142,72 @@ def config_knows(key: str) -> bool:
 
 def unknown_keys(variant: Variant) -> list[str]:
     return [item.split("=", 1)[0] for item in variant.overrides if not config_knows(item.split("=", 1)[0])]
+
+
+# --- methods, parameter matching and the plan ----------------------------------------------------------------
+
+def adapter_shapes(cfg: Config, num_tasks: int) -> list[tuple[int, int]]:
+    """(in, out) of every layer the config's targets adapt."""
+    from modeling.inject import adapter_layers
+    from modeling.model import build_model
+
+    model = build_model(cfg, num_tasks)
+    return [(m.base_layer.in_features, m.base_layer.out_features) for m in adapter_layers(model).values()]
+
+
+def mtl_adapter_params(shapes: list[tuple[int, int]], cfg: Config, num_tasks: int) -> int:
+    from modeling.mtl_lora import expected_trainable_params
+
+    a = cfg.adapter
+    return sum(expected_trainable_params(i, o, a.r, num_tasks, a.n_up, "mtl_lora", a.lambda_type) for i, o in shapes)
+
+
+def matched_lora_rank(shapes: list[tuple[int, int]], target: int) -> int:
+    """The rank r >= 1 whose shared-LoRA adapter count, r · Σ(in + out), is closest to ``target``."""
+    from modeling.mtl_lora import expected_trainable_params
+
+    per_rank = sum(expected_trainable_params(i, o, 1, 1, 1, "lora") for i, o in shapes)
+    low = max(1, target // per_rank)
+    return min((low, low + 1), key=lambda r: (abs(r * per_rank - target), r))
+
+
+def method_overrides(method: str, cfg: Config, matched_r: int) -> list[str]:
+    if method not in METHODS:
+        raise ConfigError(f"--methods: unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "lora_matched":  # only r changes; alpha stays, as with PEFT's LoraConfig(r=..., lora_alpha=...)
+        return ["adapter.method=lora", f"adapter.r={matched_r}"]
+    return [f"adapter.method={method}"]
+
+
+def trial_overrides(method: str, variants: dict[str, Variant], cfg: Config, matched_r: int, lr: float,
+                    seed: int, diagnostics_every: int) -> list[str]:
+    """What one trial adds to the dataset's overrides: lr, the method (or MTL-LoRA variant), seed, diagnostics.
+
+    The variant's overrides come after train.lr, so that a variant's own train.task_lr (say) applies.
+    """
+    method_args = ([*method_overrides("mtl_lora", cfg, matched_r), *variants[method].resolved(lr)]
+                   if method in variants else method_overrides(method, cfg, matched_r))
+    return [f"train.lr={lr!r}", *method_args, f"train.seed={seed}", f"train.diagnostics_every={diagnostics_every}"]
+
+
+class Plan(typing.NamedTuple):
+    datasets: list[str]
+    methods: list[str]
+    variants: dict[str, Variant]
+    budgets: list[Budget]
+    lrs: list[float]
+    seeds: list[int]
+    shard: tuple[int, int] = (1, 1)  # (K, N): this command runs trials K-1, K-1+N, ... of ``trials()``
+
+    def trials(self) -> list[tuple[str, Budget, str, float, int]]:
+        """Every (dataset, budget, method, lr, seed) of the plan, in run order (the shards' numbering)."""
+        return [(d, b, m, lr, s) for d in self.datasets for b in self.budgets for m in self.methods
+                for lr in self.lrs for s in self.seeds]
+
+    def mine(self) -> set[tuple[str, str, str, float, int]]:
+        """This shard's trials, as results.json keys."""
+        k, n = self.shard
+        return {(d, b.name, m, lr, s) for i, (d, b, m, lr, s) in enumerate(self.trials()) if i % n == k - 1}
 
 
 # --- selection and pairing ---------------------------------------------------------------------------------
@@ -176,3 +247,29 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def chosen(results: dict) -> dict[tuple[str, str, str], dict[int, dict]]:
+    """(dataset, budget, method) -> seed -> the trial at the lr chosen on validation, once it has its test."""
+    out: dict[tuple[str, str, str], dict[int, dict]] = {}
+    for t in results["trials"]:
+        sel = results["selected"].get(f"{t['dataset']}|{t['budget']}|{t['method']}")
+        if sel and t["lr"] == sel["lr"] and t["seed"] in sel["seeds"] and "test_auc_macro" in t:
+            out.setdefault((t["dataset"], t["budget"], t["method"]), {})[t["seed"]] = t
+    return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+def paired_macro(a: dict[int, dict], b: dict[int, dict]) -> dict[int, float]:
+    """seed -> macro test AUC of a minus b (both chosen trials)."""
+    return {s: a[s]["test_auc_macro"] - b[s]["test_auc_macro"] for s in a if s in b}
+
+
+def paired_scenario(a: dict[int, dict], b: dict[int, dict], scenario: str) -> dict[int, float]:
+    """seed -> test AUC of a minus b in one scenario (seeds where either has no AUC are left out)."""
+    out = {}
+    for s in a:
+        if s in b:
+            x, y = a[s]["test_auc"].get(scenario), b[s]["test_auc"].get(scenario)
+            if x is not None and y is not None:
+                out[s] = x - y
+    return out

@@ -38,7 +38,8 @@ PRESETS = {
                    "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
                    "max_position_embeddings": 2048},
 }
-TARGETS = {"bert": ["query", "key", "value", "attention.output.dense"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+TARGETS = {"bert": ["query", "key", "value", "attention.output.dense"],
+           "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def make_cfg(args, zero_stage: int):

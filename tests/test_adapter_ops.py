@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import adapter_ops
-from benchmarks.adapter_speed import build_base, make_batch, parse_args, with_mtl_lora, with_peft
+from benchmarks.adapter_models import build_base, make_batch, parse_args, with_mtl_lora, with_peft
 from modeling.inject import adapter_layers
 
 TARGET = 1.10  # MTL-LoRA / PEFT LoRA, every proxy

@@ -13,7 +13,6 @@ import torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from kernel.config import config_from_dict
 from kernel.errors import TrainingDiverged, UnknownScenario
 from modeling.inject import adapter_layers
 from modeling.merge import (
@@ -26,9 +25,8 @@ from modeling.merge import (
     save_peft_adapter,
     save_plain,
 )
-from modeling.model import build_model
 from modeling.mtl_lora import MTLLoRALinear
-from tests.shared import BERT, LLAMA
+from tests.shared import BERT, LLAMA, padded_batch, tiny_adapted_model
 
 T = 3
 CASES = {  # name: (random_config, pooling, targets)
@@ -41,11 +39,8 @@ CASES = {  # name: (random_config, pooling, targets)
 def trained_like(case: str, method: str = "mtl_lora", lambda_type: str = "full", dtype=torch.float32):
     """A tiny model whose adapters and head hold random values, as if trained."""
     spec, pooling, targets = CASES[case]
-    cfg = config_from_dict({
-        "model": {"init": "random", "pooling": pooling, "random_config": spec},
-        "adapter": {"method": method, "lambda_type": lambda_type, "targets": targets, "r": 4, "n_up": 2},
-    })
-    model = build_model(cfg, T, dtype=dtype)
+    model = tiny_adapted_model(spec, pooling, targets, T, dtype=dtype, method=method, lambda_type=lambda_type, r=4,
+                               n_up=2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -54,12 +49,8 @@ def trained_like(case: str, method: str = "mtl_lora", lambda_type: str = "full",
     return model.eval()
 
 
-def batch(model, n: int = 6, length: int = 9):
-    g = torch.Generator().manual_seed(0)
-    pad = model.backbone.config.pad_token_id
-    ids = torch.randint(3, 1000, (n, length), generator=g)
-    mask = (torch.arange(length) < torch.randint(3, length + 1, (n,), generator=g)[:, None]).long()
-    return torch.where(mask.bool(), ids, torch.full_like(ids, pad)), mask
+def batch(model):
+    return padded_batch(model, rows=6, length=9, min_length=3)
 
 
 def scenario_scores(model, ids, mask, task):

@@ -1,91 +1,26 @@
-"""Properties of the MTL-LoRA layer and of models built with it, on a tiny BERT and a tiny LLaMA.
+"""Properties of the MTL-LoRA layer alone (``modeling.mtl_lora``) and of its fast layouts.
 
-B = 0 gives the base output; the fused forward equals the spec's per-row formula; a mixed-scenario
-batch equals each scenario alone; gradients reach only A, Λ, B, w and the head; diagonal and full Λ;
-bf16; parameter count; no added bias; task ids under non-reentrant checkpointing; ZeRO-3 ownership.
+The forward (with and without autograd) and the reference maths equal the spec's per-row formula in float64;
+the written-out backward passes gradcheck; the eager layouts give the reference's scores and gradients in
+fp32, bf16 and under autocast; cached factors and persistent views follow parameter updates; the spec's
+initialisation; diagonal Λ equals full Λ with that diagonal; clear errors for bad task ids.
+Whole models built with the layer: tests/test_mtl_lora_models.py.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from kernel.config import config_from_dict
 from kernel.errors import UnknownScenario
-from modeling.inject import adapter_layers, adapter_param_count
-from modeling.model import build_model, enable_activation_checkpointing, is_adapter_param
-from modeling.mtl_lora import MTLLoRALinear, TaskRouter, expected_trainable_params
-from tests.shared import BERT, LLAMA, NO_DROPOUT
+from modeling import mtl_lora_fast as fast
+from modeling.mtl_lora import MTLLoRALinear, TaskRouter
+from modeling.routed_update import RoutedUpdate
+from tests.shared import randomize_adapters
 
-T = 3
-ARCHS = {
-    "bert": {
-        "random_config": {**BERT, **NO_DROPOUT},
-        "pooling": "mean",
-        "targets": ["query", "key", "value", "attention.output.dense"],
-    },
-    "llama": {
-        "random_config": LLAMA,
-        "pooling": "last",
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    },
-}
 METHODS = ["mtl_lora", "lora", "per_task_lora"]
-
-
-def make_model(arch: str, method: str = "mtl_lora", lambda_type: str = "full", dtype=torch.float32,
-               dropout: float = 0.0, num_tasks: int = T):
-    a = ARCHS[arch]
-    cfg = config_from_dict({
-        "model": {"init": "random", "pooling": a["pooling"], "random_config": a["random_config"]},
-        "adapter": {"method": method, "lambda_type": lambda_type, "targets": a["targets"], "r": 4,
-                    "n_up": 3, "dropout": dropout},
-    })
-    return build_model(cfg, num_tasks, dtype=dtype)
-
-
-def randomize_adapters(model: nn.Module, seed: int = 1, zero_b: bool = False) -> None:
-    """Move every adapter parameter off its init, so each task's update is distinct and non-zero.
-
-    A keeps its (random) init; B gets N(0, 0.2²), Λ and w a random perturbation: updates of a size a
-    trained adapter has, so the tiny models stay well conditioned (bf16 comparisons stay meaningful).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            for name, p in layer.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g).to(p.dtype)
-                if name == "B" and not zero_b:
-                    p.copy_(0.2 * noise)
-                elif name in ("lam", "w"):
-                    p.add_(0.5 * noise)
-
-
-def make_batch(model, batch: int = 6, length: int = 7, seed: int = 0):
-    """Right-padded token ids (pad = the model's pad id), mask and per-row task ids cycling 0..T-1."""
-    g = torch.Generator().manual_seed(seed)
-    pad = model.backbone.config.pad_token_id
-    ids = torch.randint(3, 1000, (batch, length), generator=g)
-    lengths = torch.randint(2, length + 1, (batch,), generator=g)
-    mask = (torch.arange(length) < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
-    tasks = torch.arange(batch) % T
-    return ids, mask, tasks
-
-
-def strip_adapters(model):
-    """The same model with every adapted layer replaced by its frozen base layer."""
-    base = copy.deepcopy(model)
-    for name, layer in adapter_layers(base).items():
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent), child, layer.base_layer)
-    return base
-
-
-# --- the layer alone --------------------------------------------------------------------------------
 
 
 def spec_forward(layer: MTLLoRALinear, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -124,11 +59,15 @@ def test_forward_equals_spec_formula(method, lambda_type, bias, shape, path):
     randomize_adapters(nn.ModuleDict({"l": layer}))
     x = torch.randn(*shape, 12)
     router.task_ids = torch.tensor([2, 0, 3, 1, 2])
-    y = layer(x)
-    assert y.shape == (*shape, 10)
     flat = x.reshape(5, -1, 12)
     expected = torch.stack([spec_forward(layer, flat[:, j], router.task_ids) for j in range(flat.shape[1])], 1)
-    torch.testing.assert_close(y.reshape(5, -1, 10).double(), expected, atol=1e-5, rtol=1e-5)
+    ids = None if method == "lora" else router.task_ids
+    with torch.no_grad():
+        scored = layer(x)  # without autograd: the reference maths or a plain layout, factors cached
+        reference = layer.reference_update(layer.base_layer(x), x, ids)
+    for y in (layer(x), scored, reference):  # layer(x) with autograd: the training layouts
+        assert y.shape == (*shape, 10)
+        torch.testing.assert_close(y.reshape(5, -1, 10).double(), expected, atol=1e-5, rtol=1e-5)
     # delta_weight / lora_pair describe the same update.
     for t in range(4):
         a, up = layer.lora_pair(t)
@@ -140,7 +79,7 @@ def test_compiled_and_eager_contraction_forms_agree(lambda_type):
     """The tiny contractions written elementwise (the form inductor fuses) give the numbers of mm/bmm."""
     layer = MTLLoRALinear(nn.Linear(12, 10), 4, TaskRouter(4), r=3, n_up=2, lambda_type=lambda_type)
     randomize_adapters(nn.ModuleDict({"l": layer}))
-    torch.testing.assert_close(layer._up_t(elementwise=True), layer._up_t(elementwise=False), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast.up_t_elementwise(layer), layer._up_t(), atol=1e-6, rtol=1e-6)
 
 
 def _three_task_layer(path: str) -> MTLLoRALinear:
@@ -170,8 +109,6 @@ FAST_CASES = [("mtl_lora", "full"), ("mtl_lora", "diagonal"), ("lora", "full"), 
 def test_hand_written_backward_passes_gradcheck(method, lambda_type):
     """The eager path's written-out backward against finite differences, in float64. The parameters enter
     through the layer's persistent views as well, so this also shows that those follow in-place changes."""
-    from modeling.mtl_lora import _RoutedUpdate
-
     torch.manual_seed(0)
     layer = MTLLoRALinear(nn.Linear(5, 6), 3, TaskRouter(3), method, r=2, n_up=2, tau=0.7, dropout=0.0,
                           lambda_type=lambda_type).double()
@@ -182,16 +119,20 @@ def test_hand_written_backward_passes_gradcheck(method, lambda_type):
     params = [p for p in (layer.A, layer.B, getattr(layer, "lam", None), getattr(layer, "w", None)) if p is not None]
 
     def update(out0, xd, A, B, lam=None, w=None):
-        return _RoutedUpdate.apply(out0.clone(), xd, ids, layer._spec(), layer._aliases(), A, B, lam, w)
+        return RoutedUpdate.apply(out0.clone(), xd, ids, fast.spec(layer), fast.views(layer), A, B, lam, w)
 
     assert torch.autograd.gradcheck(update, [out0, xd, *params])
 
 
 def _plain_forward(layer: MTLLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's forward through the plain maths (``_update``), with autograd deriving the backward."""
-    path = layer._path(x)
-    ids = None if path == "shared" else layer._row_ids(x)
-    return layer._update(layer.base_layer(x), layer.dropout(x), ids, path)
+    """The layer's forward in plain tensor ops, autograd deriving the backward: the reference maths where the
+    layer takes the written-out autograd node, else the (plain) layout it takes."""
+    out, xd = layer.base_layer(x), layer.dropout(x)
+    ids = None if layer.method == "lora" else layer._row_ids(x)
+    layout = fast.choose_layout(layer, x)
+    if layout in ("routed", "reference"):
+        return layer.reference_update(out, xd, ids)
+    return fast.update(layer, layout, out, xd, ids)
 
 
 def _four_row_layer(method: str, lambda_type: str) -> MTLLoRALinear:
@@ -247,23 +188,25 @@ def test_eager_fast_path_tracks_the_plain_maths_in_bf16(method, lambda_type, pre
     (y_fast, gx_fast, g_fast), (y_plain, gx_plain, g_plain) = _fast_and_plain(layer, x, precision == "autocast")
     assert y_fast.dtype == y_plain.dtype == torch.bfloat16
     y_fast, y_plain = y_fast.float(), y_plain.float()
-    for name, a, b in [("y", y_fast, y_plain), ("x", gx_fast, gx_plain), *((n, g_fast[n], g_plain[n]) for n in g_plain)]:
+    pairs = [("y", y_fast, y_plain), ("x", gx_fast, gx_plain), *((n, g_fast[n], g_plain[n]) for n in g_plain)]
+    for name, a, b in pairs:
         scale = b.abs().max().item()
         torch.testing.assert_close(a, b, atol=0.02 * scale, rtol=0.02, msg=name)
-    assert g_fast.keys() == g_plain.keys() and all(p.grad.dtype == p.dtype for p in layer.parameters() if p.grad is not None)
+    assert g_fast.keys() == g_plain.keys()
+    assert all(p.grad.dtype == p.dtype for p in layer.parameters() if p.grad is not None)
 
 
 def test_persistent_views_follow_a_new_storage():
     """``.data =`` (ZeRO-3 re-gathers, ``.to()``) gives a parameter new storage: the views are made again."""
     layer = _three_task_layer("gather")
     x = torch.randn(3, 6, 12)
-    before = layer._aliases()
-    assert layer._aliases() is before  # reused while the storage stays
+    before = fast.views(layer)
+    assert fast.views(layer) is before  # reused while the storage stays
     with torch.no_grad():
         layer.A.mul_(2)  # in place: the old views show it
-    assert layer._aliases() is before and torch.equal(before.a_t, layer.A.t())
+    assert fast.views(layer) is before and torch.equal(before.a_t, layer.A.t())
     layer.A.data = layer.A.data * 0.5
-    after = layer._aliases()
+    after = fast.views(layer)
     assert after is not before and torch.equal(after.a_t, layer.A.t())
     torch.testing.assert_close(layer(x), _plain_forward(layer, x), atol=1e-6, rtol=1e-5)
 
@@ -370,191 +313,7 @@ def test_bad_task_ids_raise_clear_errors():
         layer.delta_weight(3)
 
 
-# --- whole models: tiny BERT and tiny LLaMA -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
-def test_zero_up_projections_give_the_base_output(arch, method):
-    model = make_model(arch, method, dropout=0.5)
-    randomize_adapters(model, zero_b=True)  # A, Λ, w random: only B = 0 must matter
-    base = strip_adapters(model)
-    ids, mask, tasks = make_batch(model)
-    model.train()  # adapter dropout active: the base path must stay untouched
-    base.train()
-    torch.testing.assert_close(model(ids, mask, tasks), base(ids, mask, tasks), atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
-def test_mixed_batch_equals_each_scenario_alone(arch, method, lambda_type):
-    model = make_model(arch, method, lambda_type).eval()
-    randomize_adapters(model)
-    ids, mask, tasks = make_batch(model)
-    with torch.no_grad():
-        mixed = model(ids, mask, tasks)
-        for t in range(T):
-            rows = tasks == t
-            alone = model(ids[rows], mask[rows], tasks[rows])
-            torch.testing.assert_close(mixed[rows], alone, atol=1e-5, rtol=1e-5)
-        # Routing matters (except for shared LoRA, which ignores task ids).
-        other = model(ids, mask, (tasks + 1) % T)
-    assert torch.equal(other, mixed) == (method == "lora")
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_update_paths_agree_in_scores_and_gradients(arch):
-    """The fused (K = T·r) and gather (per-row U_t) layouts compute the same function and gradients."""
-    fused = make_model(arch)
-    randomize_adapters(fused)
-    gather = copy.deepcopy(fused)
-    for model, path in ((fused, "fused"), (gather, "gather")):
-        for layer in adapter_layers(model).values():
-            layer.update_path = path
-    ids, mask, tasks = make_batch(fused)
-    a, b = fused(ids, mask, tasks), gather(ids, mask, tasks)
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    a.pow(2).sum().backward()
-    b.pow(2).sum().backward()
-    grads = {n: p.grad for n, p in gather.named_parameters() if p.grad is not None}
-    for name, p in fused.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
-def test_gradients_reach_only_adapters_and_head(arch, lambda_type):
-    model = make_model(arch, "mtl_lora", lambda_type)
-    randomize_adapters(model)
-    ids, mask, tasks = make_batch(model)
-    model(ids, mask, tasks).pow(2).sum().backward()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    for name, p in model.named_parameters():
-        if is_adapter_param(name):
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        elif name in trainable:  # the head
-            assert "head." in name or "score." in name or "classifier." in name or "pooler." in name, name
-        else:
-            assert p.grad is None, name
-    suffixes = {n.rsplit(".", 1)[1] for n in trainable if is_adapter_param(n)}
-    assert suffixes == {"A", "B", "lam", "w"}
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_model_trains_and_tracks_fp32(arch):
-    ref = make_model(arch).eval()
-    randomize_adapters(ref)
-    low = copy.deepcopy(ref).to(torch.bfloat16)
-    ids, mask, tasks = make_batch(ref)
-    out = low(ids, mask, tasks)
-    out.float().pow(2).sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in low.parameters() if p.grad is not None)
-    scale = ref(ids, mask, tasks).abs().max().item() + 1
-    torch.testing.assert_close(out.float(), ref(ids, mask, tasks), atol=0.05 * scale, rtol=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 parameters under autocast
-        auto = ref(ids, mask, tasks)
-    torch.testing.assert_close(auto.float(), ref(ids, mask, tasks), atol=0.05 * scale, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("lambda_type", ["full", "diagonal"])
-def test_trainable_parameter_count_matches_the_formula(arch, method, lambda_type):
-    model = make_model(arch, method, lambda_type)
-    actual, expected = adapter_param_count(model)
-    assert actual == expected
-    r, n = 4, (3 if method == "mtl_lora" else 1)
-    by_hand = 0
-    for layer in adapter_layers(model).values():
-        i, o = layer.base_layer.in_features, layer.base_layer.out_features
-        lam = T * r * r if lambda_type == "full" else T * r
-        by_hand += {"mtl_lora": r * i + lam + n * o * r + T * n, "lora": r * (i + o),
-                    "per_task_lora": T * r * (i + o)}[method]
-    assert actual == by_hand
-    adapter_total = sum(p.numel() for name, p in model.named_parameters() if is_adapter_param(name))
-    assert adapter_total == actual
-
-
-def test_spec_example_count_llama2_7b():
-    per_layer = expected_trainable_params(4096, 4096, r=8, num_tasks=8, n_up=3, method="mtl_lora")
-    assert 32 * 4 * per_layer == 16_845_824
-
-
-def test_no_bias_is_added_or_reinitialised():
-    llama = make_model("llama")
-    for name, layer in adapter_layers(llama).items():
-        assert layer.base_layer.bias is None, name
-        assert not any(n.endswith("bias") for n, _ in layer.named_parameters()), name
-    bert = make_model("bert")
-    torch.manual_seed(0)
-    from transformers import AutoConfig, AutoModel
-
-    cfg = dict(ARCHS["bert"]["random_config"])
-    plain = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    plain_state = plain.state_dict()
-    for name, layer in adapter_layers(bert.backbone).items():
-        assert torch.equal(layer.base_layer.bias, plain_state[f"{name}.bias"]), name
-        assert torch.equal(layer.base_layer.weight, plain_state[f"{name}.weight"]), name
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_task_ids_survive_non_reentrant_checkpointing(arch):
-    ref = make_model(arch).train()
-    randomize_adapters(ref)
-    ids, mask, tasks = make_batch(ref)
-    ref(ids, mask, tasks).pow(2).sum().backward()
-    expected = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
-
-    def checkpointed_grads(context: bool):
-        model = copy.deepcopy(ref)
-        model.zero_grad(set_to_none=True)
-        enable_activation_checkpointing(model.backbone, model.router.checkpoint_context if context else None)
-        loss = model(ids, mask, tasks).pow(2).sum()
-        model.router.task_ids = (tasks + 1) % T  # an interleaved forward set other ids before backward
-        loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    got = checkpointed_grads(context=True)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
-    # Without the context the recomputation uses the wrong ids: the check above is not vacuous.
-    wrong = checkpointed_grads(context=False)
-    assert any(not torch.allclose(wrong[n], expected[n], atol=1e-6) for n in expected)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_each_layer_owns_its_parameters(method):
-    """ZeRO-3 gathers a module's own parameters around its forward: nothing may be shared."""
-    model = make_model("llama", method)
-    owner: dict[int, str] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            assert id(p) not in owner, f"{mod_name}.{p_name} is also {owner[id(p)]}"
-            owner[id(p)] = f"{mod_name}.{p_name}"
-    for name, layer in adapter_layers(model).items():
-        direct = {n for n, _ in layer.named_parameters(recurse=False)}
-        assert direct == ({"A", "B", "lam", "w"} if method == "mtl_lora" else {"A", "B"}), name
-
-
-def test_per_task_lora_tasks_are_independent():
-    model = make_model("bert", "per_task_lora")
-    randomize_adapters(model)
-    ids, mask, _ = make_batch(model)
-    model(ids, mask, torch.ones(ids.shape[0], dtype=torch.long)).sum().backward()
-    for layer in adapter_layers(model).values():
-        r = layer.r
-        a_grad = layer.A.grad.view(T, r, -1).abs().sum((1, 2))
-        b_grad = layer.B.grad.abs().sum((1, 2))
-        assert a_grad[1] > 0 and b_grad[1] > 0
-        assert a_grad[0] == 0 and a_grad[2] == 0 and b_grad[0] == 0 and b_grad[2] == 0
-
-
 def test_w_init_scale_shrinks_the_mixing_logits_toward_uniform_mixing():
-    from modeling.mtl_lora import MTLLoRALinear, TaskRouter
-
     torch.manual_seed(0)
     for scale in (1.0, 0.1, 0.0):
         layer = MTLLoRALinear(torch.nn.Linear(16, 16), 4, TaskRouter(4), n_up=3, tau=0.1, w_init_scale=scale)
