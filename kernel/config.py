@@ -9,7 +9,6 @@ from this tree by code (``training.ds_config``, ``flat_params``); nothing else i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import types
 import typing
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from kernel.errors import ConfigError
+from kernel.hashing import bytes_digest
 
 
 @dataclass
@@ -250,7 +250,7 @@ class Config:
         if not self.remote_work_dir:
             return Path(self.work_dir.removeprefix("file://"))
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ads-relevance" / "work"
-        return root / hashlib.sha256(self.work_dir.rstrip("/").encode()).hexdigest()[:16]
+        return root / bytes_digest(self.work_dir.rstrip("/"), 16)
 
     @property
     def tracking_uri(self) -> str:
