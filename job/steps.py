@@ -26,6 +26,7 @@ from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
 from kernel.mlflow_client import mlflow_client
 from kernel.stage import Outcome
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 from monitoring import registry
 from monitoring.check import run_check
 from monitoring.history import model_name_of, read_history
@@ -293,7 +294,7 @@ def model_card(ctx: JobContext) -> dict:
     cfg = ctx.cfg
     return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
             "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
-            "scenarios": storage.read_json(storage.join(ctx.paths.data, "task_map.json"), "task map")["scenarios"],
+            "scenarios": TaskMap.load(storage.join(ctx.paths.data, TASK_MAP_FILE)).names,
             "training_run": ctx.info("train").get("run_id"), "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 

@@ -45,7 +45,7 @@ from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from kernel.exit_codes import run_cli
 from kernel.hashing import stable_hash
-from kernel.task_map import TaskMap
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 from kernel.tracking import open_tracker
 from pipeline.dedupe import Spill, bucket_count, find_duplicates
 from pipeline.reader import ParquetSource, build_filter
@@ -54,7 +54,7 @@ from pipeline.stats import IngestStats
 from pipeline.synthetic import generate
 from pipeline.validate import REASON_NAMES, ColumnMapping, empty_batch, quarantine_schema
 
-OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", "task_map.json", "stats.json"]
+OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", TASK_MAP_FILE, "stats.json"]
 REJECTED_DIR = "_rejected"  # <out>/_rejected: quarantine.parquet + stats.json of a run that failed its gate
 REJECTED_FILES = ["quarantine.parquet", "stats.json"]
 
@@ -207,7 +207,7 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
             _reject(error, stage, stats, out_dir, files)
         result = stats.to_dict()
         scenarios = list(d.scenarios) or sorted(s for s, v in result["by_scenario"].items() if v["rows"])
-        TaskMap(scenarios).save(stage / "task_map.json")
+        TaskMap(scenarios).save(stage / TASK_MAP_FILE)
         write_json_atomic(stage / "stats.json", result)
         storage.publish_files(stage, out_dir, OUTPUT_FILES)
         storage.delete(rejected_dir)  # a stale failure's rows no longer describe out_dir
