@@ -74,7 +74,7 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
 
 
 def read_json(path: str | Path, what: str) -> object:
-    """Parse a JSON file; a missing or malformed file raises DataError naming the path and ``what`` it is."""
+    """Deprecated: ``kernel.storage.read_json`` reads local files and URIs alike (same errors)."""
 
     path = Path(path)
     if not path.is_file():

@@ -33,7 +33,6 @@ AUC alert); 5 the MLflow server did not answer.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +41,6 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from evaluation.drift import drift_report, load_reference
 from evaluation.metrics import (
@@ -57,9 +55,11 @@ from kernel import exit_codes, storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError
+from kernel.hashing import bytes_digest
 from kernel.mlflow_client import MlflowTracker
 from monitoring.history import metric_key, model_name_of, read_history, run_tags
 from monitoring.report import write_report
+from pipeline.reader import ParquetSource
 
 EXIT_OK, EXIT_INPUT, EXIT_BREACH = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH
 QUARANTINE_DIR = "_quarantine"  # batch scoring writes its rejected rows here, inside the output folder
@@ -74,31 +74,13 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict) -> None: ...
 
 
-def _dataset(path: str | Path, what: str) -> ds.Dataset:
-    if storage.is_uri(path):  # an object store: pyarrow reads it through its own file system
-        if not storage.exists(path):
-            raise DataError(f"{path}: {what} does not exist")
-        fs, inner = storage.resolve(path)
-        try:
-            return ds.dataset(inner, filesystem=fs, format="parquet",
-                              partitioning="hive" if storage.is_dir(path) else None)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: cannot read {what} as Parquet ({e})") from e
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: {what} does not exist")
-    try:
-        return ds.dataset(p, format="parquet", partitioning="hive" if p.is_dir() else None)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p}: cannot read {what} as Parquet ({e})") from e
-
-
 def read_scored(path: str | Path, keys: bool = False) -> dict[str, np.ndarray | None]:
     """Columns as numpy arrays: scenario, score, label (float, NaN = unlabelled; None if absent), query_len,
     title_len (None if absent); with ``keys`` also source_file (str) and source_row (int64), the row key
     that batch scoring writes (required then, nulls refused). Validated per file so errors name the file,
     the column and the row."""
-    dset = _dataset(path, "scored input")
+    src = ParquetSource.open(path, "scored input")
+    dset = src.dataset
     names = set(dset.schema.names)
     required = {"scenario", "score"} | (set(ROW_KEY) if keys else set())
     missing = required - names
@@ -119,24 +101,23 @@ def read_scored(path: str | Path, keys: bool = False) -> dict[str, np.ndarray | 
     parts = []
     for frag in dset.get_fragments():
         t = frag.to_table(schema=dset.schema, columns=proj)
+        where = src.shown(frag.path)
         for col in ("scenario", "score", *(ROW_KEY if keys else ())):
             if t[col].null_count:
                 row = pc.index(pc.is_null(t[col]), True).as_py()
-                raise DataError(f"{frag.path}: column {col}: {t[col].null_count} nulls (first at row {row})")
+                raise DataError(f"{where}: column {col}: {t[col].null_count} nulls (first at row {row})")
         s = t["score"].to_numpy()
         bad = np.flatnonzero(~np.isfinite(s) | (s < 0) | (s > 1))
         if len(bad):
-            raise DataError(f"{frag.path}: column score: {len(bad)} values outside [0, 1] "
+            raise DataError(f"{where}: column score: {len(bad)} values outside [0, 1] "
                             f"(first at row {bad[0]}: {s[bad[0]]})")
         if "label" in proj:
             y = t["label"].to_numpy(zero_copy_only=False)
             bad = np.flatnonzero(~np.isnan(y) & (y != 0) & (y != 1))
             if len(bad):
-                raise DataError(f"{frag.path}: column label: {len(bad)} values are not 0/1 "
+                raise DataError(f"{where}: column label: {len(bad)} values are not 0/1 "
                                 f"(first at row {bad[0]}: {y[bad[0]]})")
         parts.append(t)
-    if not parts:
-        raise DataError(f"{path}: scored input holds no Parquet files")
     t = pa.concat_tables(parts)
     out: dict[str, np.ndarray | None] = {
         "scenario": t["scenario"].to_numpy(zero_copy_only=False).astype(str),
@@ -153,7 +134,7 @@ def read_scored(path: str | Path, keys: bool = False) -> dict[str, np.ndarray | 
 
 def scored_model_version(path: str | Path) -> str | None:
     """The scored input's ``model_version`` column when it holds exactly one non-null value, else None."""
-    dset = _dataset(path, "scored input")
+    dset = ParquetSource.open(path, "scored input").dataset
     if "model_version" not in dset.schema.names:
         return None
     values = pc.unique(dset.to_table(columns={"v": pc.field("model_version").cast(pa.string())})["v"]).drop_null()
@@ -161,7 +142,7 @@ def scored_model_version(path: str | Path) -> str | None:
 
 
 def count_rows(path: str | Path) -> int:
-    return _dataset(path, "quarantine file").count_rows()
+    return ParquetSource.open(path, "quarantine file").num_rows
 
 
 _metric_key = metric_key  # one cleaning of metric names, shared with the history reader
@@ -383,15 +364,12 @@ def run_check(scored_path, reference_path, out_dir, cfg: Config, quarantine_path
         "history": None if history is None else [
             {k: h.get(k) for k in ("run_id", "start_time", "model_version", "scenarios")} for h in history],
     }
-    # An object-store out_dir: the report is written in a local folder (kept: the tracker may still be
-    # sending it) and then published there, files first and a commit marker last.
-    out = Path(out_dir) if not storage.is_uri(out_dir) else (
-        cfg.local_work_dir / "reports" / hashlib.sha256(str(out_dir).encode()).hexdigest()[:16])
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(summary, out, reference, curves=curves, history=history)
-    write_json_atomic(out / "summary.json", summary)
-    if storage.is_uri(out_dir):
-        storage.upload_dir(out, out_dir)
+    # An object-store out_dir: the report is written in a local folder, kept (the tracker may still be sending
+    # it), and published there, files first and a commit marker last.
+    kept = cfg.local_work_dir / "reports" / bytes_digest(str(out_dir), 16)
+    with storage.output_dir(out_dir, local=kept) as out:
+        write_report(summary, out, reference, curves=curves, history=history)
+        write_json_atomic(out / "summary.json", summary)
     if tracker is not None:
         tracker.set_tags(run_tags(model_version, (comparison or {}).get("version")))
         tracker.log_metrics(headline_metrics(summary))

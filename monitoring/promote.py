@@ -31,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation.metrics import scenario_metrics, summarize
-from kernel import exit_codes, storage
+from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
 from monitoring import registry
+from pipeline.reader import ParquetSource
 from serving.scorer import score_table
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
@@ -42,19 +43,12 @@ ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def default_score_fn(model_uri: str, eval_path: str, tracking_uri: str | None = None) -> pa.Table:
-    """Score the evaluation Parquet (canonical columns) with the batch scorer, ``serving.score.score_table``.
-
-    Imported here so that this module imports without serving. Rows of a scenario the model does not know
-    come back with a null score, which the gate reports as that scenario's missing metric.
+    """Score the evaluation Parquet (canonical columns; a file or folder, local or a URI) with the batch
+    scorer, ``serving.scorer.score_table``. Rows of a scenario the model does not know come back with a null
+    score, which the gate reports as that scenario's missing metric.
     """
-    from pathlib import Path
-
-    import pyarrow.dataset as ds
-
-
-    if not storage.exists(eval_path):
-        raise DataError(f"{eval_path}: evaluation set does not exist")
-    return score_table(model_uri, ds.dataset(eval_path, format="parquet").to_table(), tracking_uri=tracking_uri)
+    table = ParquetSource.open(eval_path, "evaluation set").dataset.to_table()
+    return score_table(model_uri, table, tracking_uri=tracking_uri)
 
 
 def as_arrays(result, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
