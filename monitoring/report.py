@@ -3,7 +3,7 @@
     write_report(summary, out_dir, reference, curves=curves, history=history)
     # out_dir/report.html, out_dir/plots/NN_<scenario>.png, NN_<scenario>_curves.png, NN_<scenario>_trend.png
 
-``summary`` is what ``monitoring.check.run_check`` builds (model_version, metrics, drift, thresholds,
+``summary`` is what ``monitoring.check.run`` builds (model_version, metrics, drift, thresholds,
 breaches, champion). The page shows, top to bottom: the model version in the header; the breaches; the
 facts of the run; the per-scenario table; the champion against the candidate (when ``summary["champion"]``
 is set: both AUCs on the same rows, the paired difference with its CI; a significant drop is highlighted);
@@ -317,7 +317,7 @@ def write_report(summary: dict, out_dir: str | Path, reference: dict | None = No
                  curves: dict[str, dict] | None = None, history: list[dict] | None = None) -> Path:
     """Write out_dir/report.html and out_dir/plots/*.png; returns the HTML path.
 
-    ``curves``: {scenario: {"roc": ..., "pr": ...}} (run_check computes them from the labelled rows);
+    ``curves``: {scenario: {"roc": ..., "pr": ...}} (the check computes them from the labelled rows);
     ``history``: earlier monitoring runs, oldest first (None: no trends). See the module docstring.
     """
     out = Path(out_dir)
