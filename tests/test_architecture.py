@@ -43,9 +43,11 @@ def test_the_code_keeps_every_contract():
     ("modeling/mtl_lora.py", "import tests.shared", "Product code never imports tests or benchmarks"),
     ("kernel/errors.py", "import kernel.config", "No import loop between the modules of a package"),  # config -> errors
     # Below the layer, yet not in the package's row of the README's table:
-    ("training/compare.py", "import pipeline.reader", "training imports features, modeling, evaluation and kernel only"),
+    ("training/compare.py", "import pipeline.reader",
+     "training imports features, modeling, evaluation and kernel only"),
     ("features/sampler.py", "import evaluation.metrics", "features imports modeling and kernel only"),
-    ("monitoring/promote.py", "import modeling.merge", "monitoring imports serving, pipeline, evaluation and kernel only"),
+    ("monitoring/promote.py", "import modeling.merge",
+     "monitoring imports serving, pipeline, evaluation and kernel only"),
 ])
 def test_a_wrong_import_breaks_a_contract(copy_of_the_code, module, line, broken):
     path = copy_of_the_code / module
