@@ -36,7 +36,7 @@ def prepare_wdc(cfg: Config, root: Path, out: Path) -> dict:
     import pyarrow.parquet as pq
 
     from kernel.hashing import stable_hash
-    from kernel.task_map import TaskMap
+    from kernel.task_map import TASK_MAP_FILE, TaskMap
     from pipeline.ingest import run_ingest
     from pipeline.split import SPLITS
 
@@ -72,7 +72,7 @@ def prepare_wdc(cfg: Config, root: Path, out: Path) -> dict:
         with atomic_path(out / f"{split}.parquet") as tmp:
             pq.write_table(table, tmp)
         info[split]["rows"] = table.num_rows
-    TaskMap(list(cfg.data.scenarios)).save(out / "task_map.json")  # what ingestion writes beside the splits
+    TaskMap(list(cfg.data.scenarios)).save(out / TASK_MAP_FILE)  # what ingestion writes beside the splits
     return info
 
 

@@ -21,8 +21,9 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from evaluation.metrics import EPS, check_inputs
-from kernel.atomic import read_json, write_json_atomic
+from kernel.atomic import write_json_atomic
 from kernel.errors import DataError
+from kernel.storage import read_json
 
 CALIBRATION_FILE = "calibration.json"
 METHODS = ("isotonic", "platt")

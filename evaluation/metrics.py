@@ -1,10 +1,15 @@
-"""Per-scenario quality metrics of scored, labelled rows.
+"""Per-scenario quality metrics of scored, labelled rows: the one place the project computes an AUC.
 
     per = scenario_metrics(scenarios, labels, scores, bootstrap_rounds=200)
     per["shoes"]["auc"], per["shoes"]["auc_ci_low"], per["shoes"]["auc_ci_high"], per["shoes"]["ece"]
-    summarize(per)  -> {"auc_macro": ..., "auc_weighted": ..., "n": ...}
+    summarize(per)  -> {"auc_macro", "auc_weighted", "n", "scenarios_total", "auc_macro_scenarios",
+                        "auc_macro_partial", "scenarios_without_auc"}
+    describe_macro(summarize(per))  -> "0.8312 (over 3 of 4 scenarios; no AUC for jp)"
 
-Scores are probabilities in [0, 1]; labels are 0/1. All metrics accept optional row weights.
+Early stopping and the choice between adapter methods (training), the monitoring check and the promotion
+gate all read these two functions, so a scenario's entry and a summary have one schema everywhere (training
+keeps ``{"scenarios": per, **summarize(per)}``). Scores are probabilities in [0, 1]; labels are 0/1. All
+metrics accept optional row weights.
 
 The AUC confidence interval is a stratified percentile bootstrap: each round redraws the positives and the
 negatives of a scenario separately (so every round has both classes) and recomputes the AUC. The draws
@@ -12,7 +17,7 @@ depend only on the seed, the scenario name and the label vector, so two models s
 get the *same* resamples: ``bootstrap_auc(..)`` of both, subtracted, is a paired bootstrap of the AUC
 difference (what the promotion gate uses to tell noise from regression).
 
-A scenario with a single class gets ``auc`` None and a ``reason``; it never raises.
+A scenario with a single class (or no rows) gets ``auc`` None and a ``reason``; it never raises.
 """
 from __future__ import annotations
 
@@ -154,6 +159,9 @@ def one_scenario(
     }
     if keep_samples:
         out["auc_samples"] = np.empty(0)
+    if len(y) == 0:
+        out["reason"] = f"scenario {name!r}: no rows"
+        return out
     if pos == 0 or pos == len(y):
         out["reason"] = f"scenario {name!r}: only one class among {len(y)} rows ({pos} positives)"
         return out
@@ -171,17 +179,27 @@ def one_scenario(
 def scenario_metrics(
     scenarios: np.ndarray, labels: np.ndarray, scores: np.ndarray, weights=None,
     bootstrap_rounds: int = 200, seed: int = 0, bins: int = 10, keep_samples: bool = False,
+    names: list[str] | None = None,
 ) -> dict[str, dict]:
-    """{scenario: metrics} for every scenario present; rows keep their order within a scenario."""
+    """{scenario: metrics}; rows keep their order within a scenario.
+
+    ``names``: the scenarios to report, in this order, those without rows included (they get ``auc`` None
+    and a reason); rows of any other scenario are an error. Default: the scenarios present, sorted.
+    """
     scenarios = np.asarray(scenarios).astype(str)
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     if not (len(scenarios) == len(labels) == len(scores)):
         raise DataError(f"scenario_metrics: lengths differ (scenarios {len(scenarios)}, labels {len(labels)}, "
                         f"scores {len(scores)})")
     check_inputs(labels, scores, "scored rows")
+    present = sorted(set(scenarios.tolist()))
+    if names is not None:
+        other = sorted(set(present) - set(names))
+        if other:
+            raise DataError(f"scored rows: scenarios {other[:10]} are not among {list(names)}")
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     out = {}
-    for name in sorted(set(scenarios.tolist())):
+    for name in (present if names is None else names):
         m = scenarios == name
         out[name] = one_scenario(name, labels[m], scores[m], None if w is None else w[m],
                                  bootstrap_rounds, seed, bins, keep_samples)
@@ -189,16 +207,30 @@ def scenario_metrics(
 
 
 def summarize(per_scenario: dict) -> dict:
-    """Macro AUC (mean over scenarios with an AUC), volume-weighted AUC, total rows, scenarios lacking AUC."""
+    """The summary of ``scenario_metrics``: macro AUC (the mean over the scenarios with an AUC), volume-weighted
+    AUC, total rows, and how many scenarios the macro covers (``auc_macro_scenarios`` of ``scenarios_total``;
+    ``auc_macro_partial`` when some scenario has no AUC, listed in ``scenarios_without_auc``)."""
     with_auc = {k: v for k, v in per_scenario.items() if v.get("auc") is not None}
     n_auc = sum(v["n"] for v in with_auc.values())
     return {
         "auc_macro": float(np.mean([v["auc"] for v in with_auc.values()])) if with_auc else None,
         "auc_weighted": float(sum(v["auc"] * v["n"] for v in with_auc.values()) / n_auc) if n_auc else None,
         "n": int(sum(v["n"] for v in per_scenario.values())),
-        "scenarios": len(per_scenario),
-        "scenarios_without_auc": sorted(set(per_scenario) - set(with_auc)),
+        "scenarios_total": len(per_scenario),
+        "auc_macro_scenarios": len(with_auc),
+        "auc_macro_partial": len(with_auc) < len(per_scenario),
+        "scenarios_without_auc": [k for k in per_scenario if k not in with_auc],
     }
+
+
+def describe_macro(summary: dict) -> str:
+    """"0.8312", or "0.8312 (over 3 of 4 scenarios; no AUC for jp)" when the macro covers a subset."""
+    macro = summary["auc_macro"]
+    text = "n/a" if macro is None else f"{macro:.4f}"
+    if summary.get("auc_macro_partial"):
+        text += (f" (over {summary['auc_macro_scenarios']} of {summary['scenarios_total']} scenarios; "
+                 f"no AUC for {', '.join(summary['scenarios_without_auc'])})")
+    return text
 
 
 # --- curves and paired comparisons (used by the monitoring report) -------------------------------------------

@@ -15,7 +15,6 @@ hashes, so chunking does not matter); a hit reads the shards back without tokeni
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kernel.atomic import publish_dir, staging_dir
-from kernel.hashing import stable_hash
+from kernel.hashing import bytes_digest, stable_hash
 from kernel.task_map import TaskMap
 from modeling.pairs import PairFormat, encode_pairs, resolve_pair_format
 
@@ -114,34 +113,31 @@ class FeatureSet:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides the ids: the fast tokenizer's full JSON state (or the vocabulary)."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())
         for transient in ("truncation", "padding"):  # set by each call's arguments, not part of the vocabulary
             state.pop(transient, None)
-        h.update(json.dumps(state, sort_keys=True).encode())
+        vocabulary = json.dumps(state, sort_keys=True)
     else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.special_tokens_map, list(tokenizer.model_input_names)], sort_keys=True,
-                        default=str).encode())
-    return h.hexdigest()
+        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps([tokenizer.special_tokens_map, list(tokenizer.model_input_names)], sort_keys=True,
+                         default=str)
+    return bytes_digest([type(tokenizer).__name__, vocabulary, special])
 
 
 def table_fingerprint(table: pa.Table) -> str:
-    """blake2b over the per-row content hashes of the content columns: depends on the values only,
-    not on chunking, buffer layout or how the table was read."""
+    """sha256 over the per-row content hashes of the content columns (one column at a time): depends on the
+    values only, not on chunking, buffer layout or how the table was read."""
     cols = [c for c in CONTENT_FIELDS if c in table.column_names]
-    h = hashlib.blake2b(json.dumps([cols, table.num_rows]).encode(), digest_size=16)
-    for name in cols:
-        h.update(stable_hash(table.column(name)).tobytes())
-    return h.hexdigest()
+    header = json.dumps([cols, table.num_rows])
+    return bytes_digest(itertools.chain([header], (stable_hash(table.column(name)).tobytes() for name in cols)), 32)
 
 
 def cache_key(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, fmt: PairFormat) -> str:
     parts = [str(FEATURES_VERSION), tokenizer_fingerprint(tokenizer), str(max_length), json.dumps(task_map.names),
              table_fingerprint(table), json.dumps(fmt.describe(), sort_keys=True)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return bytes_digest("\n".join(parts), 24)
 
 
 def _tokenize(table: pa.Table, tokenizer, task_map: TaskMap, max_length: int, batch_size: int,

@@ -28,13 +28,13 @@ import re
 import sys
 import time
 
+from evaluation.metrics import describe_macro
 from job.lineage import JobLineage
 from job.state import Fingerprint, JobState, code_version
 from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError
-from training.evaluate import describe_macro
 
 RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -129,8 +129,8 @@ def print_summary(ctx: JobContext) -> None:
         overall = mon["summary"].get("overall") or {}
         if overall.get("auc_macro") is not None:
             missing = overall.get("scenarios_without_auc") or []
-            note = f"  (over {overall['scenarios'] - len(missing)} of {overall['scenarios']} scenarios; no AUC for " \
-                   f"{', '.join(missing)})" if missing else ""
+            note = (f"  (over {overall['auc_macro_scenarios']} of {overall['scenarios_total']} scenarios; no AUC "
+                    f"for {', '.join(missing)})" if missing else "")
             print(f"{'macro':<14}{overall['auc_macro']:>10.4f}{note}")
     if "passed" in promo:
         name = cfg.tracking.registered_model

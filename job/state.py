@@ -17,8 +17,6 @@ continues from its checkpoint); one whose inputs changed since starts over.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,24 +24,21 @@ from functools import lru_cache
 from pathlib import Path
 
 from kernel import storage
+from kernel.hashing import bytes_digest, json_digest
 
 PACKAGES = ("kernel", "pipeline", "features", "training", "serving", "monitoring", "job")
 
 
 def digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(obj, 16)
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """sha256 over the project's source files (path and bytes): changes with any code change or upgrade."""
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for pkg in PACKAGES:
-        for f in sorted((root / pkg).rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    files = [f for pkg in PACKAGES for f in sorted((root / pkg).rglob("*.py"))]
+    return bytes_digest((part for f in files for part in (str(f.relative_to(root)), f.read_bytes())), 16)
 
 
 def listing(path: str | Path) -> list[tuple[str, int, int]]:

@@ -3,12 +3,12 @@
 Each step calls its stage's function with the typed config (never a command line):
 
     generate  pipeline.synthetic.generate        (demo data only)
-    ingest    pipeline.ingest.run_ingest
+    ingest    pipeline.ingest.run
     train     training.launch.run                (one process; multi-GPU training runs training.launch itself)
     export    serving.export.cli.run             (the trained config; registers the model when tracking is on)
     score     serving.scoring.cli.run            (the job's config)
-    monitor   monitoring.check.run_check
-    promote   monitoring.promote.promote
+    monitor   monitoring.check.run
+    promote   monitoring.promote.run
 """
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ from kernel.config import Config, to_dict
 from kernel.errors import QuarantineRateExceeded
 from kernel.mlflow_client import mlflow_client
 from kernel.stage import Outcome
-from kernel.task_map import TASK_MAP_FILE
-from monitoring.check import run_check
-from monitoring.history import model_name_of, read_history
-from monitoring.promote import promote
-from pipeline.ingest import run_ingest as ingest
+from kernel.task_map import TASK_MAP_FILE, TaskMap
+from monitoring import check, promote
+from monitoring.history import recent_checks
+from pipeline import ingest
 from pipeline.synthetic import generate
 from serving.export.cli import run as export
 from serving.export.source import export_config
@@ -39,8 +38,8 @@ from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
 from serving.registry import aliases as registry
 from serving.registry.cache import resolve_model
 from serving.scoring.cli import run as score
+from training import launch
 from training.compare import compare_on_validation
-from training.launch import run as train
 
 STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
 
@@ -124,19 +123,15 @@ def run_generate(ctx: JobContext, resume: bool) -> Outcome:
 def run_ingest(ctx: JobContext, resume: bool) -> Outcome:
     with ctx.lineage.child("ingest") as tracker:
         tracker.log_dataset(str(ctx.paths.source), "source", digest(listing(ctx.paths.source)), "ingestion")
-        report = ingest(ctx.cfg, ctx.paths.source, ctx.paths.data, tracker=tracker)
-    return Outcome({"rows_in": report.rows_in, "accepted": report.rows_accepted,
-                    "quarantined": report.rows_quarantined}, [ctx.paths.data])
+        return ingest.run(ctx.cfg, ctx.paths.source, ctx.paths.data, tracker=tracker)
 
 
 def run_train(ctx: JobContext, resume: bool) -> Outcome:
     p, cfg = ctx.paths, ctx.cfg
     if cfg.train.compare:
         return run_compare(ctx, resume)
-    result = train(cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file(),
-                   tags=ctx.lineage.tags("train"))
-    return Outcome({"run_id": result.run_id, "model_dir": str(result.model_dir), "steps": result.steps,
-                    "val": result.best_metrics}, [p.train / "model"])
+    return launch.run(cfg, p.data, p.train, resume=resume and (p.train / "checkpoints" / "latest").is_file(),
+                      tags=ctx.lineage.tags("train"))
 
 
 def run_compare(ctx: JobContext, resume: bool) -> Outcome:
@@ -148,13 +143,13 @@ def run_compare(ctx: JobContext, resume: bool) -> Outcome:
         c = copy.deepcopy(cfg)
         c.adapter.method = method
         out = p.train / method
-        results[method] = train(c, p.data, out, resume=resume and (out / "checkpoints" / "latest").is_file(),
-                                tags={**ctx.lineage.tags("train"), "compare_method": method})
-    evidence = compare_on_validation({m: r.model_dir for m, r in results.items()}, p.data,
+        results[method] = launch.run(c, p.data, out, resume=resume and (out / "checkpoints" / "latest").is_file(),
+                                     tags={**ctx.lineage.tags("train"), "compare_method": method}).info
+    evidence = compare_on_validation({m: Path(r["model_dir"]) for m, r in results.items()}, p.data,
                                      cfg.monitoring.bootstrap_rounds, cfg.monitoring.seed)
     winner = results[evidence["winner"]]
     with staging_dir(p.train / "model") as stage:  # the winner's folder, published whole as train/model
-        shutil.copytree(winner.model_dir, stage / "model")
+        shutil.copytree(winner["model_dir"], stage / "model")
         publish_dir(stage / "model", p.train / "model")
     log_compare(ctx, results, evidence)
     lead = evidence["pairs"].get(f"{evidence['ranked'][0]}-{evidence['ranked'][1]}") if len(results) > 1 else None
@@ -162,8 +157,7 @@ def run_compare(ctx: JobContext, resume: bool) -> Outcome:
           + ", ".join(f"{m} {evidence['methods'][m]['auc_macro']:.4f}" for m in evidence["ranked"])
           + (f"; lead {lead['delta']:+.4f} [95% CI {lead['ci_low']:+.4f}, {lead['ci_high']:+.4f}]"
              f"{'' if evidence['decisive'] else ', within the noise'}" if lead else ""), flush=True)
-    return Outcome({"run_id": winner.run_id, "model_dir": str(p.train / "model"), "steps": winner.steps,
-                    "val": winner.best_metrics, "compare": evidence}, [p.train / "model"])
+    return Outcome({**winner, "model_dir": str(p.train / "model"), "compare": evidence}, [p.train / "model"])
 
 
 def log_compare(ctx: JobContext, results: dict, evidence: dict) -> None:
@@ -171,11 +165,11 @@ def log_compare(ctx: JobContext, results: dict, evidence: dict) -> None:
         return
     client = mlflow_client(ctx.cfg.tracking_uri, ctx.cfg.tracking.timeout_s)
     for method, result in results.items():
-        if result.run_id is None:
+        if result["run_id"] is None:
             continue
-        client.set_tag(result.run_id, "compare_winner", evidence["winner"])
-        client.set_tag(result.run_id, "compare_decisive", str(evidence["decisive"]))
-        client.log_dict(result.run_id, evidence, "compare/evidence.json")
+        client.set_tag(result["run_id"], "compare_winner", evidence["winner"])
+        client.set_tag(result["run_id"], "compare_decisive", str(evidence["decisive"]))
+        client.log_dict(result["run_id"], evidence, "compare/evidence.json")
 
 
 def run_export(ctx: JobContext, resume: bool) -> Outcome:
@@ -232,15 +226,13 @@ def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
     p, cfg = ctx.paths, ctx.cfg
     reference = CALIBRATED_REFERENCE_FILE if cfg.serving.calibrate else REFERENCE_FILE
     version = served_version(ctx)
-    history = (read_history(cfg.tracking_uri, cfg.tracking.experiment, model_name_of(version),
-                            timeout_s=cfg.tracking.timeout_s) if cfg.tracking.enabled else None)
+    history = recent_checks(cfg.tracking_uri, cfg, version) if cfg.tracking.enabled else None
     champion = champion_scores(ctx, version)
     with ctx.lineage.child("monitor") as tracker:
-        summary = run_check(p.scores, storage.join(p.export, reference), p.monitor, cfg, tracker=tracker, model_version=version,
-                            champion=champion, history=history)
-    log_test_metrics(ctx, summary)
-    code = exit_codes.MONITORING_BREACH if summary["breaches"] else exit_codes.OK
-    return Outcome({"dir": str(p.monitor), "breaches": summary["breaches"], "summary": summary}, [p.monitor], code)
+        outcome = check.run(cfg, p.scores, storage.join(p.export, reference), p.monitor, tracker=tracker,
+                            model_version=version, champion=champion, history=history)
+    log_test_metrics(ctx, outcome.info["summary"])
+    return outcome
 
 
 def champion_scores(ctx: JobContext, candidate: str) -> dict | None:
@@ -267,12 +259,12 @@ def run_promote(ctx: JobContext, resume: bool) -> Outcome:
     eval_path = storage.join(ctx.paths.data, "test.parquet")
     with ctx.lineage.child("promote") as tracker:
         tracker.log_dataset(str(eval_path), "evaluation", digest(listing(eval_path)), "evaluation")
-        result = promote(cfg.tracking.registered_model, version, str(eval_path), cfg, cfg.tracking_uri,
-                         about=model_card(ctx))
+        outcome = promote.run(cfg, str(eval_path), candidate=version, about=model_card(ctx))
+        result = outcome.info
         tracker.set_tags({"candidate_version": version, "decision": "promoted" if result["passed"] else "rejected"})
         tracker.log_metrics({f"candidate/auc/{s}": m["auc"] for s, m in (result["metrics"]["candidate"] or {}).items()
                              if m.get("auc") is not None})
-    return Outcome(result, [], exit_codes.OK if result["passed"] else exit_codes.GATE_FAILED)
+    return outcome
 
 
 def log_test_metrics(ctx: JobContext, summary: dict) -> None:
@@ -299,7 +291,7 @@ def model_card(ctx: JobContext) -> dict:
     cfg = ctx.cfg
     return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
             "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
-            "scenarios": storage.read_json(storage.join(ctx.paths.data, TASK_MAP_FILE), "task map")["scenarios"],
+            "scenarios": TaskMap.load(storage.join(ctx.paths.data, TASK_MAP_FILE)).names,
             "training_run": ctx.info("train").get("run_id"), "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 

@@ -26,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from kernel.errors import DataError
 
 
 def _tmp_name(path: Path, kind: str) -> Path:
@@ -71,18 +70,6 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     return Path(path)
-
-
-def read_json(path: str | Path, what: str) -> object:
-    """Parse a JSON file; a missing or malformed file raises DataError naming the path and ``what`` it is."""
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: {what} is not valid JSON ({e})") from e
 
 
 @contextmanager

@@ -5,11 +5,20 @@
 
 The hash is a 64-bit polynomial over the UTF-8 bytes (mod 2**64), finished with splitmix64. It takes three
 vectorised numpy passes over the bytes of a chunk (multiply by a power table, ``add.reduceat`` per string,
-rescale) and no per-row Python. ``fingerprint_files`` is a sha256 over whole files.
+rescale) and no per-row Python.
+
+Every other digest of the project is a sha256, computed here:
+
+    bytes_digest("some text", 16)              # sha256 hex of bytes or text (UTF-8), cut to 16 characters
+    bytes_digest(parts_iterable)               # of several parts in order, consumed one at a time
+    json_digest({"b": 1, "a": [2]}, 16)        # of json.dumps(obj, sort_keys=True): key order does not matter
+    fingerprint_files(paths)                   # of the names and bytes of whole files (local or URIs)
 """
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -121,21 +130,25 @@ def fingerprint_files_and_each(paths: list[str | Path]) -> tuple[str, list[str]]
     return whole.hexdigest()[:16], each
 
 
-def json_digest(obj: object, n: int = 16) -> str:
-    """sha256 of ``obj`` as JSON with sorted keys (a value JSON cannot hold as its ``str``), its first ``n`` hex
-    digits: the key of a settings or identity dict, the same on every machine and run."""
-    import json
+def bytes_digest(parts: bytes | str | Iterable[bytes | str], length: int | None = None) -> str:
+    """sha256 hex of ``parts`` (bytes, text as UTF-8, or an iterable of them hashed in order, one at a time, so
+    large parts need not be held together), cut to its first ``length`` characters (None: all 64)."""
+    h = hashlib.sha256()
+    for part in (parts,) if isinstance(parts, (bytes, bytearray, memoryview, str)) else parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:length]
 
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+def json_digest(obj, length: int | None = None) -> str:
+    """sha256 hex of ``json.dumps(obj, sort_keys=True)`` (values JSON cannot encode count as their ``str``),
+    cut to ``length`` characters: equal for equal content whatever the order of the keys."""
+    return bytes_digest(json.dumps(obj, sort_keys=True, default=str), length)
 
 
-def file_digest(path: str | Path, n: int = 16) -> str:
-    """sha256 of one file's bytes (a local path or a URI), read 1 MiB at a time; its first ``n`` hex digits."""
+def file_digest(path: str | Path, length: int | None = None) -> str:
+    """sha256 hex of one file's bytes (a local path or a URI), read 1 MiB at a time, cut to ``length``."""
     from kernel import storage  # storage -> atomic; hashing stays importable on its own
 
-    h = hashlib.sha256()
     fs, p = storage.resolve(path)
     with fs.open_input_stream(p) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
+        return bytes_digest(iter(lambda: f.read(1 << 20), b""), length)

@@ -12,6 +12,8 @@ The job (``job.steps``) calls the same ``run`` functions that the command lines 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,3 +33,20 @@ class Outcome:
     info: dict = field(default_factory=dict)
     outputs: list[Path | str] = field(default_factory=list)
     exit_code: int = exit_codes.OK
+
+
+@contextmanager
+def stage_tracker(tracker, start: Callable[[], object] | None) -> Iterator[object]:
+    """The tracker a stage logs to: the caller's (the job's run for the stage; the caller ends it), else the
+    run that ``start()`` returns started (None: no tracking), ended FINISHED when the block succeeds and FAILED
+    when it raises."""
+    if tracker is not None or start is None:
+        yield tracker
+        return
+    own = start()
+    try:
+        yield own
+    except BaseException:
+        own.end("FAILED")
+        raise
+    own.end()

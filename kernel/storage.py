@@ -5,6 +5,7 @@
     listing(p)                                         # [(relative path, size, mtime ns)] of every file under p
     write_bytes(p, data); read_bytes(p); write_json(p, obj); read_json(p, "what")
     upload_dir(local_folder, "s3://bucket/export")     # every file, then the commit marker, last
+    with output_dir("s3://bucket/report") as d: ...    # write a folder locally; published at the end
     download_dir("s3://bucket/export", local_folder)   # only a committed folder
 
 Credentials and endpoints come from the environment as each store's client expects (for S3:
@@ -129,12 +130,17 @@ def listing(p: str | Path) -> list[tuple[str, int, int]]:
 
 
 def read_bytes(p: str | Path) -> bytes:
+    """The bytes of one file; DataError when there is no file at ``p`` (nothing, or a folder)."""
     fs, path = resolve(p)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError as e:
         raise DataError(f"{p} does not exist") from e
+    except OSError as e:
+        if fs.get_file_info(path).type != pafs.FileType.File:  # a folder where a file was expected
+            raise DataError(f"{p} does not exist as a file") from e
+        raise
 
 
 def write_bytes(p: str | Path, data: bytes) -> None:
@@ -148,6 +154,8 @@ def write_bytes(p: str | Path, data: bytes) -> None:
 
 
 def read_json(p: str | Path, what: str) -> object:
+    """Parse a JSON file (a local path or a URI); DataError names the path and ``what`` it is when the file is
+    missing or malformed. The one JSON reader of the project."""
     try:
         return json.loads(read_bytes(p))
     except DataError as e:
@@ -207,6 +215,27 @@ def download_dir(src: str | Path, local: Path) -> Path:
         pafs.copy_files(posixpath.join(root, rel), str(target), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
     return Path(local)
+
+
+@contextmanager
+def output_dir(dest: str | Path, local: Path | None = None) -> Iterator[Path]:
+    """The local folder to write the output folder ``dest`` in; published at ``dest`` when the block ends
+    without an error. A local ``dest`` is that folder itself (each file written atomically, kernel.atomic).
+    For a URI: ``local`` (kept after publication, e.g. for a tracker that sends its files later) or else a
+    temporary folder, uploaded at the end by ``upload_dir`` (every file, then the commit marker)."""
+    if not is_uri(dest):
+        folder = local_path(dest)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        upload_dir(local, dest)
+        return
+    with tempfile.TemporaryDirectory(prefix=".staging-") as tmp:
+        yield Path(tmp)
+        upload_dir(Path(tmp), dest)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from kernel.config import Config, dump_config, load_config
 from kernel.errors import DataError
-from kernel.task_map import TaskMap
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 from modeling.model import RelevanceModel, build_model
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -38,18 +38,18 @@ def save_trained(
     out.mkdir(parents=True, exist_ok=True)
     save_file(state if state is not None else trainable_state(model), str(out / TRAINABLE_FILE))
     dump_config(cfg, out / "config.yaml")
-    task_map.save(out / "task_map.json")
+    task_map.save(out / TASK_MAP_FILE)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return out
 
 
 def load_trained(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Config, TaskMap, RelevanceModel]:
     d = Path(model_dir)
-    for name in ("config.yaml", "task_map.json", TRAINABLE_FILE):
+    for name in ("config.yaml", TASK_MAP_FILE, TRAINABLE_FILE):
         if not (d / name).is_file():
             raise DataError(f"{d} is not a trained-model folder: {name} is missing")
     cfg = load_config(d / "config.yaml")
-    task_map = TaskMap.load(d / "task_map.json")
+    task_map = TaskMap.load(d / TASK_MAP_FILE)
     model = build_model(cfg, len(task_map), dtype=dtype)
     state = load_file(str(d / TRAINABLE_FILE))
     missing = set(model.trainable_parameters()) - set(state)

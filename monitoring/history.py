@@ -2,9 +2,10 @@
 
     history = read_history("sqlite:///runs/demo/mlflow.db", "ads-relevance", model_name="ads-relevance", limit=10)
     history[-1]["model_version"], history[-1]["scenarios"]["shoes"]["auc"], history[-1]["scenarios"]["shoes"]["psi_score"]
+    recent_checks(cfg.tracking_uri, cfg, "ads-relevance/3", 10)   # the same, for that version's model
 
-A monitoring run is an MLflow run that ``monitoring.check.run_check`` logged to: it carries the tags below
-(set by run_check on its tracker) and the headline metrics of ``monitoring.check.headline_metrics``, named
+A monitoring run is an MLflow run that ``monitoring.check.run`` logged to: it carries the tags below
+(set by the check on its tracker) and the headline metrics of ``monitoring.check.headline_metrics``, named
 ``monitoring.<scenario>.<metric>`` per scenario and ``monitoring.<metric>`` for the whole run. Only FINISHED
 runs count (a failed or still running check is not a point of the trend). Give the check a run of its own:
 the ``stage`` tag marks the whole run as a monitoring run.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
+from kernel.config import Config
 from kernel.errors import DataError
 from kernel.mlflow_client import guarded, mlflow_client
 
@@ -25,7 +27,7 @@ MODEL_VERSION_TAG = "model_version"  # e.g. "ads-relevance/3": the version whose
 MODEL_NAME_TAG = "model_name"  # "ads-relevance": the part of model_version before the last "/", if any
 CHAMPION_VERSION_TAG = "champion_version"  # set when the check compared against a champion
 PREFIX = "monitoring"
-# The per-scenario metrics that run_check logs (the last part of "monitoring.<scenario>.<metric>").
+# The per-scenario metrics that the check logs (the last part of "monitoring.<scenario>.<metric>").
 SCENARIO_METRICS = ("auc", "ece", "log_loss", "psi_score", "auc_delta_vs_champion")
 
 
@@ -47,7 +49,7 @@ def model_name_of(model_version: str | None) -> str | None:
 
 
 def run_tags(model_version: str | None, champion_version: str | None = None) -> dict[str, str]:
-    """The tags run_check sets on its run so that read_history finds it (and can filter by model)."""
+    """The tags the check sets on its run so that read_history finds it (and can filter by model)."""
     tags = {STAGE_TAG: STAGE}
     if model_version:
         tags[MODEL_VERSION_TAG] = model_version
@@ -123,3 +125,15 @@ def read_history(tracking_uri: str, experiment: str, model_name: str | None = No
             "scenarios": per,
         })
     return out
+
+
+def recent_checks(tracking_uri: str, cfg: Config, model_version: str | None, limit: int = 10,
+                  exclude_run: str | None = None) -> list[dict]:
+    """The last ``limit`` finished monitoring runs of ``tracking.experiment`` for the registered model of
+    ``model_version`` (all runs when it names none), oldest first, leaving out ``exclude_run`` (a resumed
+    run is not its own history)."""
+    if limit <= 0:
+        return []
+    runs = read_history(tracking_uri, cfg.tracking.experiment, model_name_of(model_version), limit + 1,
+                        cfg.tracking.timeout_s)
+    return [h for h in runs if h["run_id"] != exclude_run][-limit:]

@@ -4,6 +4,8 @@
     python -m monitoring.promote --name ads-relevance --candidate challenger --eval ... --tracking-uri URI
     python -m monitoring.promote --name ads-relevance --rollback
 
+    outcome = run(cfg, "data/pinned_eval.parquet", candidate="7")   # the stage; the job calls it too
+
 The candidate (a version number or an alias) and the current ``champion`` are scored on the same pinned,
 labelled evaluation set. Per scenario the AUC change gets a paired bootstrap CI (both models see the same
 resamples, see ``evaluation.metrics``). The gate passes when:
@@ -26,14 +28,17 @@ import argparse
 import functools
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from evaluation.metrics import scenario_metrics, summarize
-from kernel import exit_codes, storage
+from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
+from kernel.stage import Outcome
+from pipeline.reader import ParquetSource
 from serving.registry import aliases as registry
 from serving.scoring.table import score_table
 
@@ -42,19 +47,12 @@ ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def default_score_fn(model_uri: str, eval_path: str, tracking_uri: str | None = None) -> pa.Table:
-    """Score the evaluation Parquet (canonical columns) with the batch scorer, ``serving.score.score_table``.
-
-    Imported here so that this module imports without serving. Rows of a scenario the model does not know
-    come back with a null score, which the gate reports as that scenario's missing metric.
+    """Score the evaluation Parquet (canonical columns; a file or folder, local or a URI) with the batch
+    scorer, ``serving.scorer.score_table``. Rows of a scenario the model does not know come back with a null
+    score, which the gate reports as that scenario's missing metric.
     """
-    from pathlib import Path
-
-    import pyarrow.dataset as ds
-
-
-    if not storage.exists(eval_path):
-        raise DataError(f"{eval_path}: evaluation set does not exist")
-    return score_table(model_uri, ds.dataset(eval_path, format="parquet").to_table(), tracking_uri=tracking_uri)
+    table = ParquetSource.open(eval_path, "evaluation set").dataset.to_table()
+    return score_table(model_uri, table, tracking_uri=tracking_uri)
 
 
 def as_arrays(result, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,24 +137,37 @@ def _compact(per: dict | None) -> dict | None:
     return {name: {k: m[k] for k in keys} for name, m in per.items()}
 
 
-def promote(name: str, candidate: str, eval_path: str, cfg: Config, tracking_uri: str,
-            score_fn: ScoreFn | None = None, about: dict | None = None) -> dict:
-    """Run the gate; move the aliases on a pass; tag the candidate either way and write its description
-    (``registry.version_description``: ``about`` says what the model is). See the module docstring."""
+def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, name: str | None = None,
+        tracking_uri: str | None = None, score_fn: ScoreFn | None = None, about: dict | None = None) -> Outcome:
+    """The promotion gate of ``candidate`` (a version number or an alias) of registered model ``name``
+    (default ``tracking.registered_model``) on the pinned, labelled ``eval_path`` (default
+    ``data.score_input``): move the aliases on a pass; tag the candidate either way and write its description
+    (``registry.version_description``: ``about`` says what the model is). See the module docstring.
+
+    Outcome info: passed, reasons, candidate_version, champion_version, metrics, eval_path; exit code
+    GATE_FAILED when the candidate was rejected (nothing moved)."""
+    name = name or cfg.tracking.registered_model
+    tracking_uri = tracking_uri or cfg.tracking_uri
+    eval_path = eval_path or cfg.data.score_input
+    if not eval_path:
+        raise ConfigError("--eval (or data.score_input): a pinned, labelled evaluation Parquet is required")
     score_fn = score_fn or functools.partial(default_score_fn, tracking_uri=tracking_uri)
     client = registry.registry_client(tracking_uri)
     cand_version = str(registry.resolve_version(client, name, candidate).version)
     champ_mv = registry.alias_version(client, name, registry.CHAMPION)
     champ_version = str(champ_mv.version) if champ_mv else None
-    cand_per, cand_invalid = evaluate(*as_arrays(score_fn(registry.model_uri(name, cand_version), eval_path),
-                                                 f"version {cand_version}"), cfg)
+
+    def metrics_of(version: str) -> tuple[dict, dict]:
+        scored = score_fn(registry.model_uri(name, version), str(eval_path))
+        return evaluate(*as_arrays(scored, f"version {version}"), cfg)
+
+    cand_per, cand_invalid = metrics_of(cand_version)
     champ_per = None
     if champ_version == cand_version:
         reasons, comparison = [f"version {cand_version} is already the champion"], {}
     else:
         if champ_version is not None:
-            champ_per, _ = evaluate(*as_arrays(score_fn(registry.model_uri(name, champ_version), eval_path),
-                                               f"version {champ_version}"), cfg)
+            champ_per, _ = metrics_of(champ_version)
         reasons, comparison = gate(cand_per, cand_invalid, champ_per, cfg)
     passed = not reasons
     metrics = {"candidate": _compact(cand_per), "champion": _compact(champ_per), **comparison,
@@ -173,7 +184,7 @@ def promote(name: str, candidate: str, eval_path: str, cfg: Config, tracking_uri
     result = {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
               "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path)}
     registry.describe_version(client, name, cand_version, about, result)
-    return result
+    return Outcome(result, [], EXIT_OK if passed else EXIT_REJECTED)
 
 
 def rollback(name: str, tracking_uri: str) -> dict:
@@ -194,7 +205,7 @@ def rollback(name: str, tracking_uri: str) -> dict:
     return {"champion_version": restored, "rolled_back_version": rolled_back}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m monitoring.promote", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="registered model name")
@@ -203,25 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the config's)")
     add_config_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
     if not args.rollback and not args.candidate:
         p.error("--candidate is required unless --rollback")
-    return exit_codes.run_cli(lambda: _work(args))
 
+    def work() -> int:
+        cfg = load_config(args.config, args.overrides)
+        if args.rollback:
+            print(json.dumps(rollback(args.name, args.tracking_uri or cfg.tracking_uri), indent=1))
+            return EXIT_OK
+        outcome = run(cfg, args.eval_path, candidate=args.candidate, name=args.name, tracking_uri=args.tracking_uri)
+        print(json.dumps({k: outcome.info[k] for k in ("passed", "reasons", "candidate_version", "champion_version")},
+                         indent=1))
+        return outcome.exit_code
 
-def _work(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    uri = args.tracking_uri or cfg.tracking_uri
-    if args.rollback:
-        print(json.dumps(rollback(args.name, uri), indent=1))
-        return EXIT_OK
-    eval_path = args.eval_path or cfg.data.score_input
-    if not eval_path:
-        raise ConfigError("--eval (or data.score_input): a pinned, labelled evaluation Parquet is required")
-    result = promote(args.name, args.candidate, eval_path, cfg, uri)
-    print(json.dumps({k: result[k] for k in ("passed", "reasons", "candidate_version", "champion_version")},
-                     indent=1))
-    return EXIT_OK if result["passed"] else EXIT_REJECTED
+    return exit_codes.run_cli(work)
 
 
 if __name__ == "__main__":

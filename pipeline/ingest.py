@@ -39,13 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kernel import storage
+from kernel import exit_codes, storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from kernel.exit_codes import run_cli
 from kernel.hashing import stable_hash
-from kernel.task_map import TaskMap
+from kernel.stage import Outcome, stage_tracker
+from kernel.task_map import TASK_MAP_FILE, TaskMap
 from kernel.tracking import open_tracker
 from pipeline.dedupe import Spill, bucket_count, find_duplicates
 from pipeline.reader import ParquetSource, build_filter
@@ -54,7 +55,7 @@ from pipeline.stats import IngestStats
 from pipeline.synthetic import generate
 from pipeline.validate import REASON_NAMES, ColumnMapping, empty_batch, quarantine_schema
 
-OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", "task_map.json", "stats.json"]
+OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", TASK_MAP_FILE, "stats.json"]
 REJECTED_DIR = "_rejected"  # <out>/_rejected: quarantine.parquet + stats.json of a run that failed its gate
 REJECTED_FILES = ["quarantine.parquet", "stats.json"]
 
@@ -154,8 +155,9 @@ def _reject(error: DataError, stage: Path, stats: IngestStats, out_dir: Path, fi
     raise error
 
 
-def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> IngestReport:
-    """Validate, dedupe and split ``source`` into ``out_dir``. Raises DataError / RejectRateExceeded."""
+def run_ingest(cfg: Config, source: str | Path, out_dir: str | Path, tracker=None) -> IngestReport:
+    """Validate, dedupe and split ``source`` into ``out_dir`` (a local folder or a URI); the report of what
+    happened to every row. Raises DataError / RejectRateExceeded. The stage's entry point is ``run``."""
     out_dir, d = (out_dir if storage.is_uri(out_dir) else Path(out_dir)), cfg.data
     stream = _Stream(cfg, source, None, require_label=True)
     split_key = _split_key(cfg, stream.accepted_schema)
@@ -207,7 +209,7 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: Path, tracker=None) -> 
             _reject(error, stage, stats, out_dir, files)
         result = stats.to_dict()
         scenarios = list(d.scenarios) or sorted(s for s, v in result["by_scenario"].items() if v["rows"])
-        TaskMap(scenarios).save(stage / "task_map.json")
+        TaskMap(scenarios).save(stage / TASK_MAP_FILE)
         write_json_atomic(stage / "stats.json", result)
         storage.publish_files(stage, out_dir, OUTPUT_FILES)
         storage.delete(rejected_dir)  # a stale failure's rows no longer describe out_dir
@@ -261,35 +263,46 @@ def _one_batch(table: pa.Table) -> pa.RecordBatch:
     return table.to_batches()[0] if table.num_rows else empty_batch(table.schema)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(cfg: Config, source: str | Path, out: str | Path, *, tracker=None) -> Outcome:
+    """The ingest stage: ``run_ingest`` of ``source`` ("synthetic": the demo data, generated first) into ``out``,
+    logged to ``tracker`` (default: a new run "ingest" of the config's tracking, ended here)."""
+    if str(source) == "synthetic":
+        source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
+
+    def start():
+        own = open_tracker(cfg)
+        own.start(run_name="ingest")
+        return own
+
+    with stage_tracker(tracker, start) as tracker:
+        report = run_ingest(cfg, source, out, tracker=tracker)
+    return Outcome({"rows_in": report.rows_in, "accepted": report.rows_accepted,
+                    "quarantined": report.rows_quarantined, "splits": report.splits, "by_reason": report.by_reason},
+                   [report.out_dir])
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.ingest", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     add_config_args(parser)
     parser.add_argument("--input", help="Parquet file, directory or hive dataset; 'synthetic' (default: data.source)")
     parser.add_argument("--out", help="output folder (default: <work_dir>/data)")
-    args = parser.parse_intermixed_args(argv)
-    return run_cli(lambda: _work(args))  # errors -> one line on stderr and kernel.exit_codes' code
+    return parser
 
 
-def _work(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    source = args.input or cfg.data.source
-    out = args.out or storage.join(cfg.work_dir, "data")
-    if source == "synthetic":
-        source = generate(Path(cfg.work_dir) / "raw" / "synthetic.parquet", cfg.data.synthetic)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
 
-    tracker = open_tracker(cfg)
-    tracker.start(run_name="ingest")
-    try:
-        report = run_ingest(cfg, source, out, tracker=tracker)
-    except BaseException:
-        tracker.end(status="FAILED")
-        raise
-    tracker.end()
-    print(f"{report.rows_in} rows in: {report.rows_accepted} accepted {report.splits}, "
-          f"{report.rows_quarantined} quarantined {report.by_reason} -> {report.out_dir}")
-    return 0
+    def work() -> int:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or storage.join(cfg.work_dir, "data")
+        i = run(cfg, args.input or cfg.data.source, out).info
+        print(f"{i['rows_in']} rows in: {i['accepted']} accepted {i['splits']}, "
+              f"{i['quarantined']} quarantined {i['by_reason']} -> {out}")
+        return exit_codes.OK
+
+    return run_cli(work)  # errors -> one line on stderr and kernel.exit_codes' code
 
 
 if __name__ == "__main__":

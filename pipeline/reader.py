@@ -111,16 +111,17 @@ class ParquetSource:
         self.dataset = dataset
         self._metadata = metadata
         self.filesystem = filesystem
-        self._shown = shown  # fs path -> the path or URI the user knows
+        self.shown = shown  # fs path -> the path or URI the user knows
         self.base = base  # where hive partitions are counted from
 
     @classmethod
-    def open(cls, source: str | Path) -> "ParquetSource":
-        """A local file or folder, or any pyarrow.fs URI (s3://bucket/traffic/, gs://, hdfs://, file://)."""
+    def open(cls, source: str | Path, what: str = "input") -> "ParquetSource":
+        """A local file or folder, or any pyarrow.fs URI (s3://bucket/traffic/, gs://, hdfs://, file://). The
+        one way the project opens Parquet data; errors name the path and ``what`` it is."""
         fs, root = storage.resolve(source)
         kind = fs.get_file_info(root).type
         if kind == pafs.FileType.NotFound:
-            raise DataError(f"input {source} does not exist")
+            raise DataError(f"{what} {source} does not exist")
         if kind == pafs.FileType.File:
             files = [root]
         else:  # like pyarrow: names starting with "_" or "." (e.g. _SUCCESS, .crc) are not data
@@ -128,7 +129,7 @@ class ParquetSource:
             files = sorted(f.path for f in found if f.type == pafs.FileType.File and not any(
                 s.startswith(("_", ".")) for s in posixpath.relpath(f.path, root).split("/")))
             if not files:
-                raise DataError(f"input directory {source} holds no Parquet files")
+                raise DataError(f"{what} directory {source} holds no Parquet files")
         shown = _displayer(source, root)
         metadata, problems = {}, []
         for f in files:
@@ -137,7 +138,7 @@ class ParquetSource:
             except Exception as e:  # noqa: BLE001 - any failure here means "not readable Parquet"
                 problems.append(f"{shown(f)}: not a readable Parquet file ({type(e).__name__}: {e})")
         if problems:
-            raise DataError("unreadable input:\n  - " + "\n  - ".join(problems))
+            raise DataError(f"unreadable {what}:\n  - " + "\n  - ".join(problems))
         base = partition_base(root, is_dir=kind == pafs.FileType.Directory)
         keys = _partition_keys(base, files)
         partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive") if keys else None
@@ -145,7 +146,7 @@ class ParquetSource:
             dataset = ds.dataset(files, filesystem=fs, format="parquet", partitioning=partitioning,
                                  partition_base_dir=base if keys else None)
         except pa.ArrowException as e:
-            raise DataError(f"input {source}: cannot open as a Parquet dataset ({e})") from e
+            raise DataError(f"{what} {source}: cannot open as a Parquet dataset ({e})") from e
         return cls(Path(root) if not storage.is_uri(source) else source, files, dataset, metadata,
                    filesystem=fs, shown=shown, base=base)
 
@@ -172,7 +173,7 @@ class ParquetSource:
                                     for g in f.row_groups)
                 rel = posixpath.relpath(posixpath.dirname(frag.path), self.base)
                 out.append(FilePart(
-                    path=self._shown(frag.path), schema=meta.schema.to_arrow_schema(),
+                    path=self.shown(frag.path), schema=meta.schema.to_arrow_schema(),
                     partition={k: str(v) for k, v in ds.get_partition_keys(frag.partition_expression).items()},
                     num_rows=meta.num_rows, row_groups=groups, _row_starts=starts,
                     filesystem=self.filesystem, fs_path=frag.path, rel_dir="" if rel == "." else rel,

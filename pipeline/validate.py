@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from kernel.config import DataConfig
 from kernel.errors import ConfigError, DataError
 from pipeline.reader import FilePart
+from pipeline.values import as_string, blank, bool_mask, numbers, typed_nulls, utf8_text, value_kind
 
 REASONS = (
     "bad_type", "invalid_utf8", "null_query", "null_title", "null_label", "null_scenario",
@@ -47,23 +48,6 @@ CANONICAL = TEXT_FIELDS + ("label", "scenario", "weight")
 OPTIONAL = ("description", "url", "weight")  # canonical fields a user may declare absent with null
 DEFAULT_NAMES = {"description": "description", "url": "url"}  # absent when missing under these names
 Flag = Callable[..., None]  # flag(reason, rows it applies to (bool mask or None), user column or "")
-_NUMBER = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
-
-
-def _kind(t: pa.DataType) -> str:
-    if pa.types.is_dictionary(t):
-        return _kind(t.value_type)
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return "text"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
-        return "text"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t) or pa.types.is_decimal(t):
-        return "float"
-    return "other"
 
 
 # Which physical kinds each canonical field accepts (text labels/weights are parsed row by row).
@@ -90,84 +74,6 @@ def quarantine_schema(keys: list[str]) -> pa.Schema:
 
 def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist([], schema=schema)
-
-
-def _np(mask: pa.Array) -> np.ndarray:
-    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
-
-
-def invalid_utf8_rows(arr: pa.Array) -> np.ndarray | None:
-    """Rows of a string-typed array whose bytes are not UTF-8 (None: all valid). Bisects with the
-    vectorised validator, so clean data costs one pass and each bad row O(log n) passes on halves."""
-    try:
-        arr.validate(full=True)
-        return None
-    except pa.ArrowInvalid:
-        pass
-    bad = np.zeros(len(arr), dtype=bool)
-    stack = [(0, len(arr))]
-    while stack:
-        lo, hi = stack.pop()
-        if hi - lo <= 32:  # small enough to look at the bytes
-            for i, v in enumerate(arr.slice(lo, hi - lo).view(pa.binary()).to_pylist()):
-                if v is not None:
-                    try:
-                        v.decode("utf-8")
-                    except UnicodeDecodeError:
-                        bad[lo + i] = True
-            continue
-        mid = (lo + hi) // 2
-        for a, b in ((lo, mid), (mid, hi)):
-            try:
-                arr.slice(a, b - a).validate(full=True)
-            except pa.ArrowInvalid:
-                stack.append((a, b))
-    return bad
-
-
-def _text(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
-    """Any text-kind column -> (valid-UTF-8 string array, invalid-UTF-8 row mask or None).
-    Invalid values are replaced by their backslash-escaped form so the quarantine keeps them readably."""
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if pa.types.is_string_view(arr.type) or pa.types.is_binary_view(arr.type):
-        arr = pc.cast(arr, pa.large_binary() if pa.types.is_binary_view(arr.type) else pa.large_string())
-    if pa.types.is_binary(arr.type):
-        arr = arr.view(pa.string())
-    elif pa.types.is_large_binary(arr.type):
-        arr = arr.view(pa.large_string())
-    bad = invalid_utf8_rows(arr)
-    if bad is not None and bad.any():
-        raw = arr.view(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())
-        fixed = [raw[int(i)].as_py().decode("utf-8", "backslashreplace") for i in np.flatnonzero(bad)]
-        arr = pc.replace_with_mask(arr, pa.array(bad), pa.array(fixed, arr.type))
-    if pa.types.is_large_string(arr.type):
-        arr = pc.cast(arr, pa.string())
-    return arr, bad
-
-
-def _numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Numeric values as float64 (NaN for null or unparsable) and the mask of unparsable text."""
-    if _kind(arr.type) == "text":
-        s = pc.utf8_trim_whitespace(_text(arr)[0])
-        ok = pc.match_substring_regex(s, _NUMBER)
-        values = pc.cast(pc.if_else(ok, s, pa.scalar(None, pa.string())), pa.float64())
-        bad_type = _np(pc.and_(pc.invert(ok), pc.is_valid(arr)))
-    else:
-        values, bad_type = pc.cast(arr, pa.float64()), np.zeros(len(arr), dtype=bool)
-    return pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False), bad_type
-
-
-def _blank(arr: pa.Array) -> np.ndarray:
-    return _np(pc.or_(pc.equal(pc.binary_length(arr), 0), pc.utf8_is_space(arr)))
-
-
-def _typed_nulls(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Columns of Arrow type null (all None) -> string nulls, so every check treats them as null values."""
-    for i, f in enumerate(batch.schema):
-        if pa.types.is_null(f.type):
-            batch = batch.set_column(i, f.name, pa.nulls(batch.num_rows, pa.string()))
-    return batch
 
 
 def _first_reasons(masks: dict[str, list[tuple[str, np.ndarray]]], n: int) -> tuple[np.ndarray, pa.Array]:
@@ -252,14 +158,14 @@ class ColumnMapping:
                     if fld == "weight":
                         absent.add(fld)  # no weight given: the default 1.0
                     continue
-                if _kind(t) not in _ACCEPTS[kind]:
+                if value_kind(t) not in _ACCEPTS[kind]:
                     if fld == "label" and not self.require_label:  # optional at scoring: never a file error
                         self.label_unusable.add(part.path)
                         continue
                     problems.append(f"{part.path}: column '{col}' (mapped to {fld}) has type {t}; "
                                     f"expected one of {sorted(_ACCEPTS[kind])}")
                 elif kind == "key":
-                    self.key_types.setdefault(col, pa.string() if _kind(t) == "text" else pa.int64())
+                    self.key_types.setdefault(col, pa.string() if value_kind(t) == "text" else pa.int64())
             key = self.cols.scenario_from_partition
             if key and key not in part.partition:
                 problems.append(f"{part.path}: no hive partition '{key}=...' in the path "
@@ -279,7 +185,7 @@ class ColumnMapping:
     def canonicalize(self, batch: pa.RecordBatch, rows: np.ndarray, part: FilePart) -> tuple[pa.RecordBatch, pa.RecordBatch]:
         """One batch of a file -> (accepted rows, quarantined rows) in the canonical schemas."""
         n = batch.num_rows
-        batch = _typed_nulls(batch)
+        batch = typed_nulls(batch)
         masks: dict[str, list[tuple[str, np.ndarray]]] = {}  # reason -> [(user column, rows it applies to)]
 
         def flag(reason: str, mask: np.ndarray | None, column: str = "") -> None:
@@ -304,8 +210,8 @@ class ColumnMapping:
         if ok.all():
             return accepted, empty_batch(quarantine_schema(self.keys))
         quarantined = pa.RecordBatch.from_arrays(
-            [raw[f] for f in TEXT_FIELDS] + [_as_string(lab_raw), sc, _as_string(w_raw)]
-            + [_as_string(batch.column(k)) for k in self.keys]
+            [raw[f] for f in TEXT_FIELDS] + [as_string(lab_raw), sc, as_string(w_raw)]
+            + [as_string(batch.column(k)) for k in self.keys]
             + [REASON_NAMES.take(pa.array(codes)), columns, source_file, pa.array(rows)],
             schema=quarantine_schema(self.keys),
         ).filter(pa.array(~ok))
@@ -319,12 +225,12 @@ class ColumnMapping:
             if not col:
                 raw[fld] = pa.nulls(batch.num_rows, pa.string())
                 continue
-            raw[fld], bad = _text(batch.column(col))
+            raw[fld], bad = utf8_text(batch.column(col))
             flag("invalid_utf8", bad, col)
             if fld in ("query", "title"):
-                nulls = _np(pc.is_null(raw[fld]))
+                nulls = bool_mask(pc.is_null(raw[fld]))
                 flag(f"null_{fld}", nulls, col)
-                flag(f"empty_{fld}", _blank(raw[fld]) & ~nulls, col)
+                flag(f"empty_{fld}", blank(raw[fld]) & ~nulls, col)
         return raw
 
     def _scenario(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> pa.Array:
@@ -332,20 +238,20 @@ class ColumnMapping:
         c = self.cols
         if c.scenario:
             sc = batch.column(c.scenario)
-            if _kind(sc.type) == "text":
-                sc, bad = _text(sc)
+            if value_kind(sc.type) == "text":
+                sc, bad = utf8_text(sc)
                 flag("invalid_utf8", bad, c.scenario)
             else:
                 sc = pc.cast(sc, pa.string())
         else:
             value = part.partition[c.scenario_from_partition] if c.scenario_from_partition else c.scenario_constant
             sc = pa.repeat(pa.scalar(value, pa.string()), batch.num_rows)
-        nulls = _np(pc.is_null(sc))
+        nulls = bool_mask(pc.is_null(sc))
         where = self.scenario_column
         flag("null_scenario", nulls, where)
-        flag("empty_scenario", _blank(sc) & ~nulls, where)
+        flag("empty_scenario", blank(sc) & ~nulls, where)
         if self.scenarios:
-            known = _np(pc.is_in(sc, value_set=pa.array(self.scenarios, pa.string())))
+            known = bool_mask(pc.is_in(sc, value_set=pa.array(self.scenarios, pa.string())))
             flag("unknown_scenario", ~known & ~nulls, where)
         return sc
 
@@ -360,9 +266,9 @@ class ColumnMapping:
         col = self.cols.label
         raw = batch.column(col)
         if part.path in self.label_unusable:  # scoring only: e.g. a list or timestamp column
-            return pa.nulls(n, pa.string()), pa.nulls(n, pa.int8()), _np(pc.is_valid(raw))
-        values, bad_type = _numbers(raw)
-        nulls = _np(pc.is_null(raw))
+            return pa.nulls(n, pa.string()), pa.nulls(n, pa.int8()), bool_mask(pc.is_valid(raw))
+        values, bad_type = numbers(raw)
+        nulls = bool_mask(pc.is_null(raw))
         threshold = self.cols.label_threshold
         if threshold is None:
             good, label = (values == 0) | (values == 1), values == 1
@@ -374,8 +280,8 @@ class ColumnMapping:
             flag("null_label", nulls, col)
             flag("bad_label", ~good & ~nulls & ~bad_type, col)
             return raw, pa.array(label), np.zeros(n, dtype=bool)
-        if _kind(raw.type) == "text":  # blank text is a missing label, not an invalid one
-            nulls |= _blank(_text(raw)[0])
+        if value_kind(raw.type) == "text":  # blank text is a missing label, not an invalid one
+            nulls |= blank(utf8_text(raw)[0])
         return raw, pa.array(label, mask=~good), ~good & ~nulls
 
     def _weight(self, batch: pa.RecordBatch, part: FilePart, flag: Flag) -> tuple[pa.Array, pa.Array]:
@@ -385,7 +291,7 @@ class ColumnMapping:
         if not col:
             return pa.nulls(batch.num_rows, pa.string()), pa.array(np.ones(batch.num_rows, dtype=np.float32))
         raw = batch.column(col)
-        values, bad_type = _numbers(raw)
+        values, bad_type = numbers(raw)
         flag("bad_type", bad_type, col)
         flag("bad_weight", ~(np.isfinite(values) & (values >= 0)) & ~bad_type, col)
         return raw, pa.array(values.astype(np.float32))
@@ -402,7 +308,7 @@ class ColumnMapping:
                 text[fld] = pa.repeat(pa.scalar("", pa.string()), n)
                 continue
             text[fld] = raw[fld]
-            over = _np(pc.greater(pc.utf8_length(raw[fld]), self.data.max_chars))
+            over = bool_mask(pc.greater(pc.utf8_length(raw[fld]), self.data.max_chars))
             if over.any():
                 if self.data.overlong == "reject":
                     flag("overlong", over, col)
@@ -415,7 +321,7 @@ class ColumnMapping:
 
     def _key(self, arr: pa.Array, path: str, name: str) -> pa.Array:
         try:
-            return pc.cast(_text(arr)[0] if _kind(arr.type) == "text" else arr, self.key_types[name])
+            return pc.cast(utf8_text(arr)[0] if value_kind(arr.type) == "text" else arr, self.key_types[name])
         except pa.ArrowInvalid as e:
             raise DataError(f"{path}: key column '{name}' cannot be cast to {self.key_types[name]} ({e})") from e
 
@@ -430,10 +336,3 @@ def _missing_hint(fld: str) -> str:
     if fld not in CANONICAL:
         return "; remove it from data.columns.keys if your data has none"
     return ""
-
-
-def _as_string(arr: pa.Array) -> pa.Array:
-    """Raw values as text for the quarantine (binary via the escaping UTF-8 path)."""
-    if _kind(arr.type) == "text":
-        return _text(arr)[0]
-    return pc.cast(arr, pa.string())

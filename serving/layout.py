@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kernel.atomic import read_json
+from kernel.storage import read_json
 from kernel.errors import DataError
 from kernel.hashing import file_digest
 from kernel.task_map import TASK_MAP_FILE, TaskMap
@@ -53,7 +53,7 @@ def scenario_dirname(name: str, task_id: int) -> str:
 def factors_digest(export_dir: str | Path) -> str:
     """The digest an export names its model version after (``export-<digest>``): sha256 of its
     factors.safetensors, 12 hex digits. The export computes it; every local copy is checked against it."""
-    return file_digest(Path(export_dir) / FACTORS_FILE, n=12)
+    return file_digest(Path(export_dir) / FACTORS_FILE, 12)
 
 
 def factor_key(task_id: int, layer: str, which: str) -> str:

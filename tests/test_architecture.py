@@ -1,11 +1,13 @@
 """The layering is enforced, not described: import-linter's contracts (pyproject.toml) fail on an upward
-import, an import of tests or benchmarks from product code, and an import loop inside a package."""
+import, on an import that the README's layer table does not list for the package, an import of tests or
+benchmarks from product code, and an import loop inside a package."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,8 @@ def copy_of_the_code(tmp_path) -> Path:
 def test_the_code_keeps_every_contract():
     result = lint(REPO)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert result.stdout.count("KEPT") == 6
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    assert result.stdout.count("KEPT") == len(contracts) >= 9  # every contract ran, none was dropped
 
 
 @pytest.mark.parametrize("module,line,broken", [
@@ -43,6 +46,12 @@ def test_the_code_keeps_every_contract():
     ("serving/scoring/scorer.py", "import serving.scoring.worker", "Scoring's call chain goes one way"),
     ("modeling/mtl_lora.py", "import tests.shared", "Product code never imports tests or benchmarks"),
     ("kernel/errors.py", "import kernel.config", "No import loop between the modules of a package"),  # config -> errors
+    # Below the layer, yet not in the package's row of the README's table:
+    ("training/compare.py", "import pipeline.reader",
+     "training imports features, modeling, evaluation and kernel only"),
+    ("features/sampler.py", "import evaluation.metrics", "features imports modeling and kernel only"),
+    ("monitoring/promote.py", "import modeling.merge",
+     "monitoring imports serving, pipeline, evaluation and kernel only"),
 ])
 def test_a_wrong_import_breaks_a_contract(copy_of_the_code, module, line, broken):
     path = copy_of_the_code / module

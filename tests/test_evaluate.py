@@ -1,12 +1,14 @@
-"""Validation metrics: the per-scenario row cap and the macro AUC, checked against direct recomputation."""
+"""Validation metrics: the per-scenario row cap and the macro AUC, checked against direct recomputation.
+Early stopping reads the same function as compare, monitoring and the promotion gate (evaluation.metrics)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
+from evaluation.metrics import describe_macro, scenario_metrics, summarize
 from kernel.task_map import TaskMap
-from training.evaluate import capped_rows, classification_metrics, describe_macro
+from training.evaluate import capped_rows, classification_metrics, probabilities
 
 
 def _sorted_by_scenario(seed: int = 0):
@@ -60,3 +62,29 @@ def test_macro_auc_matches_a_direct_recomputation_and_says_when_it_is_partial():
     assert m["scenarios"]["d"]["auc"] is None and m["auc_macro_partial"] and m["auc_macro_scenarios"] == 3
     assert m["auc_macro"] == pytest.approx(np.mean([m["scenarios"][s]["auc"] for s in "abc"]), abs=1e-12)
     assert "over 3 of 4 scenarios; no AUC for d" in describe_macro(m)
+
+
+def test_early_stopping_reads_the_monitoring_metrics_and_they_match_sklearn_with_ties_one_class_and_no_rows():
+    rng = np.random.default_rng(5)
+    task_ids = rng.integers(0, 3, 2000)  # scenario "none" (id 3) has no rows
+    labels = (rng.random(2000) < 0.3).astype(np.float32)
+    labels[task_ids == 2] = 1  # "one": a single class
+    logits = np.round(rng.normal(size=2000) + 1.2 * labels, 1).astype(np.float32)  # coarse: many ties
+    tm = TaskMap(["a", "b", "one", "none"])
+    m = classification_metrics(task_ids, labels, logits, tm)
+    assert list(m["scenarios"]) == tm.names
+    for t in (0, 1):
+        rows = task_ids == t
+        e = m["scenarios"][tm.names[t]]
+        assert e["auc"] == pytest.approx(roc_auc_score(labels[rows], logits[rows]), abs=1e-12)  # on the logits too
+        assert e["pr_auc"] == pytest.approx(average_precision_score(labels[rows], logits[rows]), abs=1e-12)
+    assert m["scenarios"]["one"]["auc"] is None and "only one class" in m["scenarios"]["one"]["reason"]
+    assert m["scenarios"]["none"]["auc"] is None and m["scenarios"]["none"]["n"] == 0
+    direct = [roc_auc_score(labels[task_ids == t], logits[task_ids == t]) for t in (0, 1)]
+    assert m["auc_macro"] == pytest.approx(np.mean(direct), abs=1e-12)
+    assert (m["auc_macro_scenarios"], m["scenarios_total"], m["auc_macro_partial"]) == (2, 4, True)
+    assert m["scenarios_without_auc"] == ["one", "none"]
+    # One schema: exactly what monitoring and the promotion gate compute from the same probabilities.
+    per = scenario_metrics(np.asarray(tm.names)[task_ids], labels, probabilities(logits), bootstrap_rounds=0,
+                           names=tm.names)
+    assert m == {"scenarios": per, **summarize(per)}

@@ -1,9 +1,10 @@
-"""kernel.hashing.fingerprint_files: sha256 over each file's name and bytes, recomputed here with hashlib."""
+"""kernel.hashing's digests (files, bytes, JSON), each recomputed here with hashlib."""
 from __future__ import annotations
 
 import hashlib
+import json
 
-from kernel.hashing import fingerprint_files, fingerprint_files_and_each
+from kernel.hashing import bytes_digest, fingerprint_files, fingerprint_files_and_each, json_digest
 
 
 def _direct(paths) -> str:
@@ -24,3 +25,14 @@ def test_one_read_gives_the_whole_fingerprint_and_each_file_s(tmp_path):
     assert whole == fingerprint_files(paths) == _direct(paths)
     assert each == [_direct([p]) for p in paths] == [fingerprint_files([p]) for p in paths]
     assert len(set(each)) == 3 and whole not in each
+
+
+def test_bytes_and_json_digests_are_sha256_of_the_bytes_and_of_the_sorted_json():
+    assert bytes_digest(b"abc") == hashlib.sha256(b"abc").hexdigest()
+    assert bytes_digest("é", 12) == hashlib.sha256("é".encode()).hexdigest()[:12]
+    parts = (bytes([i]) * 1000 for i in range(5))  # consumed one part at a time
+    assert bytes_digest(parts, 16) == hashlib.sha256(b"".join(bytes([i]) * 1000 for i in range(5))).hexdigest()[:16]
+    a, b = {"b": [1, {"y": 2, "x": None}], "a": "t"}, {"a": "t", "b": [1, {"x": None, "y": 2}]}
+    expected = hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()
+    assert json_digest(a) == json_digest(b) == expected and json_digest(a, 16) == expected[:16]
+    assert json_digest({"a": "t"}) != json_digest({"a": "u"})

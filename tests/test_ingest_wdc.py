@@ -42,7 +42,7 @@ def test_wdc_products_ingest_through_the_column_mapping(tmp_path):
         assert 0.1 < s["positive_rate"] < 0.4
     # Each accepted row is the raw row it came from: text and label carried over unchanged.
     sample = accepted.slice(0, 200).to_pylist()
-    tables = {str(f): pq.read_table(f) for f in files}
+    tables = {str(f.resolve()): pq.read_table(f) for f in files}  # source_file: the resolved path
     for row in sample:
         src = tables[row["source_file"]].slice(row["source_row"], 1).to_pylist()[0]
         assert (src["left"], src["right"], src["label"], src["category"]) == (

@@ -16,7 +16,7 @@ from evaluation.metrics import scenario_metrics
 from kernel.config import config_from_dict
 from kernel.errors import DataError
 from kernel.mlflow_client import MlflowTracker
-from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run_check
+from monitoring.check import EXIT_BREACH, EXIT_INPUT, EXIT_OK, main, run
 from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores
 
 
@@ -130,12 +130,12 @@ def test_small_scenarios_are_reported_but_not_judged(valid, cfg, reference):
     assert rep["breaches"] == [] and set(rep["missing_scenarios"]) == set(CATEGORIES) - {"shoes"}
 
 
-def test_run_check_reads_partitioned_files_and_reports_every_row(valid, cfg, reference, tmp_path):
+def test_check_reads_partitioned_files_and_reports_every_row(valid, cfg, reference, tmp_path):
     # The same rows, shuffled and split over hive partitions: drift is exactly zero, metrics as computed directly.
     shuffled = valid.take(np.random.default_rng(0).permutation(len(valid)))
     scored = tmp_path / "scored"
     pq.write_to_dataset(shuffled, scored, partition_cols=["scenario"])
-    summary = run_check(scored, reference, tmp_path / "out", cfg)
+    summary = run(cfg, scored, reference, tmp_path / "out").info["summary"]
     assert summary["breaches"] == [] and summary["rows"] == summary["labelled_rows"] == len(valid)
     direct = scenario_metrics(valid["scenario"].to_numpy(zero_copy_only=False), valid["label"].to_numpy(),
                               valid["score"].to_numpy(), bootstrap_rounds=0)
@@ -150,7 +150,7 @@ def test_quarantine_folder_of_batch_scoring_output_is_found(valid, cfg, referenc
     (scored / "_quarantine").mkdir(parents=True)
     pq.write_table(valid.slice(100), scored / "part-00000-a.parquet")
     pq.write_table(valid.slice(0, 100).drop_columns(["score"]), scored / "_quarantine" / "part-00000-a.parquet")
-    summary = run_check(scored, reference, tmp_path / "out", cfg)
+    summary = run(cfg, scored, reference, tmp_path / "out").info["summary"]
     assert summary["rows"] == len(valid) - 100
     assert summary["drift"]["quarantine_rate"] == pytest.approx(100 / len(valid))
 
@@ -158,7 +158,9 @@ def test_quarantine_folder_of_batch_scoring_output_is_found(valid, cfg, referenc
 def test_report_embeds_existing_plots_and_highlights_breaches(valid, cfg, reference, tmp_path):
     path = tmp_path / "scored.parquet"
     pq.write_table(with_scores(valid, "cameras", lambda s: 1 - s), path)
-    summary = run_check(path, reference, tmp_path / "out", cfg)
+    outcome = run(cfg, path, reference, tmp_path / "out")
+    summary = outcome.info["summary"]
+    assert outcome.exit_code == EXIT_BREACH and outcome.info["breaches"] == summary["breaches"]
     html = (tmp_path / "out" / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
     # per scenario: reliability + histogram, ROC + PR; no history given: no trend plot
@@ -175,11 +177,11 @@ def test_unlabelled_rows_only_count_for_drift(valid, cfg, reference, tmp_path):
     labels = pc.if_else(pc.equal(valid["scenario"], "watches"), pa.scalar(None, pa.int8()), valid["label"])
     t = valid.set_column(valid.column_names.index("label"), "label", labels)
     pq.write_table(t, tmp_path / "partly.parquet")
-    summary = run_check(tmp_path / "partly.parquet", reference, tmp_path / "a", cfg)
+    summary = run(cfg, tmp_path / "partly.parquet", reference, tmp_path / "a").info["summary"]
     assert "watches" not in summary["metrics"] and "watches" in summary["drift"]["scenarios"]
     assert summary["labelled_rows"] == len(valid) - pc.sum(pc.equal(valid["scenario"], "watches")).as_py()
     pq.write_table(valid.drop_columns(["label"]), tmp_path / "unlabelled.parquet")
-    summary = run_check(tmp_path / "unlabelled.parquet", reference, tmp_path / "b", cfg)
+    summary = run(cfg, tmp_path / "unlabelled.parquet", reference, tmp_path / "b").info["summary"]
     assert summary["metrics"] is None and summary["labelled_rows"] == 0 and summary["breaches"] == []
 
 
@@ -228,8 +230,8 @@ def test_model_version_is_in_summary_header_and_run_tags(valid, cfg, reference, 
     tracker = MlflowTracker(uri, "ads-relevance")
     tracker.start(run_name="monitoring-check")
     pq.write_table(valid, tmp_path / "scored.parquet")
-    summary = run_check(tmp_path / "scored.parquet", reference, tmp_path / "a", cfg, tracker=tracker,
-                        model_version="ads-relevance/3")
+    summary = run(cfg, tmp_path / "scored.parquet", reference, tmp_path / "a", tracker=tracker,
+                  model_version="ads-relevance/3").info["summary"]
     tracker.end()
     html = (tmp_path / "a" / "report.html").read_text()
     assert summary["model_version"] == "ads-relevance/3"
@@ -240,9 +242,9 @@ def test_model_version_is_in_summary_header_and_run_tags(valid, cfg, reference, 
                                                                           "ads-relevance")
     assert "champion_version" not in tags
     # default: the scores' own model_version column ("1"); no such column: unknown
-    assert run_check(tmp_path / "scored.parquet", reference, tmp_path / "b", cfg)["model_version"] == "1"
+    assert run(cfg, tmp_path / "scored.parquet", reference, tmp_path / "b").info["summary"]["model_version"] == "1"
     pq.write_table(valid.drop_columns(["model_version"]), tmp_path / "bare.parquet")
-    assert run_check(tmp_path / "bare.parquet", reference, tmp_path / "c", cfg)["model_version"] is None
+    assert run(cfg, tmp_path / "bare.parquet", reference, tmp_path / "c").info["summary"]["model_version"] is None
     assert '<b id="model-version">unknown</b>' in (tmp_path / "c" / "report.html").read_text()
 
 
@@ -254,7 +256,7 @@ def test_champion_rows_are_matched_on_the_row_key_or_the_error_says_why(valid, c
                                      pa.float32()))
 
     def check(champion, scored=tmp_path / "cand.parquet"):
-        return run_check(scored, reference, tmp_path / "o", cfg, champion=champion)
+        return run(cfg, scored, reference, tmp_path / "o", champion=champion).info["summary"]
 
     pq.write_table(valid, tmp_path / "unkeyed.parquet")  # the candidate needs the key too
     with pytest.raises(DataError, match=r"unkeyed.parquet: scored input lacks columns \['source_file', 'source_row'\]"):

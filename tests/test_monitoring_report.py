@@ -31,7 +31,7 @@ from evaluation.metrics import (
 from kernel.config import config_from_dict
 from kernel.mlflow_client import MlflowTracker
 from kernel.tracking import SpooledTracker
-from monitoring.check import headline_metrics, run_check
+from monitoring.check import headline_metrics, run
 from monitoring.history import read_history, scenario_key
 from monitoring.report import MIN_BIN_ROWS
 from tests.mlflow_testkit import MlflowServer
@@ -94,7 +94,7 @@ def reference(candidate, cfg, workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def logged(candidate, reference, workdir) -> dict:
-    """Three finished monitoring runs of ads-relevance/1..3 logged through run_check, plus runs the history
+    """Three finished monitoring runs of ads-relevance/1..3 logged through the check, plus runs the history
     must not return: an export run, a failed monitoring run, a monitoring run of another model."""
     uri = f"sqlite:///{workdir}/mlflow.db"
     cfg = config_from_dict({"monitoring": {"bootstrap_rounds": 20}})
@@ -104,8 +104,8 @@ def logged(candidate, reference, workdir) -> dict:
         pq.write_table(variant(candidate, i), path)
         tracker = MlflowTracker(uri, EXPERIMENT)
         tracker.start(run_name="monitoring-check")
-        summary = run_check(path, reference, workdir / f"monitor-{i}", cfg, tracker=tracker,
-                            model_version=f"ads-relevance/{i}")
+        summary = run(cfg, path, reference, workdir / f"monitor-{i}", tracker=tracker,
+                      model_version=f"ads-relevance/{i}").info["summary"]
         tracker.end()
         runs.append({"run_id": tracker.run_id, "summary": summary})
         if i == 1:
@@ -117,7 +117,7 @@ def logged(candidate, reference, workdir) -> dict:
             failed.end("FAILED")
             other = MlflowTracker(uri, EXPERIMENT)
             other.start()
-            run_check(path, reference, workdir / "monitor-other", cfg, tracker=other, model_version="other-model/1")
+            run(cfg, path, reference, workdir / "monitor-other", tracker=other, model_version="other-model/1")
             other.end()
             runs_other = other.run_id
     return {"uri": uri, "runs": runs, "other": runs_other}
@@ -136,8 +136,8 @@ def report(candidate, champion, reference, logged, cfg, workdir) -> dict:
     history = read_history(logged["uri"], EXPERIMENT, model_name="ads-relevance")
     tracker = MlflowTracker(logged["uri"], EXPERIMENT)
     tracker.start(run_name="monitoring-check")
-    summary = run_check(scored, reference, workdir / "monitor-4", cfg, tracker=tracker,
-                        model_version="ads-relevance/4", champion={"scored": champ_dir}, history=history)
+    summary = run(cfg, scored, reference, workdir / "monitor-4", tracker=tracker, model_version="ads-relevance/4",
+                  champion={"scored": champ_dir}, history=history).info["summary"]
     tracker.end()
     return {"summary": summary, "out": workdir / "monitor-4", "history": history, "run_id": tracker.run_id,
             "html": (workdir / "monitor-4" / "report.html").read_text()}
@@ -293,8 +293,8 @@ def test_champion_table_matches_an_independent_recomputation(report, candidate, 
 def test_a_champion_equal_to_the_candidate_is_within_noise(candidate, reference, tmp_path):
     cfg = config_from_dict({"monitoring": {"bootstrap_rounds": 30}})
     pq.write_table(candidate, tmp_path / "scores.parquet")
-    comp = run_check(tmp_path / "scores.parquet", reference, tmp_path / "o", cfg,
-                     champion={"scored": tmp_path / "scores.parquet"})["champion"]
+    comp = run(cfg, tmp_path / "scores.parquet", reference, tmp_path / "o",
+               champion={"scored": tmp_path / "scores.parquet"}).info["summary"]["champion"]
     for c in comp["scenarios"].values():
         assert (c["delta"], c["ci_low"], c["ci_high"], c["verdict"]) == (0.0, 0.0, 0.0, "within noise")
 
@@ -382,8 +382,8 @@ def test_trend_with_gaps_unlabelled_rows_and_odd_scenario_names(candidate, refer
                 "scenarios": {scenario_key(odd): {"auc": 0.8, "psi_score": 0.1}}},
                {"run_id": "r2", "start_time": "2026-11-02T00:00:00+00:00", "model_version": None,
                 "scenarios": {"cameras": {"auc": 0.7}}}]
-    summary = run_check(tmp_path / "unlabelled.parquet", reference, tmp_path / "o", config_from_dict({}),
-                        history=history)
+    summary = run(config_from_dict({}), tmp_path / "unlabelled.parquet", reference, tmp_path / "o",
+                  history=history).info["summary"]
     page = Page((tmp_path / "o" / "report.html").read_text())
     rows = page.tables[f"trend:{odd}"][1:]
     assert [r[3][1] for r in rows] == ["ads-relevance/1", "–", "ads-relevance/4"]  # the current: from the data
@@ -408,8 +408,8 @@ def test_history_over_a_real_mlflow_server(candidate, reference, tmp_path):
             pq.write_table(variant(candidate, i), path)
             tracker = SpooledTracker(MlflowTracker(uri, EXPERIMENT, 10), tmp_path / "spool", 30)
             tracker.start(run_name="monitoring-check")
-            summary = run_check(path, reference, tmp_path / f"m{i}", cfg, tracker=tracker,
-                                model_version=f"ads-relevance/{i}")
+            summary = run(cfg, path, reference, tmp_path / f"m{i}", tracker=tracker,
+                          model_version=f"ads-relevance/{i}").info["summary"]
             tracker.end()
             assert tracker.unsent == 0
             logged.append((tracker.run_id, summary))
@@ -417,7 +417,7 @@ def test_history_over_a_real_mlflow_server(candidate, reference, tmp_path):
         assert [(h["run_id"], h["model_version"]) for h in hist] == [(r, s["model_version"]) for r, s in logged]
         for h, (_, s) in zip(hist, logged):
             assert h["metrics"] == headline_metrics(s)
-        summary = run_check(tmp_path / "scores-2.parquet", reference, tmp_path / "m3", cfg, history=hist)
+        summary = run(cfg, tmp_path / "scores-2.parquet", reference, tmp_path / "m3", history=hist).info["summary"]
         assert [h["scenarios"] for h in summary["history"]] == [h["scenarios"] for h in hist]
     finally:
         server.stop()
@@ -435,7 +435,7 @@ def test_report_folder_is_self_contained_and_drops_stale_plots(report, candidate
     assert len(page.images) == 3 * len(CATEGORIES)
     shoes = tmp_path / "shoes.parquet"
     pq.write_table(candidate.filter(pc.equal(candidate["scenario"], "shoes")), shoes)
-    run_check(shoes, reference, out, config_from_dict({"monitoring": {"bootstrap_rounds": 0}}))
+    run(config_from_dict({"monitoring": {"bootstrap_rounds": 0}}), shoes, reference, out)
     page = Page((out / "report.html").read_text())
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(Path(i).name for i in page.images)
     assert not list(out.rglob(".*"))  # no temporary files

@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 from kernel.config import config_from_dict
 from kernel.errors import RelevanceError
-from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, promote, rollback
+from kernel.exit_codes import GATE_FAILED
+from monitoring.promote import EXIT_INPUT, EXIT_OK, gate, main, rollback, run
 from serving.registry import aliases as registry
 from tests.mlflow_testkit import MlflowServer
 from tests.monitoring_testkit import CATEGORIES, DATA, overlap_scores
@@ -112,10 +113,11 @@ def test_first_champion_needs_every_scenario_above_min_auc(store, eval_path, cfg
     c, score = store["client"], make_score_fn(store["uri"], store["root"] / "cache")
     v1 = register(c, "first", {"noise": 0.0}, store["exp"], store["root"])
     strict = config_from_dict({"monitoring": {"bootstrap_rounds": 50, "min_auc": 0.999}})
-    res = promote("first", v1, eval_path, strict, store["uri"], score_fn=score)
-    assert not res["passed"] and len(res["reasons"]) == len(CATEGORIES)
+    outcome = run(strict, eval_path, candidate=v1, name="first", tracking_uri=store["uri"], score_fn=score)
+    res = outcome.info
+    assert outcome.exit_code == GATE_FAILED and not res["passed"] and len(res["reasons"]) == len(CATEGORIES)
     assert all("monitoring.min_auc" in r for r in res["reasons"]) and aliases(c, "first") == {}
-    res = promote("first", v1, eval_path, cfg, store["uri"], score_fn=score)
+    res = run(cfg, eval_path, candidate=v1, name="first", tracking_uri=store["uri"], score_fn=score).info
     assert res["passed"] and res["champion_version"] is None and aliases(c, "first") == {"champion": v1}
     history = registry.decisions(c, "first", v1)
     assert [h["decision"] for h in history] == ["rejected", "promoted"]
@@ -127,9 +129,9 @@ def test_better_candidate_becomes_champion_and_old_one_previous(store, eval_path
     v1 = register(c, "better", {"noise": 0.25, "seed": 1}, store["exp"], store["root"])
     v2 = register(c, "better", {"noise": 0.0}, store["exp"], store["root"])
     loose = config_from_dict({"monitoring": {"bootstrap_rounds": 50, "min_auc": 0.0}})
-    assert promote("better", v1, eval_path, loose, store["uri"], score_fn=score)["passed"]
+    assert run(loose, eval_path, candidate=v1, name="better", tracking_uri=store["uri"], score_fn=score).info["passed"]
     c.set_registered_model_alias("better", "challenger", v2)
-    res = promote("better", "challenger", eval_path, cfg, store["uri"], score_fn=score)
+    res = run(cfg, eval_path, candidate="challenger", name="better", tracking_uri=store["uri"], score_fn=score).info
     assert res["passed"], res["reasons"]
     assert (res["candidate_version"], res["champion_version"]) == (v2, v1)
     assert aliases(c, "better") == {"champion": v2, "previous": v1, "challenger": v2}
@@ -166,7 +168,7 @@ def test_rejected_candidate_moves_nothing_and_is_tagged_with_reasons(store, eval
     champion = register(c, name, {"noise": 0.0}, store["exp"], store["root"])
     c.set_registered_model_alias(name, "champion", champion)
     cand = register(c, name, spec, store["exp"], store["root"])
-    res = promote(name, cand, eval_path, cfg, store["uri"], score_fn=score)
+    res = run(cfg, eval_path, candidate=cand, name=name, tracking_uri=store["uri"], score_fn=score).info
     assert not res["passed"] and any(expect in r for r in res["reasons"]), res["reasons"]
     assert aliases(c, name) == {"champion": champion}
     tags = c.get_model_version(name, cand).tags
@@ -179,10 +181,10 @@ def test_identical_quality_passes_and_same_version_is_refused(store, eval_path, 
     v1 = register(c, "same", {"noise": 0.1, "seed": 5}, store["exp"], store["root"])
     v2 = register(c, "same", {"noise": 0.1, "seed": 5}, store["exp"], store["root"])
     c.set_registered_model_alias("same", "champion", v1)
-    res = promote("same", v2, eval_path, cfg, store["uri"], score_fn=score)
+    res = run(cfg, eval_path, candidate=v2, name="same", tracking_uri=store["uri"], score_fn=score).info
     assert res["passed"]
     assert all(d["delta"] == d["ci_low"] == d["ci_high"] == 0 for d in res["metrics"]["delta"].values())
-    res = promote("same", "champion", eval_path, cfg, store["uri"], score_fn=score)
+    res = run(cfg, eval_path, candidate="champion", name="same", tracking_uri=store["uri"], score_fn=score).info
     assert not res["passed"] and "already the champion" in res["reasons"][0]
 
 
@@ -231,8 +233,8 @@ def test_promotion_and_rollback_against_a_real_mlflow_server(tmp_path, eval_path
         v1 = register(client, "served", {"noise": 0.25, "seed": 1}, exp, tmp_path)
         v2 = register(client, "served", {"noise": 0.0}, exp, tmp_path)
         loose = config_from_dict({"monitoring": {"bootstrap_rounds": 50, "min_auc": 0.0}})
-        assert promote("served", v1, eval_path, loose, uri, score_fn=score)["passed"]
-        res = promote("served", v2, eval_path, cfg, uri, score_fn=score)
+        assert run(loose, eval_path, candidate=v1, name="served", tracking_uri=uri, score_fn=score).info["passed"]
+        res = run(cfg, eval_path, candidate=v2, name="served", tracking_uri=uri, score_fn=score).info
         assert res["passed"], res["reasons"]
         assert aliases(client, "served") == {"champion": v2, "previous": v1}
         assert client.get_model_version("served", v2).tags["promotion.decision"] == "promoted"

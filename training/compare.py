@@ -3,9 +3,10 @@
     evidence = compare_on_validation({"mtl_lora": dir_a, "lora": dir_b}, data_dir, rounds=200, seed=0)
     evidence["winner"], evidence["methods"]["lora"]["auc_macro"], evidence["pairs"]["mtl_lora-lora"]
 
-Every trained-model folder scores the whole validation split (the same rows, in the same order). Per
-scenario, the AUC of each method is bootstrapped on the same stratified resamples (``evaluation.metrics``
-draws them from the seed, the scenario and the labels only), so the difference of two methods' macro AUCs
+Every trained-model folder scores the whole validation split (the same rows, in the same order). Each
+method's metrics are ``evaluation.metrics``' of its probabilities, as in early stopping. Per scenario, the
+AUC of each method is bootstrapped on the same stratified resamples (``evaluation.metrics`` draws them from
+the seed, the scenario and the labels only), so the difference of two methods' macro AUCs
 gets a paired percentile CI: per round, the mean over scenarios of the AUC differences. The winner is the
 method with the highest validation macro AUC; ``decisive`` says whether the CI of its lead over the runner-up
 excludes 0 (a lead inside the noise is recorded as such, and the winner is still the higher one).
@@ -18,13 +19,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from evaluation.metrics import CI_LEVEL, bootstrap_auc, scenario_seed, weighted_auc
+from evaluation.metrics import CI_LEVEL, scenario_metrics, summarize
 from features.tokenize import build_features
 from kernel import storage
 from kernel.errors import DataError
 from modeling.artifact import load_trained
 from modeling.base import load_tokenizer
-from training.evaluate import predict
+from training.evaluate import predict, probabilities
 
 
 def validation_scores(model_dir: Path, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -46,18 +47,15 @@ def compare_on_validation(model_dirs: dict[str, Path], data_dir: str | Path, rou
     for m, (t, y, _, n) in scored.items():
         if n != names or not np.array_equal(t, task_ids) or not np.array_equal(y, labels, equal_nan=True):
             raise DataError(f"method {m}: its validation rows differ from the others' (compare on the same data)")
+    scenarios = np.asarray(names, dtype=object)[task_ids]
     methods, samples = {}, {}
     for m, (_, _, logits, _) in scored.items():
-        per, draws = {}, []
-        for t, name in enumerate(names):
-            rows = task_ids == t
-            y = labels[rows].astype(np.int64)
-            if y.min(initial=1) == y.max(initial=0):  # a single class (or no rows): no AUC
-                continue
-            per[name] = weighted_auc(y, logits[rows])
-            draws.append(bootstrap_auc(y, logits[rows], None, rounds, scenario_seed(seed, name)))
-        methods[m] = {"auc": per, "auc_macro": float(np.mean(list(per.values()))) if per else None,
-                      "model_dir": str(model_dirs[m])}
+        per = scenario_metrics(scenarios, labels, probabilities(logits), bootstrap_rounds=rounds, seed=seed,
+                               keep_samples=True, names=names)
+        with_auc = {name: e for name, e in per.items() if e["auc"] is not None}  # not a single class
+        methods[m] = {"auc": {name: e["auc"] for name, e in with_auc.items()},
+                      "auc_macro": summarize(per)["auc_macro"], "model_dir": str(model_dirs[m])}
+        draws = [e["auc_samples"] for e in with_auc.values()]
         samples[m] = np.mean(draws, axis=0) if draws else np.empty(0)  # (rounds,) macro AUC per resample
     ranked = sorted(methods, key=lambda m: -(methods[m]["auc_macro"] or -1.0))
     alpha = (1 - CI_LEVEL) / 2 * 100

@@ -8,9 +8,11 @@ after the all-gather every example counts exactly once.
     metrics["auc_macro"], metrics["scenarios"]["us"]["auc"]
 
 ``max_rows_per_scenario`` caps each scenario at that many rows, drawn by ``capped_rows``: the same rows
-every evaluation (a fixed seed), stratified by label so each scenario keeps its positive rate. The macro AUC
-averages the scenarios that have an AUC; ``auc_macro_scenarios`` says how many of ``scenarios_total`` that
-is, and ``auc_macro_partial`` is True when some scenario could not be scored (a single class).
+every evaluation (a fixed seed), stratified by label so each scenario keeps its positive rate. The metrics
+are ``evaluation.metrics``' (the ones monitoring and the promotion gate read) of the sigmoid of the logits:
+``{"scenarios": scenario_metrics(...), **summarize(...)}``. The macro AUC averages the scenarios that have an
+AUC; ``auc_macro_scenarios`` says how many of ``scenarios_total`` that is, and ``auc_macro_partial`` is True
+when some scenario could not be scored (a single class, or no rows).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
+from evaluation.metrics import scenario_metrics, summarize
 from features.tokenize import FeatureSet
 from kernel.task_map import TaskMap
 
@@ -91,45 +93,18 @@ def capped_rows(task_ids: np.ndarray, labels: np.ndarray, cap: int, seed: int = 
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """sigmoid(logits) in float64: what the model's scores are."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def classification_metrics(task_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray,
                            task_map: TaskMap) -> dict:
-    """ROC-AUC, PR-AUC and log loss per scenario; macro AUC and row-weighted AUC over scenarios."""
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    per: dict[str, dict] = {}
-    for t, name in enumerate(task_map.names):
-        m = task_ids == t
-        y, p = labels[m], probs[m]
-        entry: dict = {"n": int(m.sum()), "positives": int(y.sum())}
-        if entry["n"] and 0 < entry["positives"] < entry["n"]:
-            entry.update(
-                auc=float(roc_auc_score(y, p)),
-                pr_auc=float(average_precision_score(y, p)),
-                log_loss=float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
-            )
-        else:
-            entry.update(auc=None, pr_auc=None, log_loss=None, reason="needs both classes")
-        per[name] = entry
-    scored = [(e["auc"], e["n"]) for e in per.values() if e["auc"] is not None]
-    return {
-        "scenarios": per,
-        "auc_macro": float(np.mean([a for a, _ in scored])) if scored else None,
-        "auc_weighted": float(np.average([a for a, _ in scored], weights=[n for _, n in scored])) if scored else None,
-        "auc_macro_scenarios": len(scored),
-        "scenarios_total": len(per),
-        "auc_macro_partial": len(scored) < len(per),
-        "n": int(len(labels)),
-    }
-
-
-def describe_macro(metrics: dict) -> str:
-    """"0.8312", or "0.8312 (over 3 of 4 scenarios; no AUC for jp)" when the macro covers a subset."""
-    macro = metrics["auc_macro"]
-    text = "n/a" if macro is None else f"{macro:.4f}"
-    if metrics.get("auc_macro_partial"):
-        missing = [s for s, e in metrics["scenarios"].items() if e["auc"] is None]
-        text += (f" (over {metrics['auc_macro_scenarios']} of {metrics['scenarios_total']} scenarios; "
-                 f"no AUC for {', '.join(missing)})")
-    return text
+    """Per scenario of ``task_map`` (in its order, those without rows included) ``evaluation.metrics``' AUC,
+    PR-AUC, log loss and calibration of the probabilities (no bootstrap), and their summary."""
+    scenarios = np.asarray(task_map.names, dtype=object)[np.asarray(task_ids, dtype=np.int64)]
+    per = scenario_metrics(scenarios, labels, probabilities(logits), bootstrap_rounds=0, names=task_map.names)
+    return {"scenarios": per, **summarize(per)}
 
 
 def evaluate(model, features: FeatureSet, task_map: TaskMap, batch_size: int, pad_id: int,

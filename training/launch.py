@@ -32,6 +32,7 @@ from pathlib import Path
 from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import ConfigError
+from kernel.stage import Outcome, stage_tracker
 from kernel.tracking import open_tracker
 from training.trainer import train
 
@@ -153,51 +154,60 @@ def launcher_command(args: argparse.Namespace, topo: Topology, resolved_config: 
     return cmd
 
 
-def run(cfg: Config, data_dir: Path, out_dir: Path, resume: bool = False, tags: dict | None = None):
-    """Train in this process (rank and world size come from the environment the launcher sets). ``tags``
-    go on a new MLflow run (the job passes its parent run and stage); a resumed run keeps its own."""
-
+def run(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
+        tags: dict | None = None) -> Outcome:
+    """The train stage in this process (rank and world size come from the environment the launcher sets):
+    ``training.trainer.train`` logged to a new MLflow run; ``tags`` go on that run (the job passes its parent
+    run and stage), a resumed run keeps its own. Outcome info: run_id, model_dir, steps, val (the best
+    validation metrics)."""
+    out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0))
-    tracker = open_tracker(cfg, rank)
     run_id_file = out_dir / "mlflow_run_id"
     resume_run = resume and run_id_file.is_file()
-    tracker.start(run_name=cfg.tracking.run_name or "train", tags={"stage": "train", **(tags or {})},
-                  run_id=run_id_file.read_text().strip() if resume_run else None)
-    if rank == 0 and tracker.run_id:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(tracker.run_id)
-    try:
-        result = train(cfg, data_dir, out_dir, resume=resume, tracker=tracker)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
-    return result
 
-
-def _main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    cfg = load_config(args.config, args.overrides)
-    data_dir = args.data or storage.join(cfg.work_dir, "data")  # a local folder or an object-store URI
-    out_dir = Path(args.out or cfg.local_work_dir / "train")  # checkpoints: always on local disk
-    if not args.worker:
-        topo = topology(args)
-        if topo.multi:
+    def start():
+        tracker = open_tracker(cfg, rank)
+        tracker.start(run_name=cfg.tracking.run_name or "train", tags={"stage": "train", **(tags or {})},
+                      run_id=run_id_file.read_text().strip() if resume_run else None)
+        if rank == 0 and tracker.run_id:
             out_dir.mkdir(parents=True, exist_ok=True)
-            resolved = out_dir / "launch_config.yaml"  # workers read the resolved config: one source of truth
-            dump_config(cfg, resolved)
-            code = subprocess.call(launcher_command(args, topo, resolved, out_dir))
-            return code if code in exit_codes.TABLE else exit_codes.FAILURE
-    result = run(cfg, data_dir, out_dir, resume=args.resume)
-    if int(os.environ.get("RANK", 0)) == 0:
-        best = result.best_metrics or {}
-        print(f"best validation macro AUC {best.get('auc_macro')} after {result.steps} steps; model: {result.model_dir}")
-    return exit_codes.OK
+            run_id_file.write_text(tracker.run_id)
+        return tracker
+
+    with stage_tracker(None, start) as tracker:
+        result = train(cfg, data_dir, out_dir, resume=resume, tracker=tracker)
+    return Outcome({"run_id": result.run_id, "model_dir": str(result.model_dir), "steps": result.steps,
+                    "val": result.best_metrics}, [result.model_dir])
+
+
+def launch_processes(args: argparse.Namespace, topo: Topology, cfg: Config, out_dir: Path) -> int:
+    """Start the deepspeed launcher for several processes or nodes; its workers run ``run`` (--worker)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = out_dir / "launch_config.yaml"  # workers read the resolved config: one source of truth
+    dump_config(cfg, resolved)
+    code = subprocess.call(launcher_command(args, topo, resolved, out_dir))
+    return code if code in exit_codes.TABLE else exit_codes.FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    return exit_codes.run_cli(lambda: _main(args))
+
+    def work() -> int:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+        cfg = load_config(args.config, args.overrides)
+        data_dir = args.data or storage.join(cfg.work_dir, "data")  # a local folder or an object-store URI
+        out_dir = Path(args.out or cfg.local_work_dir / "train")  # checkpoints: always on local disk
+        topo = None if args.worker else topology(args)
+        if topo is not None and topo.multi:
+            return launch_processes(args, topo, cfg, out_dir)
+        info = run(cfg, data_dir, out_dir, resume=args.resume).info
+        if int(os.environ.get("RANK", 0)) == 0:
+            best = info["val"] or {}
+            print(f"best validation macro AUC {best.get('auc_macro')} after {info['steps']} steps; "
+                  f"model: {info['model_dir']}")
+        return exit_codes.OK
+
+    return exit_codes.run_cli(work)
 
 
 def _has_cuda() -> bool:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from evaluation.metrics import describe_macro
 from features.sampler import MixedScenarioSampler
 from features.tokenize import FeatureSet, build_features
 from kernel import storage
@@ -47,7 +48,7 @@ from modeling.inject import adapter_param_count
 from modeling.model import build_model, enable_activation_checkpointing
 from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
-from training.evaluate import describe_macro, evaluate, flat_metrics
+from training.evaluate import evaluate, flat_metrics
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HISTORY_FILE = "history.json"

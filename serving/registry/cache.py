@@ -82,7 +82,7 @@ def _remote_folder(uri: str, root: Path) -> tuple[Path, str]:
     if marker is None:
         raise DataError(f"--model {uri}: not a completely published export (no valid {storage.COMMIT_MARKER})")
     identity = {"uri": uri.rstrip("/"), "files": marker["files"]}
-    target = root / f"{storage.name(uri)}-{json_digest(identity, n=16)}"
+    target = root / f"{storage.name(uri)}-{json_digest(identity, 16)}"
     if not _intact(target, identity):
         with staging_dir(target) as tmp:  # beside target: publishing it is a rename
             _install(storage.download_dir(uri, tmp / "export"), target, identity, uri)
@@ -146,7 +146,7 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
     identity = {"registry": uri, "name": name, "version": str(mv.version), "run_id": mv.run_id,
                 "source": mv.source, "created": mv.creation_timestamp}
     root = Path(cache_dir or default_cache_dir())
-    target = root / f"{name.replace('/', '_')}-v{mv.version}-{json_digest(identity, n=16)}"
+    target = root / f"{name.replace('/', '_')}-v{mv.version}-{json_digest(identity, 16)}"
     if not _intact(target, identity):
         import mlflow
 
