@@ -40,6 +40,12 @@ def is_uri(p: str | Path) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def location(text: str) -> str | Path:
+    """A path given on a command line: a URI stays a string (``Path`` would fold ``s3://`` into ``s3:/``),
+    anything else becomes a ``Path``. Use it as argparse's ``type=`` for every input or output location."""
+    return text if is_uri(text) else Path(text)
+
+
 def local_path(p: str | Path) -> Path:
     s = str(p)
     return Path(s[len("file://"):]) if s.startswith("file://") else Path(s)

@@ -4,6 +4,7 @@ commit marker is there."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
@@ -96,16 +97,22 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
                                score_table(tmp_path / "export", table)["score"].to_numpy(), atol=1e-6)
 
 
-def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket):
+def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket, monkeypatch):
     import numpy as np
 
     from serving.registry.cache import resolve_model
     from serving.scoring.table import score_table
     from tests.serving_testkit import canonical, export, trained_folder
 
+    from serving.export.cli import main as export_main
+
     model = trained_folder(tmp_path, "mean")
     export(model, tmp_path / "local-export")
-    manifest = export(model, f"{s3_bucket}/exports/relevance")
+    monkeypatch.chdir(tmp_path)
+    # Through the command line: --out keeps its s3:// (a Path would make it the local folder "s3:/...").
+    assert export_main(["--run", str(model), "--out", f"{s3_bucket}/exports/relevance"]) == 0
+    assert not (Path.cwd() / "s3:").exists()
+    manifest = storage.read_json(f"{s3_bucket}/exports/relevance/manifest.json", "manifest")
     assert storage.committed(f"{s3_bucket}/exports/relevance") is not None
     local, version = resolve_model(f"{s3_bucket}/exports/relevance", cache_dir=tmp_path / "cache")
     assert version == manifest["model_version"]

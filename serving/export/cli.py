@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)  # deployment sections only: serving.*, monitoring.*, tracking.*, data.columns
     p.add_argument("--run", required=True, help="MLflow run id, training output dir (with model/) or model dir")
-    p.add_argument("--out", required=True, type=Path, help="export folder to write")
-    p.add_argument("--valid", type=Path, help="canonical validation Parquet: fit calibration, thresholds, drift reference")
+    p.add_argument("--out", required=True, type=storage.location, help="export folder to write")
+    p.add_argument("--valid", type=storage.location, help="canonical validation Parquet: fit calibration, thresholds, drift reference")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the trained config's tracking URI)")
     p.add_argument("--name", help="register the export under this model name")
     p.add_argument("--alias", help="alias for the new version, e.g. champion or challenger")
