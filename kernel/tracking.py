@@ -16,7 +16,7 @@ timestamps. Metrics keep the time of the logging call, not of the send. The sync
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +27,7 @@ from kernel.config import Config, TrackingConfig
 from kernel.mlflow_client import MlflowTracker, NullTracker, dataset_entity
 
 MAX_PAUSE_S = 10.0
+log = logging.getLogger(__name__)
 
 
 class SpooledTracker(NullTracker):
@@ -93,9 +94,9 @@ class SpooledTracker(NullTracker):
             self.unsent = len(self._queue)
             self._lock.notify_all()
         if self.unsent:
-            print(f"tracking: {self.unsent} records for MLflow run {self.run_id} were not delivered to {self.uri} "
-                  f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; kept in {self.dir}, sent by the "
-                  "next run that tracks there", file=sys.stderr, flush=True)
+            log.warning(f"tracking: {self.unsent} records for MLflow run {self.run_id} were not delivered to "
+                        f"{self.uri} within tracking.flush_timeout_s={self.flush_timeout_s:g}; kept in {self.dir}, "
+                        "sent by the next run that tracks there")
 
     @property
     def _file(self) -> Path:
