@@ -352,7 +352,7 @@ def test_cli_ingests_synthetic_data(tmp_path, capsys):
     work = tmp_path / "work"
     rc = main(["--input", "synthetic", "--out", str(tmp_path / "out"), f"work_dir={work}", "tracking.enabled=false",
                "data.synthetic.rows_per_scenario=60"])
-    assert rc == 0 and "240 rows in" in capsys.readouterr().out
+    assert rc == 0 and "240 rows in" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUT_FILES)
     assert main(["--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "tracking.enabled=false"]) == 2
     assert "does not exist" in capsys.readouterr().err
