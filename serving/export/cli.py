@@ -42,6 +42,7 @@ Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did no
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,6 +53,7 @@ from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import DataError
 from kernel.exit_codes import OK, run_cli
 from kernel.hashing import fingerprint_files
+from kernel.logs import add_logging_args, setup_from_args
 from kernel.stage import Outcome
 from kernel.task_map import TASK_MAP_FILE
 from modeling.artifact import load_trained
@@ -69,6 +71,8 @@ from serving.export.source import (
 from serving.export.validation import fit_on_validation
 from serving.layout import MANIFEST_FILE, REGISTERED_FILE, factors_digest
 from serving.registry.register import register_export
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Path | None = None,
@@ -126,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)  # deployment sections only: serving.*, monitoring.*, tracking.*, data.columns
+    add_logging_args(p)
     p.add_argument("--run", required=True, help="MLflow run id, training output dir (with model/) or model dir")
     p.add_argument("--out", required=True, type=Path, help="export folder to write")
     p.add_argument("--valid", type=Path, help="canonical validation Parquet: fit calibration, thresholds, drift reference")
@@ -138,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "export")
     return run_cli(lambda: _work(args))
 
 
@@ -147,7 +153,7 @@ def _work(args: argparse.Namespace) -> int:
         cfg = export_config(model_dir, load_config(args.config) if args.config else None, args.overrides)
         manifest = run(cfg, model_dir, args.out, valid=args.valid, tracking_uri=args.tracking_uri, name=args.name,
                        alias=args.alias, source_run_id=run_id or args.source_run_id).info
-    print(f"exported {len(manifest['scenarios'])} scenarios ({manifest['pooling']} pooling) to {args.out}")
+    log.info(f"exported {len(manifest['scenarios'])} scenarios ({manifest['pooling']} pooling) to {args.out}")
     if "registered" in manifest:
-        print(f"registered {manifest['registered']['uri']} (version {manifest['registered']['version']})")
+        log.info(f"registered {manifest['registered']['uri']} (version {manifest['registered']['version']})")
     return OK

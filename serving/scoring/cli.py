@@ -46,6 +46,7 @@ configuration, 5 the MLflow registry did not answer, 6 quarantine rate over serv
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,12 +55,15 @@ from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError, QuarantineRateExceeded
 from kernel.exit_codes import run_cli
+from kernel.logs import add_logging_args, setup_from_args
 from kernel.stage import Outcome
 from serving.registry.cache import folder_version, resolve_model
 from serving.scoring import outputs
 from serving.scoring.engines import run_units
 from serving.scoring.plan import Inputs, Unit, units_for_rank
 from serving.scoring.worker import Job
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | Path, *,
@@ -161,13 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="where registry downloads are cached")
     p.add_argument("--model-version", help=argparse.SUPPRESS)  # the version the scores carry, if not the model's
     p.add_argument("--no-gate", action="store_true", help=argparse.SUPPRESS)  # a rank whose job is judged elsewhere
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logging_args(p)
     add_config_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "score")
     # "--input a.parquet serving.batch_size=32": nargs="+" takes the override too; give it back (a hive
     # path such as data/market=us exists on disk and stays an input).
     moved = [i for i in args.input if "=" in i and not storage.is_uri(i) and not Path(i).exists()
@@ -188,9 +193,10 @@ def _work(args: argparse.Namespace) -> int:
     summary = outcome.info
     if args.rank == 0 or args.world_size == 1:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items())) or "none"
-        print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['fallback']} via fallback, "
-              f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
-              f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}")
+        log.info(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['fallback']} via fallback, "
+                 f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
+                 f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}",
+                 extra={k: summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")})
     if outcome.exit_code == exit_codes.DATA_GATE and not args.no_gate:
         raise QuarantineRateExceeded(summary["quarantine_breach"])
     return exit_codes.OK
