@@ -34,7 +34,7 @@ AUC alert); 5 the MLflow server did not answer.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from kernel.atomic import write_json_atomic
 from kernel.config import Config, MonitoringConfig, add_config_args, load_config
 from kernel.errors import DataError
 from kernel.hashing import bytes_digest
+from kernel.logs import add_logging_args, setup_from_args
 from kernel.mlflow_client import MlflowTracker
 from kernel.stage import Outcome, stage_tracker
 from monitoring.champion import compare_champion
@@ -58,6 +59,7 @@ EXIT_OK, EXIT_INPUT, EXIT_BREACH = exit_codes.OK, exit_codes.BAD_INPUT, exit_cod
 THRESHOLDS = ("psi_threshold", "length_psi_threshold", "max_quarantine_rate", "drift_min_rows", "alert_min_auc",
               "fail_on_unseen_scenarios")
 _metric_key = metric_key  # one cleaning of metric names, shared with the history reader
+log = logging.getLogger(__name__)
 
 
 def headline_metrics(summary: dict) -> dict[str, float]:
@@ -222,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", type=int, default=10, metavar="N",
                    help="trend over the last N finished monitoring runs read from --tracking-uri (0: none)")
     add_config_args(p)
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "monitor")
 
     def work() -> int:
         cfg = load_config(args.config, args.overrides)
@@ -246,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run(cfg, args.scored, args.reference, args.out, quarantine=args.quarantine, tracker=tracker,
                           model_version=version, champion=champion, history=history)
         for b in outcome.info["breaches"]:
-            print(f"BREACH: {b}", file=sys.stderr)
-        print(f"report: {Path(args.out) / 'report.html'} ({len(outcome.info['breaches'])} breaches)")
+            log.warning(f"BREACH: {b}")
+        log.info(f"report: {Path(args.out) / 'report.html'} ({len(outcome.info['breaches'])} breaches)")
         return outcome.exit_code
 
     return exit_codes.run_cli(work)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,12 +38,14 @@ from evaluation.metrics import scenario_metrics, summarize
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
+from kernel.logs import add_logging_args, setup_from_args
 from kernel.stage import Outcome
 from pipeline.reader import ParquetSource
 from serving.registry import aliases as registry
 from serving.scoring.table import score_table
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
+log = logging.getLogger(__name__)
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 
@@ -214,12 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the config's)")
     add_config_args(p)
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_intermixed_args(argv)
+    setup_from_args(args, "promote")
     if not args.rollback and not args.candidate:
         p.error("--candidate is required unless --rollback")
 
@@ -229,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rollback(args.name, args.tracking_uri or cfg.tracking_uri), indent=1))
             return EXIT_OK
         outcome = run(cfg, args.eval_path, candidate=args.candidate, name=args.name, tracking_uri=args.tracking_uri)
+        i = outcome.info
+        if i["passed"]:
+            log.info(f"version {i['candidate_version']} of {args.name} is champion")
+        else:
+            log.warning(f"promotion gate failed for version {i['candidate_version']}: {'; '.join(i['reasons'])}")
         print(json.dumps({k: outcome.info[k] for k in ("passed", "reasons", "candidate_version", "champion_version")},
                          indent=1))
         return outcome.exit_code
