@@ -175,6 +175,7 @@ def setup_logging(level: str | None = None, fmt: str | None = None, step: str | 
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(False)  # re-arm: something (a test runner, a library) may have put its own hook back
     logging.captureWarnings(True)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kernel.errors import ServiceUnavailable
+from kernel.logs import adopt_library_loggers
 from kernel.provenance import git_commit
 
 
@@ -66,6 +67,7 @@ def mlflow_client(uri: str, timeout_s: float = 10.0):
     that does not answer raises ServiceUnavailable (exit 5) before any call is made."""
     from mlflow import MlflowClient
 
+    adopt_library_loggers()  # MLflow's console handler, installed on its import: our format, WARNING and up
     bound_mlflow_requests(timeout_s)
     check_reachable(uri, timeout_s)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -151,6 +153,7 @@ class MlflowTracker(NullTracker):
     def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0, artifact_root: str = ""):
         from mlflow import MlflowClient
 
+        adopt_library_loggers()
         bound_mlflow_requests(timeout_s)
         check_reachable(tracking_uri, timeout_s)
         self.uri = tracking_uri
