@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kernel.errors import ServiceUnavailable
 from kernel.logs import adopt_library_loggers
-from kernel.provenance import git_commit
+from kernel.provenance import git_commit, package_version
 
 
 class NullTracker:
@@ -99,13 +99,16 @@ def fluent_uri(uri: str):
                 os.environ[k] = v
 
 
+VERSION_TAG = "ads_relevance.version"  # the installed package's version, on every run the project creates
+
+
 def source_tags(entry_point: str | None = None) -> dict[str, str]:
-    """``mlflow.source.*``: what the UI's "Source" shows (the entry point, and the commit when in git)."""
+    """``mlflow.source.*``: what the UI's "Source" shows (the entry point, and the commit when in git), and
+    the package version (``VERSION_TAG``)."""
     import sys
 
-
     name = entry_point or (Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python")
-    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB"}
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB", VERSION_TAG: package_version()}
     commit = git_commit()
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
