@@ -13,6 +13,7 @@ Each step calls its stage's function with the typed config (never a command line
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from training import launch
 from training.compare import compare_on_validation
 
 STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
+log = logging.getLogger(__name__)
 
 
 class JobPaths:
@@ -153,10 +155,10 @@ def run_compare(ctx: JobContext, resume: bool) -> Outcome:
         publish_dir(stage / "model", p.train / "model")
     log_compare(ctx, results, evidence)
     lead = evidence["pairs"].get(f"{evidence['ranked'][0]}-{evidence['ranked'][1]}") if len(results) > 1 else None
-    print(f"compare: {evidence['winner']} wins on validation macro AUC "
-          + ", ".join(f"{m} {evidence['methods'][m]['auc_macro']:.4f}" for m in evidence["ranked"])
-          + (f"; lead {lead['delta']:+.4f} [95% CI {lead['ci_low']:+.4f}, {lead['ci_high']:+.4f}]"
-             f"{'' if evidence['decisive'] else ', within the noise'}" if lead else ""), flush=True)
+    log.info(f"compare: {evidence['winner']} wins on validation macro AUC "
+             + ", ".join(f"{m} {evidence['methods'][m]['auc_macro']:.4f}" for m in evidence["ranked"])
+             + (f"; lead {lead['delta']:+.4f} [95% CI {lead['ci_low']:+.4f}, {lead['ci_high']:+.4f}]"
+                f"{'' if evidence['decisive'] else ', within the noise'}" if lead else ""))
     return Outcome({**winner, "model_dir": str(p.train / "model"), "compare": evidence}, [p.train / "model"])
 
 
@@ -207,8 +209,8 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
         tracker.set_tags({"model_version": version})
         tracker.log_metrics({f"score/{k}": summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")
                              if summary.get(k) is not None})
-    print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
-          f"-> {p.scores}")
+    log.info(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
+             f"-> {p.scores}")
     if outcome.exit_code == exit_codes.DATA_GATE:  # the job stops here and exits with the data-gate code
         raise QuarantineRateExceeded(summary["quarantine_breach"])
     return Outcome({"dir": str(p.scores), **{k: summary[k] for k in ("rows_in", "scored", "quarantined")}},

@@ -25,8 +25,9 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     job = ["--config", str(TINY), f"work_dir={work}"]
     # The first night: a gate no tiny model can pass (every scenario's AUC >= 0.99 for a first champion).
     assert main([*job, "monitoring.min_auc=0.99"]) == GATE_FAILED
-    out = capsys.readouterr().out
-    assert ran(out) == list(STEPS) and "=== summary ===" in out and "macro" in out
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert ran(err) == list(STEPS) and "=== summary ===" in out and "macro" in out
     test_rows = pq.read_table(work / "data" / "test.parquet").num_rows
     scores = pq.read_table(sorted((work / "scores").glob("part-*.parquet")))
     assert scores.num_rows == test_rows  # one score per held-out row
@@ -40,13 +41,13 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
 
     # Replayed as it is: nothing is redone, and the failed gate is still a failed gate.
     assert main([*job, "monitoring.min_auc=0.99"]) == GATE_FAILED
-    out = capsys.readouterr().out
-    assert ran(out) == [] and out.count("up to date") == 7 and "promotion gate failed" in out
+    err = capsys.readouterr().err
+    assert ran(err) == [] and err.count("up to date") == 7 and "promotion gate failed" in err
 
     # Only the gate's setting changes: only promotion runs again, and passes.
     assert main(job) == OK
-    out = capsys.readouterr().out
-    assert ran(out) == ["promote"] and "changed: config monitoring.min_auc" in out
+    err = capsys.readouterr().err
+    assert ran(err) == ["promote"] and "changed: config monitoring.min_auc" in err
     client = MlflowClient(tracking_uri=f"sqlite:///{work.resolve() / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
 
@@ -54,9 +55,9 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     # retrained tiny model passes the gate against the champion is the gate's business; a replay says the same.
     code = main([*job, "train.max_steps=12"])
     assert code in (OK, GATE_FAILED)
-    out = capsys.readouterr().out
-    assert ran(out) == ["train", "export", "score", "monitor", "promote"]
-    assert "changed: config train" in out
+    err = capsys.readouterr().err
+    assert ran(err) == ["train", "export", "score", "monitor", "promote"]
+    assert "changed: config train" in err
     train = json.loads((work / "state" / "train.json").read_text())
     assert train["info"]["steps"] == 12
     train_run = client.get_run(train["info"]["run_id"])
@@ -68,7 +69,7 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     champion = "2" if code == OK else "1"
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == champion
     assert set(pq.read_table(work / "scores").column("model_version").to_pylist()) == {"tiny/2"}
-    assert main([*job, "train.max_steps=12"]) == code and ran(capsys.readouterr().out) == []
+    assert main([*job, "train.max_steps=12"]) == code and ran(capsys.readouterr().err) == []
 
 
 def check_lineage(work, expected_decision: str) -> None:
@@ -105,19 +106,19 @@ def test_a_run_key_gives_each_scheduled_run_its_own_replayable_state(tmp_path, c
         generate(src / night / "ads.parquet", SyntheticConfig(rows_per_scenario=60, seed=len(night)))
     src_override = f"data.source={src}/{{run_date}}"
     assert main([*job, src_override, "--run-date", "2026-11-30"]) == OK
-    assert ran(capsys.readouterr().out) == ["ingest"]
+    assert ran(capsys.readouterr().err) == ["ingest"]
     assert main([*job, src_override, "--run-date", "2026-11-30"]) == OK  # a replay: nothing to do
-    assert "[ingest] up to date" in capsys.readouterr().out
+    assert "[ingest] up to date" in capsys.readouterr().err
     assert main([*job, src_override, "--run-date", "2026-12-01"]) == OK  # the next night: its own data
-    assert ran(capsys.readouterr().out) == ["ingest"]
+    assert ran(capsys.readouterr().err) == ["ingest"]
     for night in ("2026-11-30", "2026-12-01"):
         state = json.loads((tmp_path / "job" / "runs" / night / "state" / "ingest.json").read_text())
         assert state["info"]["rows_in"] == 240
     # New data in the same night's folder (a late file): ingestion sees it and runs again.
     generate(src / "2026-12-01" / "late.parquet", SyntheticConfig(rows_per_scenario=10, seed=9))
     assert main([*job, src_override, "--run-date", "2026-12-01"]) == OK
-    out = capsys.readouterr().out
-    assert ran(out) == ["ingest"] and "changed: input data" in out
+    err = capsys.readouterr().err
+    assert ran(err) == ["ingest"] and "changed: input data" in err
     assert main([*job, src_override, "--run-date", "../escape"]) == BAD_INPUT
 
 
