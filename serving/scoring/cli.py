@@ -17,12 +17,11 @@ engine scores the same units with the same code. Memory stays bounded by ``data.
 ``serving.chunk_rows`` however large the input. Rows are grouped by scenario per chunk and scored with that
 scenario's merged weights (serving.scoring.scorer). Output layout and ``--resume`` semantics:
 serving.scoring.outputs.
-Output columns: pass-through keys, source_file, source_row, scenario, scored_as, fallback, score (float32
-probability), label (int8; null when absent, null or unusable), label_invalid (bool: a label value was
-present but unusable, e.g. "yes" or 7 for a 0/1 label; such rows are scored, never quarantined over their
-label), model_version, query_len, title_len. Quarantined rows (``_quarantine/``) have ingestion's
-quarantine schema: raw values as strings, reason, column (the user's column that failed), source_file,
-source_row.
+The output columns are listed at the end of ``--help`` (serving.scoring.outputs.OUTPUT_COLUMNS). A label
+value that is present but unusable (e.g. "yes" or 7 for a 0/1 label) becomes null with label_invalid true;
+such rows are scored, never quarantined over their label. Quarantined rows (``_quarantine/``) have
+ingestion's quarantine schema: raw values as strings, reason, column (the user's column that failed),
+source_file, source_row.
 
 Every input is opened and checked before the output folder is created; a run that fails before writing
 any unit removes an output folder it created itself (never one that existed before).
@@ -148,7 +147,8 @@ def quarantine_breach(summary: dict, out: Path | str) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                                epilog=__doc__.split("\n\n", 1)[1] + "\n\nOutput columns, in order:\n"
+                                + outputs.describe_columns())
     p.add_argument("--model", required=True, help="export folder, models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--input", required=True, nargs="+", help="Parquet files or directories (hive partitions allowed)")
     p.add_argument("--output", required=True, help="output folder: a local path or an object-store URI (s3://...)")
