@@ -24,12 +24,6 @@ OUTPUTS = ("data", "train", "export", "scores", "monitor")
 MACRO_KEYS = ("auc_macro", "auc_macro_partial", "auc_macro_scenarios", "scenarios_total", "scenarios_without_auc")
 
 
-def scored_data(cfg) -> str:
-    """The name of the data the score and monitor steps measure: the traffic of data.score_input, or the test
-    split when it is empty."""
-    return "traffic" if cfg.data.score_input else "test_split"
-
-
 def _macro(summary: dict | None) -> dict | None:
     if not summary or summary.get("auc_macro") is None and not summary.get("scenarios_total"):
         return None
@@ -44,7 +38,7 @@ def build_summary(ctx, exit_code: int) -> dict:
     per = mon_summary.get("metrics") or {}
     quality = None
     if per:
-        quality = {"data": scored_data(cfg), "path": str(p.score_input),
+        quality = {"data": p.score_data, "path": str(p.score_input),
                    "scenarios": [{"scenario": s, **{k: m.get(k) for k in PER_SCENARIO}} for s, m in per.items()],
                    "macro": _macro(mon_summary.get("overall"))}
     promotion = None

@@ -79,8 +79,10 @@ class SpooledTracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         self._record("tags", {k: str(v) for k, v in tags.items()})
 
-    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
-        self._record("dataset", {"uri": str(uri), "name": name, "digest": digest, "context": context})
+    def log_dataset(self, uri: str, name: str, digest: str, context: str, schema: str | None = None,
+                    profile: dict | None = None) -> None:
+        self._record("dataset", {"uri": str(uri), "name": name, "digest": digest, "context": context,
+                                 "schema": schema, "profile": profile})
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is None:
@@ -169,7 +171,8 @@ def _send(inner: MlflowTracker, r: dict) -> None:
             if k not in ("op", "run_id"):
                 client.set_tag(run_id, k, v)
     elif op == "dataset":
-        client.log_inputs(run_id, datasets=[dataset_entity(r["uri"], r["name"], r["digest"], r["context"])])
+        client.log_inputs(run_id, datasets=[dataset_entity(r["uri"], r["name"], r["digest"], r["context"],
+                                                           r.get("schema"), r.get("profile"))])
     elif op == "end":
         client.set_terminated(run_id, status=r["status"])
 

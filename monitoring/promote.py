@@ -39,6 +39,7 @@ from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
 from kernel.logs import add_logging_args, setup_from_args
+from kernel.metric_names import EVAL_SET
 from kernel.stage import Outcome
 from pipeline.reader import ParquetSource
 from serving.registry import aliases as registry
@@ -141,13 +142,16 @@ def _compact(per: dict | None) -> dict | None:
 
 
 def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, name: str | None = None,
-        tracking_uri: str | None = None, score_fn: ScoreFn | None = None, about: dict | None = None) -> Outcome:
+        tracking_uri: str | None = None, score_fn: ScoreFn | None = None, about: dict | None = None,
+        eval_data: str = EVAL_SET) -> Outcome:
     """The promotion gate of ``candidate`` (a version number or an alias) of registered model ``name``
     (default ``tracking.registered_model``) on the pinned, labelled ``eval_path`` (default
     ``data.score_input``): move the aliases on a pass; tag the candidate either way and write its description
     (``registry.version_description``: ``about`` says what the model is). See the module docstring.
+    ``eval_data`` names the evaluation data in the description and the outcome (kernel.metric_names: eval_set,
+    a pinned set; test_split, the ingest's test split, when the job gates on it).
 
-    Outcome info: passed, reasons, candidate_version, champion_version, metrics, eval_path; exit code
+    Outcome info: passed, reasons, candidate_version, champion_version, metrics, eval_path, eval_data; exit code
     GATE_FAILED when the candidate was rejected (nothing moved)."""
     name = name or cfg.tracking.registered_model
     tracking_uri = tracking_uri or cfg.tracking_uri
@@ -183,9 +187,10 @@ def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, nam
         registry.set_alias(client, name, registry.CHAMPION, cand_version)
     registry.record_decision(client, name, cand_version, "promotion", {
         "decision": "promoted" if passed else "rejected", "reasons": reasons, "metrics": metrics,
-        "champion_version": champ_version or "", "eval_path": str(eval_path)})
+        "champion_version": champ_version or "", "eval_path": str(eval_path), "eval_data": eval_data})
     result = {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
-              "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path)}
+              "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path),
+              "eval_data": eval_data}
     registry.describe_version(client, name, cand_version, about, result)
     return Outcome(result, [], EXIT_OK if passed else EXIT_REJECTED)
 

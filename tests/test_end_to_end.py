@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from mlflow import MlflowClient
 
 from job.run import main
+from job.summary import format_summary
 from kernel.exit_codes import BAD_INPUT, GATE_FAILED, OK
-from tests.shared import TINY_CONFIG
+from kernel.metric_names import DATA, OTHER_GROUPS
+from kernel.provenance import package_version
+from tests.shared import LOG_LINE, TINY_CONFIG
 
 TINY = TINY_CONFIG
 STEPS = ("generate", "ingest", "train", "export", "score", "monitor", "promote")
@@ -28,6 +32,13 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     captured = capsys.readouterr()
     out, err = captured.out, captured.err
     assert ran(err) == list(STEPS) and "=== summary ===" in out and "macro" in out
+    check_logs(err)
+    # The summary printed is the rendering of <run root>/summary.json, which names the data of every figure.
+    summary = json.loads((work / "summary.json").read_text())
+    assert out.rstrip("\n").endswith(format_summary(summary))
+    assert summary["exit_code"] == GATE_FAILED and summary["version"] == package_version()
+    assert summary["quality"]["data"] == "test_split" and "test_split AUC" in out
+    assert summary["promotion"]["eval_data"] == "test_split" and "(gate on test_split)" in out
     test_rows = pq.read_table(work / "data" / "test.parquet").num_rows
     scores = pq.read_table(sorted((work / "scores").glob("part-*.parquet")))
     assert scores.num_rows == test_rows  # one score per held-out row
@@ -72,9 +83,31 @@ def test_whole_job_then_reruns_redo_exactly_what_changed(tmp_path, capsys):
     assert main([*job, "train.max_steps=12"]) == code and ran(capsys.readouterr().err) == []
 
 
+def check_logs(err: str) -> None:
+    """Every line the job wrote to stderr is a log record (or the indented continuation of one): a timestamp,
+    a level and the step; the known-harmless lines of MLflow and DeepSpeed are not there."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(LOG_LINE.match(line) or line.startswith("  ") for line in lines), \
+        [line for line in lines if not (LOG_LINE.match(line) or line.startswith("  "))][:5]
+    steps = {LOG_LINE.match(line).group(3) for line in lines if LOG_LINE.match(line)}
+    assert set(STEPS) <= steps  # each step's lines carry its name
+    for noise in ("untested optimizer", "Creating initial MLflow database tables", "built successfully",
+                  "Attempting to get learning rate", "Validating input example"):
+        assert noise not in err
+
+
+def check_metric_names(runs) -> None:
+    """One naming scheme for every metric of every run: <data>/<metric>[/<scenario>] (kernel.metric_names)."""
+    names = {k for r in runs for k in r.data.metrics}
+    groups = {k.split("/")[0] for k in names}
+    assert names and all("/" in k for k in names) and groups <= set(DATA) | set(OTHER_GROUPS), groups
+    assert {"source", "train", "val", "test_split"} <= groups and "traffic" not in groups  # no score_input here
+
+
 def check_lineage(work, expected_decision: str) -> None:
     """One parent run for the job, a child per stage; the registered version is a pyfunc of the training run,
-    the runs record their datasets, the test metrics and their source; the version's description says why."""
+    the runs record their datasets (with schema and profile), the test-split metrics and their source; the
+    version's description says why, on which data."""
     client = MlflowClient(tracking_uri=f"sqlite:///{work.resolve() / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     parents = [r for r in runs if r.data.tags.get("stage") == "job"]
@@ -86,12 +119,30 @@ def check_lineage(work, expected_decision: str) -> None:
     assert {d.dataset.name for d in train.inputs.dataset_inputs} == {"train", "valid"}
     assert len(train.inputs.dataset_inputs[0].dataset.digest) == 16
     assert {d.dataset.name for d in children["ingest"].inputs.dataset_inputs} == {"source"}
-    assert "test/auc_macro" in train.data.metrics and any(k.startswith("test/auc/") for k in train.data.metrics)
+    assert {d.dataset.name for d in children["score"].inputs.dataset_inputs} == {"test_split"}
+    check_metric_names(runs)
+    assert "test_split/auc_macro" in train.data.metrics and any(k.startswith("test_split/auc/") for k in train.data.metrics)
+    assert all(r.data.tags.get("ads_relevance.version") == package_version() for r in runs)
+    # Each dataset carries its schema and profile; the training split's profile, recomputed from its file.
+    valid = pq.read_table(work / "data" / "valid.parquet")
+    for d in train.inputs.dataset_inputs:
+        schema, profile = json.loads(d.dataset.schema), json.loads(d.dataset.profile)
+        assert {"query", "label", "scenario"} <= {c["name"] for c in schema["mlflow_colspec"]}
+        if d.dataset.name == "valid":
+            scen, labels = valid["scenario"].to_pylist(), valid["label"].to_pylist()
+            assert profile["rows"] == valid.num_rows
+            assert profile["rows_per_scenario"] == {s: scen.count(s) for s in set(scen)}
+            for s in set(scen):
+                mine = [y for x, y in zip(scen, labels) if x == s]
+                assert profile["label_rate_per_scenario"][s] == pytest.approx(sum(mine) / len(mine))
+    source = json.loads(children["ingest"].inputs.dataset_inputs[0].dataset.profile)
+    assert source["rows"] == json.loads((work / "data" / "stats.json").read_text())["rows_in"]
     version = client.get_model_version("tiny", "1")
     assert version.run_id == train.info.run_id  # the registered version links to the run that trained it
     assert version.tags["export_run_id"] == children["export"].info.run_id
     description = version.description
-    assert f"**Promotion: {expected_decision}" in description and "| scenario | AUC | 95% CI | rows |" in description
+    assert f"**Promotion: {expected_decision}" in description
+    assert "| scenario | test_split AUC | 95% CI | rows |" in description and "Evaluated on test_split" in description
     for scenario in json.loads((work / "data" / "task_map.json").read_text())["scenarios"]:
         assert f"| {scenario} |" in description
 

@@ -311,8 +311,8 @@ def test_stats_are_logged_to_a_real_mlflow(tmp_path):
     tracker.end()
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(tracker.run_id)
-    assert run.data.metrics["ingest/rows_in"] == report.rows_in
-    assert run.data.metrics["ingest/us/positive_rate"] == pytest.approx(report.by_scenario["us"]["positive_rate"])
+    assert run.data.metrics["source/rows_in"] == report.rows_in
+    assert run.data.metrics["source/positive_rate/us"] == pytest.approx(report.by_scenario["us"]["positive_rate"])
     logged = client.download_artifacts(tracker.run_id, "ingest/stats.json", str(tmp_path / "dl"))
     assert json.loads(Path(logged).read_text()) == report.stats
 

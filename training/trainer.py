@@ -41,7 +41,9 @@ from kernel.atomic import write_json_atomic
 from kernel.config import Config, flat_params, to_dict
 from kernel.errors import ConfigError, DataError, TrainingDiverged
 from kernel.hashing import fingerprint_files_and_each
+from kernel.dataset_profile import describe_parquet
 from kernel.logs import adopt_library_loggers, drop_records
+from kernel.metric_names import VAL, metric_name
 from kernel.mlflow_client import NullTracker
 from kernel.provenance import git_commit
 from kernel.task_map import TASK_MAP_FILE, TaskMap
@@ -194,7 +196,9 @@ class Trainer:
         both, each = fingerprint_files_and_each(paths)  # one read of each split, however large
         t.set_tags({"git_commit": git_commit(), "data_fingerprint": both, "world_size": self.env.world})
         for (split, context), path, digest in zip((("train", "training"), ("valid", "validation")), paths, each):
-            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split, digest, context)
+            schema, profile = describe_parquet(path)  # rows and label rate per scenario, beside the fingerprint
+            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split, digest, context,
+                          schema, profile)
         t.log_metrics({"params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                        "params/adapter": n_adapter, "params/adapter_expected": n_expected,
                        "params/total": sum(p.numel() for p in model.parameters())})
@@ -339,7 +343,8 @@ class Trainer:
         if self._diag_every:  # the final weights (the loop logged those before each due update)
             self._log_diagnostics(grads=False)
         if self.env.rank == 0:
-            self.tracker.log_metrics({"best/auc_macro": self.best["auc_macro"], "best/step": self.best["step"]})
+            self.tracker.log_metrics({metric_name(VAL, "auc_macro_best"): self.best["auc_macro"],
+                                      metric_name(VAL, "best_step"): self.best["step"]})
             self.tracker.log_artifacts(self.model_dir, "model")
         return TrainResult(self.model_dir, self.best["metrics"], self.global_step, self.tracker.run_id, self.history)
 
