@@ -54,6 +54,8 @@ from kernel.errors import DataError
 from kernel.exit_codes import OK, run_cli
 from kernel.hashing import fingerprint_files
 from kernel.logs import add_logging_args, setup_from_args
+from kernel.mlflow_client import VERSION_TAG
+from kernel.provenance import provenance
 from kernel.stage import Outcome
 from kernel.task_map import TASK_MAP_FILE
 from modeling.artifact import load_trained
@@ -100,7 +102,9 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
     with storage.staging(out) as stage:
         tokenizer = load_tokenizer(cfg)
         layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
-        source = {"run_id": source_run_id, "git_commit": tags.get("git_commit"),
+        code = provenance()  # the code that exports; the training run's tags say which code trained
+        source = {"run_id": source_run_id, "git_commit": tags.get("git_commit") or code["git_commit"],
+                  "version": tags.get(VERSION_TAG) or code["version"], "export_version": code["version"],
                   "model_dir": str(model_dir) if source_run_id is None else f"runs:/{source_run_id}/model"}
         fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
         manifest = build_manifest(cfg, tokenizer, layers, entries, digest=factors_digest(stage),
