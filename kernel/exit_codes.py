@@ -2,7 +2,7 @@
 
     code  name                 meaning
     0     OK                   done (the candidate was promoted, or promotion was not asked for)
-    1     FAILURE              unexpected failure: a bug; the traceback is printed
+    1     FAILURE              unexpected failure: a bug; the traceback is logged
     2     BAD_INPUT            bad configuration, arguments or input data; the message names the key, file,
                                column, row or scenario
     3     MONITORING_BREACH    monitoring found drift, unseen scenarios, a quarantine rate or an AUC alert
