@@ -69,7 +69,8 @@ def format_summary(s: dict) -> str:
     decision, where the outputs are."""
     lines = ["", "=== summary ===" + (f" (run {s['run_key']})" if s["run_key"] else "")]
     if s["validation"]:
-        lines.append(f"validation macro AUC {_describe_macro(s['validation'])} (MLflow run {s['validation']['run_id']})")
+        v = s["validation"]
+        lines.append(f"validation macro AUC {_describe_macro(v)} (MLflow run {v['run_id']})")
     q = s["quality"]
     if q:
         lines.append(f"{'scenario':<14}{q['data'] + ' AUC':>16}{'  95% CI':>18}{'rows':>8}")

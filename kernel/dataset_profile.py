@@ -45,8 +45,8 @@ def profile_table(table: pa.Table) -> dict:
     """Rows, rows per scenario, and the label rate overall and per scenario (of the rows with a label)."""
     out: dict = {"rows": table.num_rows}
     if "scenario" in table.column_names:
-        counts = pc.value_counts(table.column("scenario")).to_pylist()
-        out["rows_per_scenario"] = {str(c["values"]): int(c["counts"]) for c in sorted(counts, key=lambda c: str(c["values"]))}
+        counts = {str(c["values"]): int(c["counts"]) for c in pc.value_counts(table.column("scenario")).to_pylist()}
+        out["rows_per_scenario"] = dict(sorted(counts.items()))
     if "label" in table.column_names:
         label = pc.cast(table.column("label"), pa.float64())
         out["labelled_rows"] = int(table.num_rows - label.null_count)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from kernel.logs import ensure_logging
 from kernel.errors import DataGateFailed, RelevanceError, ServiceUnavailable, TrainingDiverged
+from kernel.logs import ensure_logging
 
 OK = 0
 FAILURE = 1

@@ -68,7 +68,8 @@ def headline_metrics(summary: dict) -> dict[str, float]:
     """Numbers worth a time series in MLflow: breaches, macro AUC, per-scenario AUC/ECE/PSI, each named by
     the data it was measured on (``summary["data"]``): ``traffic/auc/shoes``, ``traffic/auc_macro``."""
     data = summary.get("data") or TRAFFIC
-    out = {metric_key(data, "breaches"): float(len(summary["breaches"])), metric_key(data, "rows"): float(summary["rows"])}
+    out = {metric_key(data, "breaches"): float(len(summary["breaches"])),
+           metric_key(data, "rows"): float(summary["rows"])}
     if summary["drift"]["quarantine_rate"] is not None:
         out[metric_key(data, "quarantine_rate")] = summary["drift"]["quarantine_rate"]
     if (summary.get("overall") or {}).get("auc_macro") is not None:

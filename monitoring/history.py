@@ -62,7 +62,8 @@ def run_tags(model_version: str | None, champion_version: str | None = None, dat
     return tags
 
 
-def split_metrics(metrics: dict[str, float], data: str = TRAFFIC) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def split_metrics(metrics: dict[str, float],
+                  data: str = TRAFFIC) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Logged metric keys -> ({run-level metric: value}, {scenario key: {metric: value}}).
 
     "<data>/auc_macro" is run-level; "<data>/<metric>/<scenario>" is per scenario (the scenario is the rest

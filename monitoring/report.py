@@ -258,7 +258,8 @@ def page(summary: dict, drawn: dict) -> str:
          f'<p class="model">{subtitle}</p></header>'), head,
         "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                             for k, v in facts(summary)) + "</table>",
-        f"<h2>Per scenario ({html.escape(summary.get('data') or 'traffic')})</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
+        f"<h2>Per scenario ({html.escape(summary.get('data') or 'traffic')})</h2><table><tr>"
+        + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
         *scenario_rows(summary, drawn["plots"]), "</table>",
         (f"<p><small>Thresholds: {html.escape(json.dumps(th, sort_keys=True))}. PSI is judged only for scenarios "
          f"with at least {th['drift_min_rows']} rows.</small></p>"),

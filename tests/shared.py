@@ -73,7 +73,8 @@ def randomize_adapters(model, seed: int = 1, zero_b: bool = False) -> None:
 
 
 # One line of kernel.logs' text format: time, level, [step], message.
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[([^\]]+)\] (.*)$")
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) "
+                      r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[([^\]]+)\] (.*)$")
 
 
 def log_message(line: str) -> str | None:

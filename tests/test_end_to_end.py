@@ -121,7 +121,8 @@ def check_lineage(work, expected_decision: str) -> None:
     assert {d.dataset.name for d in children["ingest"].inputs.dataset_inputs} == {"source"}
     assert {d.dataset.name for d in children["score"].inputs.dataset_inputs} == {"test_split"}
     check_metric_names(runs)
-    assert "test_split/auc_macro" in train.data.metrics and any(k.startswith("test_split/auc/") for k in train.data.metrics)
+    assert "test_split/auc_macro" in train.data.metrics
+    assert any(k.startswith("test_split/auc/") for k in train.data.metrics)
     assert all(r.data.tags.get("ads_relevance.version") == package_version() for r in runs)
     # Each dataset carries its schema and profile; the training split's profile, recomputed from its file.
     valid = pq.read_table(work / "data" / "valid.parquet")

@@ -8,10 +8,10 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import zipfile
 from pathlib import Path
 
+import tomllib
 from mlflow import MlflowClient
 
 from tests.shared import REPO

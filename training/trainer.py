@@ -39,9 +39,9 @@ from features.tokenize import FeatureSet, build_features
 from kernel import storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, flat_params, to_dict
+from kernel.dataset_profile import describe_parquet
 from kernel.errors import ConfigError, DataError, TrainingDiverged
 from kernel.hashing import fingerprint_files_and_each
-from kernel.dataset_profile import describe_parquet
 from kernel.logs import adopt_library_loggers, drop_records
 from kernel.metric_names import VAL, metric_name
 from kernel.mlflow_client import NullTracker

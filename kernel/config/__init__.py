@@ -13,8 +13,8 @@ The sections and their keys are ``kernel.config.schema``; reading, checking and 
 from kernel.config.load import (
     add_config_args,
     apply_overrides,
-    config_path,
     config_from_dict,
+    config_path,
     dump_config,
     flat_params,
     load_config,

@@ -14,11 +14,11 @@ the project code it imports travels with the model (``code_paths``). The scores 
 Input: the same columns as ``python -m serving.score`` reads, through the export's ``data.columns`` (the model
 carries its mapping, and its signature names them: serving.registry.register.input_columns): the query and
 title columns, the scenario column (a hive partition key, ``scenario_from_partition``, comes as a column of
-that name), and description and url when mapped. Every row comes back, in order, with the batch scorer's behaviour: an unknown scenario is scored
-as ``serving.fallback_scenario`` when the export's config routes it there (status "fallback"), else it gets
-no score, status "quarantined" and reason "unknown_scenario"; a row that fails ingestion's checks (e.g. an
-empty query) gets status "quarantined" and that check's reason. ``score`` and ``decision`` mean what they mean
-in the batch output (serving.scoring.scorer).
+that name), and description and url when mapped. Every row comes back, in order, with the batch scorer's
+behaviour: an unknown scenario is scored as ``serving.fallback_scenario`` when the export's config routes it
+there (status "fallback"), else it gets no score, status "quarantined" and reason "unknown_scenario"; a row
+that fails ingestion's checks (e.g. an empty query) gets status "quarantined" and that check's reason.
+``score`` and ``decision`` mean what they mean in the batch output (serving.scoring.scorer).
 """
 from __future__ import annotations
 
