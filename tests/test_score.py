@@ -146,6 +146,15 @@ def test_workers_take_disjoint_units_and_match_single_process(tmp_path, exported
         "part-00002-0002-day2.parquet"]
 
 
+def test_help_lists_every_output_column(capsys):
+    from serving.scoring.outputs import OUTPUT_COLUMNS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out.split("Output columns, in order:", 1)[1]
+    assert [line.split()[0] for line in listed.strip().splitlines()[1:]] == [name for name, _, _ in OUTPUT_COLUMNS]
+
+
 def test_bad_input_names_file_and_column(tmp_path, exported, capsys):
     _, export_dir = exported
     bad = tmp_path / "bad.parquet"
