@@ -37,6 +37,7 @@ from benchmarks.quality_data import dataset_overrides, parse_grid_cell, prepare,
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, load_config
 from kernel.errors import ConfigError, TrainingDiverged
+from kernel.metric_names import TEST_SPLIT
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -178,7 +179,7 @@ def score_trial(trial: dict, data_dir: Path, precision: str, tracker) -> dict:
     from training.evaluate import flat_metrics
 
     test, n_adapter, n_trainable = score_test(Path(trial["model_dir"]), data_dir, precision)
-    tracker.log_metrics({**flat_metrics(test, "test"), "params/adapter_trainable": n_adapter,
+    tracker.log_metrics({**flat_metrics(test, TEST_SPLIT), "params/adapter_trainable": n_adapter,
                          "params/trainable_total": n_trainable})
     return {"adapter_params": n_adapter, "trainable_params": n_trainable,
             "test_auc": {s: e["auc"] for s, e in test["scenarios"].items()}, "test_auc_macro": test["auc_macro"],

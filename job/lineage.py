@@ -3,6 +3,7 @@
     lineage = JobLineage(cfg, paths)           # nothing is created until a step runs
     tags = lineage.tags("train")               # mlflow.parentRunId, stage, run_key: for a stage's own run
     with lineage.child("score") as run: run.log_metrics(...)
+    log_input(run, "runs/demo/data/test.parquet", "evaluation", "evaluation")   # a dataset the stage read
 
 The parent run is created when the first step of this invocation runs; with a run key (``--run-date``) its
 id is kept in the run's state folder, so a resumed or re-run night keeps one parent with all its children.
@@ -14,8 +15,10 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from job.state import digest, listing
 from kernel import exit_codes, storage
 from kernel.config import Config
+from kernel.dataset_profile import describe_parquet, parquet_schema
 from kernel.mlflow_client import MlflowTracker, NullTracker, mlflow_client
 from kernel.tracking import open_tracker
 
@@ -80,3 +83,27 @@ class JobLineage:
         client.set_tag(self._parent, "exit_code", str(exit_code))
         ran_through = exit_code in (exit_codes.OK, exit_codes.MONITORING_BREACH, exit_codes.GATE_FAILED)
         client.set_terminated(self._parent, status="FINISHED" if ran_through else "FAILED")
+
+
+def log_input(tracker, path: str | Path, name: str, context: str, *, profile_of: str | Path | None = None,
+              profile: dict | None = None) -> None:
+    """Log the Parquet file or folder ``path`` as a dataset input of a stage's run: known by its fingerprint
+    (the digest of its file listing), with its schema and a profile (rows and label rate, per scenario:
+    kernel.dataset_profile). ``profile_of``: read the profile from another folder (the scores of traffic in
+    the user's own columns); ``profile``: one already known (ingestion's counts of its source)."""
+    if profile is None:
+        schema, profile = describe_parquet(path, profile_of)
+    else:
+        schema = parquet_schema(path)
+    tracker.log_dataset(str(path), name, digest(listing(path)), context, schema, profile)
+
+
+def ingest_profile(stats: dict) -> dict:
+    """The profile of an ingested source from ingestion's stats.json: rows read and accepted, and per
+    scenario the accepted rows and their label rate (positives / accepted rows)."""
+    per = stats.get("by_scenario") or {}
+    accepted = sum(s["rows"] for s in per.values())
+    return {"rows": stats.get("rows_in"), "rows_accepted": accepted,
+            "rows_per_scenario": {k: s["rows"] for k, s in per.items()},
+            "label_rate": sum(s["positives"] for s in per.values()) / accepted if accepted else None,
+            "label_rate_per_scenario": {k: s["positive_rate"] for k, s in per.items()}}

@@ -17,24 +17,31 @@ interrupted training continues from its last checkpoint).
 own state; ``{run_date}`` in ``data.source`` and ``data.score_input`` is replaced by it (``/data/{run_date}``).
 The MLflow store and registry (``tracking.uri``, default ``<work_dir>/mlflow.db``) stay shared.
 
+Logs go to stderr, one line per record with a timestamp, a level and the step that logged it
+(``--log-level``, ``--log-format json`` for log collectors; kernel.logs). The run ends with its summary on
+stdout, also written as ``<run root>/summary.json`` (job.summary).
+
 Exit codes: kernel.exit_codes (0 ok, 1 failure, 2 bad input, 3 breach, 4 gate, 5 MLflow unreachable, 6 data
 gate, 7 diverged).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import re
 import sys
 import time
 
-from evaluation.metrics import describe_macro
 from job.lineage import JobLineage
 from job.state import Fingerprint, JobState, code_version
 from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
+from job.summary import build_summary, format_summary, write_summary
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError
+from kernel.logs import add_logging_args, log_step, setup_from_args
+
+log = logging.getLogger(__name__)
 
 RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -71,25 +78,29 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
                      JobLineage(cfg, paths.state, run_key))
     code, rerun_rest = exit_codes.OK, False
     for name in plan(cfg, only or [], skip or []):
-        fp = fingerprint(ctx, name)
-        rec = ctx.records.get(name)
-        if rec and rec.fingerprint == fp.digest and name not in (force or []) and not rerun_rest:
-            print(f"[{name}] up to date (inputs unchanged since {rec.finished_at}; --force {name} to redo)")
-        else:
-            print(f"[{name}] running ({_why(name, rec, fp, force or [], rerun_rest)})", flush=True)
-            t0 = time.time()
-            resume = state.begin(name, fp)
-            outcome = STEP_TABLE[name].run(ctx, resume)
-            outcome.info["seconds"] = round(time.time() - t0, 1)
-            # What the step leaves is its new input state (promotion moves the champion it reads): record the
-            # fingerprint as it is now, so that a replay finds the step up to date.
-            rec = state.finish(name, fingerprint(ctx, name), outcome.outputs, outcome.info, outcome.exit_code)
-            ctx.records[name] = rec
-            rerun_rest = True
-            print(f"[{name}] done in {outcome.info['seconds']} s", flush=True)
-        code = code or _report(name, rec)
+        with log_step(name):
+            fp = fingerprint(ctx, name)
+            rec = ctx.records.get(name)
+            if rec and rec.fingerprint == fp.digest and name not in (force or []) and not rerun_rest:
+                log.info("up to date (inputs unchanged since %s; --force %s to redo)", rec.finished_at, name)
+            else:
+                log.info("running (%s)", _why(name, rec, fp, force or [], rerun_rest))
+                t0 = time.time()
+                resume = state.begin(name, fp)
+                outcome = STEP_TABLE[name].run(ctx, resume)
+                outcome.info["seconds"] = round(time.time() - t0, 1)
+                # What the step leaves is its new input state (promotion moves the champion it reads): record
+                # the fingerprint as it is now, so that a replay finds the step up to date.
+                rec = state.finish(name, fingerprint(ctx, name), outcome.outputs, outcome.info, outcome.exit_code)
+                ctx.records[name] = rec
+                rerun_rest = True
+                log.info("done in %s s", outcome.info["seconds"], extra={"seconds": outcome.info["seconds"]})
+            code = code or _report(rec)
     ctx.lineage.finish(code)
-    print_summary(ctx)
+    summary = build_summary(ctx, code)
+    path = write_summary(paths.root, summary)
+    print(format_summary(summary), flush=True)
+    log.info("summary written to %s", path)
     return code
 
 
@@ -103,57 +114,18 @@ def _why(name: str, rec, fp: Fingerprint, force: list[str], rerun_rest: bool) ->
     return "changed: " + ("; ".join(fp.changes_since(rec.parts)) or "inputs")
 
 
-def _report(name: str, rec) -> int:
-    """A step's recorded outcome, printed when it is not a success; its exit code."""
+def _report(rec) -> int:
+    """A step's recorded outcome, logged when it is not a success; its exit code."""
     if rec.exit_code == exit_codes.MONITORING_BREACH:
-        print("monitoring breaches:\n  - " + "\n  - ".join(rec.info.get("breaches", [])))
+        log.warning("monitoring breaches:\n  - " + "\n  - ".join(rec.info.get("breaches", [])))
     elif rec.exit_code == exit_codes.GATE_FAILED:
-        print(f"promotion gate failed for version {rec.info.get('candidate_version')}:\n  - "
-              + "\n  - ".join(rec.info.get("reasons", [])))
+        log.warning(f"promotion gate failed for version {rec.info.get('candidate_version')}:\n  - "
+                    + "\n  - ".join(rec.info.get("reasons", [])))
     return rec.exit_code
-
-
-def print_summary(ctx: JobContext) -> None:
-    train, mon, promo = ctx.info("train"), ctx.info("monitor"), ctx.info("promote")
-    cfg, p = ctx.cfg, ctx.paths
-    print("\n=== summary ===" + (f" (run {p.run_key})" if p.run_key else ""))
-    if train.get("val"):
-        print(f"validation macro AUC {describe_macro(train['val'])} (MLflow run {train.get('run_id')})")
-    per = (mon.get("summary") or {}).get("metrics") or {}
-    if per:
-        print(f"{'scenario':<14}{'test AUC':>10}{'  95% CI':>18}{'rows':>8}")
-        for name, m in per.items():
-            auc = m.get("auc")
-            ci = f"[{m.get('auc_ci_low', 0):.3f}, {m.get('auc_ci_high', 0):.3f}]" if auc is not None else ""
-            print(f"{name:<14}{(f'{auc:.4f}' if auc is not None else 'n/a'):>10}{ci:>18}{m.get('n', 0):>8}")
-        overall = mon["summary"].get("overall") or {}
-        if overall.get("auc_macro") is not None:
-            missing = overall.get("scenarios_without_auc") or []
-            note = (f"  (over {overall['auc_macro_scenarios']} of {overall['scenarios_total']} scenarios; no AUC "
-                    f"for {', '.join(missing)})" if missing else "")
-            print(f"{'macro':<14}{overall['auc_macro']:>10.4f}{note}")
-    if "passed" in promo:
-        name = cfg.tracking.registered_model
-        verdict = (f"champion: models:/{name}@champion is version {promo['candidate_version']}" if promo["passed"]
-                   else f"gate failed, version {promo['candidate_version']} not promoted: {'; '.join(promo['reasons'])}")
-        print(f"registry {verdict}")
-    for name in ("data", "train", "export", "scores", "monitor"):
-        print(f"{name:<8} {getattr(p, name)}")
-    print(f"mlflow   {cfg.tracking_uri}  (mlflow ui --backend-store-uri {cfg.tracking_uri})")
 
 
 def _csv(s: str | None) -> list[str]:
     return [x for x in (s or "").split(",") if x]
-
-
-def quiet_progress_bars() -> None:
-    """A scheduled job's log should hold our lines, not per-file download/shard progress bars."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def with_run_key(cfg: Config, run_key: str | None) -> Config:
@@ -173,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m job.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    add_logging_args(p)
     p.add_argument("--run-date", "--run-key", dest="run_key",
                    help="this scheduled run's key, e.g. 2026-12-01: its own folder and state; replayable")
     p.add_argument("--only", help=f"comma-separated steps to run, of {STEPS}")
@@ -182,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_progress_bars()
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "job")
 
     def work() -> int:
         cfg = with_run_key(load_config(args.config, args.overrides), args.run_key)

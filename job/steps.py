@@ -13,18 +13,20 @@ Each step calls its stage's function with the typed config (never a command line
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.lineage import JobLineage
-from job.state import digest, listing
+from job.lineage import JobLineage, ingest_profile, log_input
+from job.state import listing
 from kernel import exit_codes, storage
 from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
 from kernel.errors import QuarantineRateExceeded
+from kernel.metric_names import TEST_SPLIT, TRAFFIC, metric_name
 from kernel.mlflow_client import mlflow_client
 from kernel.stage import Outcome
 from kernel.task_map import TASK_MAP_FILE, TaskMap
@@ -42,6 +44,7 @@ from training import launch
 from training.compare import compare_on_validation
 
 STEPS = ["generate", "ingest", "train", "export", "score", "monitor", "promote"]
+log = logging.getLogger(__name__)
 
 
 class JobPaths:
@@ -74,6 +77,12 @@ class JobPaths:
     @property
     def score_input(self) -> str | Path:
         return self.cfg.data.score_input or storage.join(self.data, "test.parquet")
+
+    @property
+    def score_data(self) -> str:
+        """What the score and monitor steps measure (kernel.metric_names): the traffic of data.score_input,
+        else the ingest's test split."""
+        return TRAFFIC if self.cfg.data.score_input else TEST_SPLIT
 
 
 @dataclass
@@ -122,8 +131,11 @@ def run_generate(ctx: JobContext, resume: bool) -> Outcome:
 
 def run_ingest(ctx: JobContext, resume: bool) -> Outcome:
     with ctx.lineage.child("ingest") as tracker:
-        tracker.log_dataset(str(ctx.paths.source), "source", digest(listing(ctx.paths.source)), "ingestion")
-        return ingest.run(ctx.cfg, ctx.paths.source, ctx.paths.data, tracker=tracker)
+        outcome = ingest.run(ctx.cfg, ctx.paths.source, ctx.paths.data, tracker=tracker)
+        if ctx.cfg.tracking.enabled:  # the source as read: its schema, and the rows ingestion accepted from it
+            stats = storage.read_json(storage.join(ctx.paths.data, "stats.json"), "ingestion's stats")
+            log_input(tracker, ctx.paths.source, "source", "ingestion", profile=ingest_profile(stats))
+        return outcome
 
 
 def run_train(ctx: JobContext, resume: bool) -> Outcome:
@@ -153,10 +165,10 @@ def run_compare(ctx: JobContext, resume: bool) -> Outcome:
         publish_dir(stage / "model", p.train / "model")
     log_compare(ctx, results, evidence)
     lead = evidence["pairs"].get(f"{evidence['ranked'][0]}-{evidence['ranked'][1]}") if len(results) > 1 else None
-    print(f"compare: {evidence['winner']} wins on validation macro AUC "
-          + ", ".join(f"{m} {evidence['methods'][m]['auc_macro']:.4f}" for m in evidence["ranked"])
-          + (f"; lead {lead['delta']:+.4f} [95% CI {lead['ci_low']:+.4f}, {lead['ci_high']:+.4f}]"
-             f"{'' if evidence['decisive'] else ', within the noise'}" if lead else ""), flush=True)
+    log.info(f"compare: {evidence['winner']} wins on validation macro AUC "
+             + ", ".join(f"{m} {evidence['methods'][m]['auc_macro']:.4f}" for m in evidence["ranked"])
+             + (f"; lead {lead['delta']:+.4f} [95% CI {lead['ci_low']:+.4f}, {lead['ci_high']:+.4f}]"
+                f"{'' if evidence['decisive'] else ', within the noise'}" if lead else ""))
     return Outcome({**winner, "model_dir": str(p.train / "model"), "compare": evidence}, [p.train / "model"])
 
 
@@ -200,15 +212,16 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
         storage.delete(p.scores)
     version = served_version(ctx)
     with ctx.lineage.child("score") as tracker:
-        tracker.log_dataset(str(p.score_input), "traffic", digest(listing(p.score_input)), "scoring")
         outcome = score(ctx.cfg, local_export(p), [str(p.score_input)], p.scores, model_version=version, resume=True,
                         quiet=True)
         summary = outcome.info
-        tracker.set_tags({"model_version": version})
-        tracker.log_metrics({f"score/{k}": summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")
-                             if summary.get(k) is not None})
-    print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
-          f"-> {p.scores}")
+        if ctx.cfg.tracking.enabled:  # the input's own schema; its profile read from the canonical scores
+            log_input(tracker, p.score_input, p.score_data, "scoring", profile_of=p.scores)
+        tracker.set_tags({"model_version": version, "data": p.score_data})
+        tracker.log_metrics({metric_name(p.score_data, k): summary[k]
+                             for k in ("rows_in", "scored", "fallback", "quarantined") if summary.get(k) is not None})
+    log.info(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
+             f"-> {p.scores}")
     if outcome.exit_code == exit_codes.DATA_GATE:  # the job stops here and exits with the data-gate code
         raise QuarantineRateExceeded(summary["quarantine_breach"])
     return Outcome({"dir": str(p.scores), **{k: summary[k] for k in ("rows_in", "scored", "quarantined")}},
@@ -226,11 +239,11 @@ def run_monitor(ctx: JobContext, resume: bool) -> Outcome:
     p, cfg = ctx.paths, ctx.cfg
     reference = CALIBRATED_REFERENCE_FILE if cfg.serving.calibrate else REFERENCE_FILE
     version = served_version(ctx)
-    history = recent_checks(cfg.tracking_uri, cfg, version) if cfg.tracking.enabled else None
+    history = recent_checks(cfg.tracking_uri, cfg, version, data=p.score_data) if cfg.tracking.enabled else None
     champion = champion_scores(ctx, version)
     with ctx.lineage.child("monitor") as tracker:
         outcome = check.run(cfg, p.scores, storage.join(p.export, reference), p.monitor, tracker=tracker,
-                            model_version=version, champion=champion, history=history)
+                            model_version=version, champion=champion, history=history, data=p.score_data)
     log_test_metrics(ctx, outcome.info["summary"])
     return outcome
 
@@ -258,27 +271,30 @@ def run_promote(ctx: JobContext, resume: bool) -> Outcome:
                         "note": f"version {version} is already the champion"}, [])
     eval_path = storage.join(ctx.paths.data, "test.parquet")
     with ctx.lineage.child("promote") as tracker:
-        tracker.log_dataset(str(eval_path), "evaluation", digest(listing(eval_path)), "evaluation")
-        outcome = promote.run(cfg, str(eval_path), candidate=version, about=model_card(ctx))
+        log_input(tracker, eval_path, TEST_SPLIT, "evaluation")
+        outcome = promote.run(cfg, str(eval_path), candidate=version, about=model_card(ctx), eval_data=TEST_SPLIT)
         result = outcome.info
-        tracker.set_tags({"candidate_version": version, "decision": "promoted" if result["passed"] else "rejected"})
-        tracker.log_metrics({f"candidate/auc/{s}": m["auc"] for s, m in (result["metrics"]["candidate"] or {}).items()
-                             if m.get("auc") is not None})
+        tracker.set_tags({"candidate_version": version, "decision": "promoted" if result["passed"] else "rejected",
+                          "data": TEST_SPLIT})
+        tracker.log_metrics({metric_name(TEST_SPLIT, "auc", s): m["auc"]
+                             for s, m in (result["metrics"]["candidate"] or {}).items() if m.get("auc") is not None})
     return outcome
 
 
 def log_test_metrics(ctx: JobContext, summary: dict) -> None:
-    """The held-out test metrics, as MLflow metrics of the training run (so runs compare on them)."""
-    run_id = ctx.info("train").get("run_id")
+    """The metrics of the scored data (the test split, or the traffic of data.score_input), as MLflow metrics
+    of the training run named by that data (``test_split/auc/us``, ``traffic/auc_macro``), so runs compare
+    on them."""
+    run_id, data = ctx.info("train").get("run_id"), ctx.paths.score_data
     if not ctx.cfg.tracking.enabled or not run_id:
         return
     metrics = {}
     for name, m in (summary.get("metrics") or {}).items():
         for key in ("auc", "auc_ci_low", "auc_ci_high", "pr_auc", "ece"):
             if m.get(key) is not None:
-                metrics[f"test/{key}/{name}"] = m[key]
+                metrics[metric_name(data, key, name)] = m[key]
     if (summary.get("overall") or {}).get("auc_macro") is not None:
-        metrics["test/auc_macro"] = summary["overall"]["auc_macro"]
+        metrics[metric_name(data, "auc_macro")] = summary["overall"]["auc_macro"]
     if metrics:
         from mlflow.entities import Metric
 
@@ -292,7 +308,8 @@ def model_card(ctx: JobContext) -> dict:
     return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
             "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
             "scenarios": TaskMap.load(storage.join(ctx.paths.data, TASK_MAP_FILE)).names,
-            "training_run": ctx.info("train").get("run_id"), "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
+            "training_run": ctx.info("train").get("run_id"), "scored_data": ctx.paths.score_data,
+            "scored_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 
 def champion_now(ctx: JobContext) -> dict:

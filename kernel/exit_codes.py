@@ -2,7 +2,7 @@
 
     code  name                 meaning
     0     OK                   done (the candidate was promoted, or promotion was not asked for)
-    1     FAILURE              unexpected failure: a bug; the traceback is printed
+    1     FAILURE              unexpected failure: a bug; the traceback is logged
     2     BAD_INPUT            bad configuration, arguments or input data; the message names the key, file,
                                column, row or scenario
     3     MONITORING_BREACH    monitoring found drift, unseen scenarios, a quarantine rate or an AUC alert
@@ -18,11 +18,11 @@
 """
 from __future__ import annotations
 
-import sys
-import traceback
+import logging
 from collections.abc import Callable
 
 from kernel.errors import DataGateFailed, RelevanceError, ServiceUnavailable, TrainingDiverged
+from kernel.logs import ensure_logging
 
 OK = 0
 FAILURE = 1
@@ -33,6 +33,8 @@ SERVICE_UNAVAILABLE = 5
 DATA_GATE = 6
 TRAINING_DIVERGED = 7
 INTERRUPTED = 130
+
+log = logging.getLogger(__name__)
 
 TABLE = {OK: "ok", FAILURE: "unexpected failure", BAD_INPUT: "bad configuration or input",
          MONITORING_BREACH: "monitoring breach", GATE_FAILED: "promotion gate failed",
@@ -56,14 +58,17 @@ def code_for(error: BaseException) -> int:
 
 
 def run_cli(work: Callable[[], int]) -> int:
-    """Run an entry point's work; the project's errors become one line on stderr and their code."""
+    """Run an entry point's work; the project's errors become one ERROR record (``error: <message>``; a bug
+    also gets its traceback) and their code."""
     try:
         return work()
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - every outcome must become a documented code
         code = code_for(e)
-        if code == FAILURE:
-            traceback.print_exc()
-        print(f"error: {e}" if code != INTERRUPTED else "interrupted", file=sys.stderr)
+        ensure_logging()
+        if code == INTERRUPTED:
+            log.error("interrupted", extra={"exit_code": code})
+        else:
+            log.error("error: %s", e, exc_info=code == FAILURE, extra={"exit_code": code})
         return code

@@ -10,6 +10,7 @@ through ``kernel.tracking.open_tracker``, which puts a spool in front of this lo
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.error
@@ -18,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kernel.errors import ServiceUnavailable
-from kernel.provenance import git_commit
+from kernel.logs import adopt_library_loggers
+from kernel.provenance import git_commit, package_version
 
 
 class NullTracker:
@@ -33,7 +35,8 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
-    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None: ...
+    def log_dataset(self, uri: str, name: str, digest: str, context: str, schema: str | None = None,
+                    profile: dict | None = None) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -66,6 +69,7 @@ def mlflow_client(uri: str, timeout_s: float = 10.0):
     that does not answer raises ServiceUnavailable (exit 5) before any call is made."""
     from mlflow import MlflowClient
 
+    adopt_library_loggers()  # MLflow's console handler, installed on its import: our format, WARNING and up
     bound_mlflow_requests(timeout_s)
     check_reachable(uri, timeout_s)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -97,13 +101,16 @@ def fluent_uri(uri: str):
                 os.environ[k] = v
 
 
+VERSION_TAG = "ads_relevance.version"  # the installed package's version, on every run the project creates
+
+
 def source_tags(entry_point: str | None = None) -> dict[str, str]:
-    """``mlflow.source.*``: what the UI's "Source" shows (the entry point, and the commit when in git)."""
+    """``mlflow.source.*``: what the UI's "Source" shows (the entry point, and the commit when in git), and
+    the package version (``VERSION_TAG``)."""
     import sys
 
-
     name = entry_point or (Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python")
-    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB"}
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB", VERSION_TAG: package_version()}
     commit = git_commit()
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
@@ -111,19 +118,24 @@ def source_tags(entry_point: str | None = None) -> dict[str, str]:
     return tags
 
 
-def dataset_entity(uri: str, name: str, digest: str, context: str):
-    """An MLflow dataset input for ``uri`` (a file, folder or object-store URI) known by its fingerprint."""
+def dataset_entity(uri: str, name: str, digest: str, context: str, schema: str | None = None,
+                   profile: dict | None = None):
+    """An MLflow dataset input for ``uri`` (a file, folder or object-store URI) known by its fingerprint, with
+    its ``schema`` (MLflow's JSON form) and ``profile`` (rows, rows per scenario, label rate:
+    kernel.dataset_profile) when given."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local path
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(uri))
-    dataset = MetaDataset(source=source, name=name, digest=digest)
-    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    entity = MetaDataset(source=source, name=name, digest=digest)._to_mlflow_entity()
+    entity = Dataset(name=entity.name, digest=entity.digest, source_type=entity.source_type, source=entity.source,
+                     schema=schema, profile=json.dumps(profile, sort_keys=True) if profile is not None else None)
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])
 
 
 def guarded(uri: str, what: str, call):
@@ -151,6 +163,7 @@ class MlflowTracker(NullTracker):
     def __init__(self, tracking_uri: str, experiment: str, timeout_s: float = 10.0, artifact_root: str = ""):
         from mlflow import MlflowClient
 
+        adopt_library_loggers()
         bound_mlflow_requests(timeout_s)
         check_reachable(tracking_uri, timeout_s)
         self.uri = tracking_uri
@@ -201,8 +214,9 @@ class MlflowTracker(NullTracker):
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
-    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
-        self.client.log_inputs(self.run_id, datasets=[dataset_entity(uri, name, digest, context)])
+    def log_dataset(self, uri: str, name: str, digest: str, context: str, schema: str | None = None,
+                    profile: dict | None = None) -> None:
+        self.client.log_inputs(self.run_id, datasets=[dataset_entity(uri, name, digest, context, schema, profile)])
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:

@@ -16,7 +16,7 @@ timestamps. Metrics keep the time of the logging call, not of the send. The sync
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +27,7 @@ from kernel.config import Config, TrackingConfig
 from kernel.mlflow_client import MlflowTracker, NullTracker, dataset_entity
 
 MAX_PAUSE_S = 10.0
+log = logging.getLogger(__name__)
 
 
 class SpooledTracker(NullTracker):
@@ -78,8 +79,10 @@ class SpooledTracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         self._record("tags", {k: str(v) for k, v in tags.items()})
 
-    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
-        self._record("dataset", {"uri": str(uri), "name": name, "digest": digest, "context": context})
+    def log_dataset(self, uri: str, name: str, digest: str, context: str, schema: str | None = None,
+                    profile: dict | None = None) -> None:
+        self._record("dataset", {"uri": str(uri), "name": name, "digest": digest, "context": context,
+                                 "schema": schema, "profile": profile})
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is None:
@@ -93,9 +96,9 @@ class SpooledTracker(NullTracker):
             self.unsent = len(self._queue)
             self._lock.notify_all()
         if self.unsent:
-            print(f"tracking: {self.unsent} records for MLflow run {self.run_id} were not delivered to {self.uri} "
-                  f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; kept in {self.dir}, sent by the "
-                  "next run that tracks there", file=sys.stderr, flush=True)
+            log.warning(f"tracking: {self.unsent} records for MLflow run {self.run_id} were not delivered to "
+                        f"{self.uri} within tracking.flush_timeout_s={self.flush_timeout_s:g}; kept in {self.dir}, "
+                        "sent by the next run that tracks there")
 
     @property
     def _file(self) -> Path:
@@ -168,7 +171,8 @@ def _send(inner: MlflowTracker, r: dict) -> None:
             if k not in ("op", "run_id"):
                 client.set_tag(run_id, k, v)
     elif op == "dataset":
-        client.log_inputs(run_id, datasets=[dataset_entity(r["uri"], r["name"], r["digest"], r["context"])])
+        client.log_inputs(run_id, datasets=[dataset_entity(r["uri"], r["name"], r["digest"], r["context"],
+                                                           r.get("schema"), r.get("profile"))])
     elif op == "end":
         client.set_terminated(run_id, status=r["status"])
 

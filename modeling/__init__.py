@@ -1,2 +1,8 @@
 """The model, one home for training and serving: the MTL-LoRA layer and its injection, the relevance
 model with its pooling, the base and its tokenizer, the pair format, merging and the trained-model folder."""
+import kernel  # first: it checks that each top-level name of the project resolves to this project
+
+ADS_RELEVANCE = True  # the marker kernel.check_packages looks for
+if not getattr(kernel, "ADS_RELEVANCE", False):
+    raise ImportError(f"'kernel' resolves to {kernel.__file__}, which is not ads-relevance's: another installed "
+                      "package shadows it; install ads-relevance into a virtual environment of its own")

@@ -17,8 +17,10 @@ files whose names start with "_" or "." are not read as scores.
 Output: ``out/report.html`` (+ ``out/plots/*.png``) and ``out/summary.json`` (on an object store:
 published with a commit marker, ``kernel.storage.output_dir``); both are logged to the MLflow run
 (artifact path ``monitoring``) when a tracking URI is given, with the headline numbers as metrics and the
-tags of ``monitoring.history.run_tags`` (stage=monitor, model_version, model_name, champion_version), by
-which the next check finds this run for its trend plots.
+tags of ``monitoring.history.run_tags`` (stage=monitor, data, model_version, model_name, champion_version),
+by which the next check finds this run for its trend plots. ``--data-name`` says what the scored rows are
+(``traffic``, the default; ``test_split``; ``eval_set``): the report shows it and every metric is named by it,
+``<data>/auc/<scenario>``, ``<data>/auc_macro``, ``<data>/psi_score/<scenario>`` (kernel.metric_names).
 
 ``--model-version`` (default: the scored input's ``model_version`` column when it holds one value) is shown
 in the report's header. ``--champion-scored``: the champion's batch-scoring output of the same input; its
@@ -34,7 +36,7 @@ AUC alert); 5 the MLflow server did not answer.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +49,8 @@ from kernel.atomic import write_json_atomic
 from kernel.config import Config, MonitoringConfig, add_config_args, load_config
 from kernel.errors import DataError
 from kernel.hashing import bytes_digest
+from kernel.logs import add_logging_args, setup_from_args
+from kernel.metric_names import TRAFFIC
 from kernel.mlflow_client import MlflowTracker
 from kernel.stage import Outcome, stage_tracker
 from monitoring.champion import compare_champion
@@ -57,26 +61,29 @@ from monitoring.scored import QUARANTINE_DIR, count_rows, read_scored, scored_mo
 EXIT_OK, EXIT_INPUT, EXIT_BREACH = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH
 THRESHOLDS = ("psi_threshold", "length_psi_threshold", "max_quarantine_rate", "drift_min_rows", "alert_min_auc",
               "fail_on_unseen_scenarios")
-_metric_key = metric_key  # one cleaning of metric names, shared with the history reader
+log = logging.getLogger(__name__)
 
 
 def headline_metrics(summary: dict) -> dict[str, float]:
-    """Numbers worth a time series in MLflow: breaches, macro AUC, per-scenario AUC/ECE/PSI."""
-    out = {"monitoring.breaches": float(len(summary["breaches"])), "monitoring.rows": float(summary["rows"])}
+    """Numbers worth a time series in MLflow: breaches, macro AUC, per-scenario AUC/ECE/PSI, each named by
+    the data it was measured on (``summary["data"]``): ``traffic/auc/shoes``, ``traffic/auc_macro``."""
+    data = summary.get("data") or TRAFFIC
+    out = {metric_key(data, "breaches"): float(len(summary["breaches"])),
+           metric_key(data, "rows"): float(summary["rows"])}
     if summary["drift"]["quarantine_rate"] is not None:
-        out["monitoring.quarantine_rate"] = summary["drift"]["quarantine_rate"]
+        out[metric_key(data, "quarantine_rate")] = summary["drift"]["quarantine_rate"]
     if (summary.get("overall") or {}).get("auc_macro") is not None:
-        out["monitoring.auc_macro"] = summary["overall"]["auc_macro"]
+        out[metric_key(data, "auc_macro")] = summary["overall"]["auc_macro"]
     for name, m in (summary.get("metrics") or {}).items():
         for k in ("auc", "ece", "log_loss"):
             if m.get(k) is not None:
-                out[_metric_key("monitoring", name, k)] = m[k]
+                out[metric_key(data, k, name)] = m[k]
     for name, d in summary["drift"]["scenarios"].items():
         if d["psi_score"] is not None:
-            out[_metric_key("monitoring", name, "psi_score")] = d["psi_score"]
+            out[metric_key(data, "psi_score", name)] = d["psi_score"]
     for name, c in ((summary.get("champion") or {}).get("scenarios") or {}).items():
         if c.get("delta") is not None:  # candidate AUC - champion AUC on the matched rows
-            out[_metric_key("monitoring", name, "auc_delta_vs_champion")] = c["delta"]
+            out[metric_key(data, "auc_delta_vs_champion", name)] = c["delta"]
     return out
 
 
@@ -125,7 +132,7 @@ def quarantine_rate(scored, quarantine, rows: int) -> float | None:
 
 
 def check(cfg: Config, scored, reference: dict, *, quarantine=None, model_version: str | None = None,
-          champion: dict | None = None) -> tuple[dict, dict | None]:
+          champion: dict | None = None, data: str = TRAFFIC) -> tuple[dict, dict | None]:
     """(the summary without its paths and history, the ROC/PR curves): metrics, drift, breaches and the
     comparison with the champion (see ``run``)."""
     mon = cfg.monitoring
@@ -146,7 +153,7 @@ def check(cfg: Config, scored, reference: dict, *, quarantine=None, model_versio
                          rate, mon)
     summary = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_version": model_version, "rows": n, "labelled_rows": labelled,
+        "data": data, "model_version": model_version, "rows": n, "labelled_rows": labelled,
         "thresholds": {k: getattr(mon, k) for k in THRESHOLDS},
         "metrics": metrics, "overall": overall, "drift": drift,
         "breaches": list(drift["breaches"]) + auc_alerts(metrics, mon), "champion": comparison,
@@ -156,10 +163,13 @@ def check(cfg: Config, scored, reference: dict, *, quarantine=None, model_versio
 
 def run(cfg: Config, scored: str | Path, reference: str | Path, out: str | Path, *, quarantine=None,
         tracker=None, model_version: str | None = None, champion: dict | None = None,
-        history: list[dict] | None = None) -> Outcome:
+        history: list[dict] | None = None, data: str = TRAFFIC) -> Outcome:
     """The monitoring check: metrics and drift of ``scored`` against the ``reference`` profile, written as
     report.html + summary.json into ``out`` and logged to ``tracker``. Outcome info: dir, breaches (readable
     strings; empty: healthy), summary; exit code MONITORING_BREACH when there is a breach.
+
+    ``data``: what the scored rows are (kernel.metric_names: traffic, test_split, eval_set); it names the
+    metrics and is shown in the report.
 
     ``quarantine``: the rows rejected before scoring (default: batch scoring's ``<scored>/_quarantine``).
     ``model_version``: the version whose scores these are, e.g. "ads-relevance/3" (default: the scored
@@ -186,7 +196,7 @@ def run(cfg: Config, scored: str | Path, reference: str | Path, out: str | Path,
     """
     ref = load_reference(reference)
     summary, curves = check(cfg, scored, ref, quarantine=quarantine, model_version=model_version,
-                            champion=champion)
+                            champion=champion, data=data)
     summary = {"scored": str(scored), "reference": str(reference), **summary,
                # the trend's earlier points as the report drew them (the full records: monitoring.history)
                "history": None if history is None else [
@@ -198,7 +208,7 @@ def run(cfg: Config, scored: str | Path, reference: str | Path, out: str | Path,
         write_report(summary, folder, ref, curves=curves, history=history)
         write_json_atomic(folder / "summary.json", summary)
     if tracker is not None:
-        tracker.set_tags(run_tags(summary["model_version"], (summary["champion"] or {}).get("version")))
+        tracker.set_tags(run_tags(summary["model_version"], (summary["champion"] or {}).get("version"), data))
         tracker.log_metrics(headline_metrics(summary))
         tracker.log_artifacts(str(folder), "monitoring")
     code = EXIT_BREACH if summary["breaches"] else EXIT_OK
@@ -219,14 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--champion-scored", help="the champion's batch-scoring output of the same input, to compare "
                                              "with (rows matched on source_file, source_row)")
     p.add_argument("--champion-version", help="the champion's version (default: its model_version column)")
+    p.add_argument("--data-name", default=TRAFFIC,
+                   help="what the scored rows are, which names the metrics: traffic (default), test_split, eval_set")
     p.add_argument("--history", type=int, default=10, metavar="N",
                    help="trend over the last N finished monitoring runs read from --tracking-uri (0: none)")
     add_config_args(p)
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "monitor")
 
     def work() -> int:
         cfg = load_config(args.config, args.overrides)
@@ -242,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             champion = {"scored": args.champion_scored, "version": args.champion_version} \
                 if args.champion_scored else None
             history = None if tracker is None or args.history <= 0 else recent_checks(
-                args.tracking_uri, cfg, version, args.history, exclude_run=tracker.run_id)
+                args.tracking_uri, cfg, version, args.history, exclude_run=tracker.run_id, data=args.data_name)
             outcome = run(cfg, args.scored, args.reference, args.out, quarantine=args.quarantine, tracker=tracker,
-                          model_version=version, champion=champion, history=history)
+                          model_version=version, champion=champion, history=history, data=args.data_name)
         for b in outcome.info["breaches"]:
-            print(f"BREACH: {b}", file=sys.stderr)
-        print(f"report: {Path(args.out) / 'report.html'} ({len(outcome.info['breaches'])} breaches)")
+            log.warning(f"BREACH: {b}")
+        log.info(f"report: {Path(args.out) / 'report.html'} ({len(outcome.info['breaches'])} breaches)")
         return outcome.exit_code
 
     return exit_codes.run_cli(work)

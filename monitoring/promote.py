@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,12 +38,15 @@ from evaluation.metrics import scenario_metrics, summarize
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RelevanceError
+from kernel.logs import add_logging_args, setup_from_args
+from kernel.metric_names import EVAL_SET
 from kernel.stage import Outcome
 from pipeline.reader import ParquetSource
 from serving.registry import aliases as registry
 from serving.scoring.table import score_table
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
+log = logging.getLogger(__name__)
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 
@@ -138,13 +142,16 @@ def _compact(per: dict | None) -> dict | None:
 
 
 def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, name: str | None = None,
-        tracking_uri: str | None = None, score_fn: ScoreFn | None = None, about: dict | None = None) -> Outcome:
+        tracking_uri: str | None = None, score_fn: ScoreFn | None = None, about: dict | None = None,
+        eval_data: str = EVAL_SET) -> Outcome:
     """The promotion gate of ``candidate`` (a version number or an alias) of registered model ``name``
     (default ``tracking.registered_model``) on the pinned, labelled ``eval_path`` (default
     ``data.score_input``): move the aliases on a pass; tag the candidate either way and write its description
     (``registry.version_description``: ``about`` says what the model is). See the module docstring.
+    ``eval_data`` names the evaluation data in the description and the outcome (kernel.metric_names: eval_set,
+    a pinned set; test_split, the ingest's test split, when the job gates on it).
 
-    Outcome info: passed, reasons, candidate_version, champion_version, metrics, eval_path; exit code
+    Outcome info: passed, reasons, candidate_version, champion_version, metrics, eval_path, eval_data; exit code
     GATE_FAILED when the candidate was rejected (nothing moved)."""
     name = name or cfg.tracking.registered_model
     tracking_uri = tracking_uri or cfg.tracking_uri
@@ -180,9 +187,10 @@ def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, nam
         registry.set_alias(client, name, registry.CHAMPION, cand_version)
     registry.record_decision(client, name, cand_version, "promotion", {
         "decision": "promoted" if passed else "rejected", "reasons": reasons, "metrics": metrics,
-        "champion_version": champ_version or "", "eval_path": str(eval_path)})
+        "champion_version": champ_version or "", "eval_path": str(eval_path), "eval_data": eval_data})
     result = {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
-              "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path)}
+              "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path),
+              "eval_data": eval_data}
     registry.describe_version(client, name, cand_version, about, result)
     return Outcome(result, [], EXIT_OK if passed else EXIT_REJECTED)
 
@@ -214,12 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the config's)")
     add_config_args(p)
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_intermixed_args(argv)
+    setup_from_args(args, "promote")
     if not args.rollback and not args.candidate:
         p.error("--candidate is required unless --rollback")
 
@@ -229,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rollback(args.name, args.tracking_uri or cfg.tracking_uri), indent=1))
             return EXIT_OK
         outcome = run(cfg, args.eval_path, candidate=args.candidate, name=args.name, tracking_uri=args.tracking_uri)
+        i = outcome.info
+        if i["passed"]:
+            log.info(f"version {i['candidate_version']} of {args.name} is champion")
+        else:
+            log.warning(f"promotion gate failed for version {i['candidate_version']}: {'; '.join(i['reasons'])}")
         print(json.dumps({k: outcome.info[k] for k in ("passed", "reasons", "candidate_version", "champion_version")},
                          indent=1))
         return outcome.exit_code

@@ -225,6 +225,7 @@ def facts(summary: dict) -> list[tuple[str, object]]:
     qr = summary["drift"].get("quarantine_rate")
     return [
         ("model version", summary.get("model_version") or "unknown"),
+        ("data", summary.get("data") or "traffic"),
         *([("champion", champ["version"] or "unknown")] if champ else []),
         ("scored rows", summary["rows"]), ("labelled rows", summary["labelled_rows"]),
         ("macro AUC", _fmt(overall.get("auc_macro"))), ("volume-weighted AUC", _fmt(overall.get("auc_weighted"))),
@@ -245,7 +246,8 @@ def page(summary: dict, drawn: dict) -> str:
     header = ["scenario", "volume", "positive rate", "AUC [95% CI]", "PR-AUC", "log loss", "ECE",
               "PSI score", "PSI query len", "PSI title len", ""]
     th = summary["thresholds"]
-    subtitle = f'model version <b id="model-version">{html.escape(version)}</b>'
+    subtitle = (f'model version <b id="model-version">{html.escape(version)}</b> on '
+                f'<b id="data">{html.escape(summary.get("data") or "traffic")}</b>')
     if champ:
         subtitle += f' &middot; against champion <b id="champion-version">{html.escape(champ["version"] or "unknown")}</b>'
     subtitle += f" &middot; {html.escape(summary['created_at'])}"
@@ -256,7 +258,8 @@ def page(summary: dict, drawn: dict) -> str:
          f'<p class="model">{subtitle}</p></header>'), head,
         "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                             for k, v in facts(summary)) + "</table>",
-        "<h2>Per scenario</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
+        f"<h2>Per scenario ({html.escape(summary.get('data') or 'traffic')})</h2><table><tr>"
+        + "".join(f"<th>{h}</th>" for h in header) + "</tr>",
         *scenario_rows(summary, drawn["plots"]), "</table>",
         (f"<p><small>Thresholds: {html.escape(json.dumps(th, sort_keys=True))}. PSI is judged only for scenarios "
          f"with at least {th['drift_min_rows']} rows.</small></p>"),

@@ -27,6 +27,7 @@ Exit codes (kernel.exit_codes): 0 done, 2 bad configuration or input, 6 reject r
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from kernel.exit_codes import run_cli
 from kernel.hashing import stable_hash
+from kernel.logs import add_logging_args, setup_from_args
 from kernel.stage import Outcome, stage_tracker
 from kernel.task_map import TASK_MAP_FILE, TaskMap
 from kernel.tracking import open_tracker
@@ -58,6 +60,7 @@ from pipeline.validate import REASON_NAMES, ColumnMapping, empty_batch, quaranti
 OUTPUT_FILES = [f"{s}.parquet" for s in SPLITS] + ["quarantine.parquet", TASK_MAP_FILE, "stats.json"]
 REJECTED_DIR = "_rejected"  # <out>/_rejected: quarantine.parquet + stats.json of a run that failed its gate
 REJECTED_FILES = ["quarantine.parquet", "stats.json"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -286,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     add_config_args(parser)
+    add_logging_args(parser)
     parser.add_argument("--input", help="Parquet file, directory or hive dataset; 'synthetic' (default: data.source)")
     parser.add_argument("--out", help="output folder (default: <work_dir>/data)")
     return parser
@@ -293,13 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "ingest")
 
     def work() -> int:
         cfg = load_config(args.config, args.overrides)
         out = args.out or storage.join(cfg.work_dir, "data")
         i = run(cfg, args.input or cfg.data.source, out).info
-        print(f"{i['rows_in']} rows in: {i['accepted']} accepted {i['splits']}, "
-              f"{i['quarantined']} quarantined {i['by_reason']} -> {out}")
+        log.info(f"{i['rows_in']} rows in: {i['accepted']} accepted {i['splits']}, "
+                 f"{i['quarantined']} quarantined {i['by_reason']} -> {out}")
         return exit_codes.OK
 
     return run_cli(work)  # errors -> one line on stderr and kernel.exit_codes' code

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kernel.metric_names import SOURCE, metric_name
 from pipeline.split import SPLITS
 
 LENGTH_FIELDS = ("query", "title", "description")
@@ -136,12 +137,14 @@ class IngestStats:
         }
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for a tracker: ``ingest/rows_in``, ``ingest/us/positive_rate``, ..."""
+        """Flat numbers for a tracker, named by their data (kernel.metric_names): ``source/rows_in``,
+        ``source/positive_rate/us``, ..."""
         d = self.to_dict()
-        out = {f"ingest/{k}": float(d[k]) for k in ("rows_in", "rows_accepted", "rows_quarantined", "reject_rate")}
+        out = {metric_name(SOURCE, k): float(d[k]) for k in ("rows_in", "rows_accepted", "rows_quarantined",
+                                                              "reject_rate")}
         for name, s in d["by_scenario"].items():
-            out[f"ingest/{name}/rows"] = float(s["rows"])
-            out[f"ingest/{name}/quarantined"] = float(s["quarantined"])
+            out[metric_name(SOURCE, "rows", name)] = float(s["rows"])
+            out[metric_name(SOURCE, "quarantined", name)] = float(s["quarantined"])
             if s["positive_rate"] is not None:
-                out[f"ingest/{name}/positive_rate"] = float(s["positive_rate"])
+                out[metric_name(SOURCE, "positive_rate", name)] = float(s["positive_rate"])
         return out

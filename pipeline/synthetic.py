@@ -42,6 +42,7 @@ imbalance 1) the output is exactly the demo data above, by the same code path:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -52,6 +53,9 @@ import pyarrow.parquet as pq
 
 from kernel.atomic import atomic_path
 from kernel.config import SyntheticConfig
+from kernel.logs import add_logging_args, setup_from_args
+
+log = logging.getLogger(__name__)
 
 MARKETS = ("us", "uk", "de", "jp")
 TARGET_POSITIVE_RATE = 0.25
@@ -264,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="0..1: one shared rule, inverted by uk and jp on this share of products (default: the demo rules)")
     parser.add_argument("--imbalance", type=float, default=d.imbalance,
                         help="largest / smallest market's rows (default 1: balanced)")
+    add_logging_args(parser)
     args = parser.parse_args(argv)
+    setup_from_args(args, "generate")
     cfg = SyntheticConfig(rows_per_scenario=args.rows_per_scenario, seed=args.seed, label_noise=args.label_noise,
                           conflict=args.conflict, imbalance=args.imbalance)
     path = generate(Path(args.out), cfg)
     sizes = scenario_rows(cfg)
-    print(f"wrote {sum(sizes.values())} rows ({', '.join(f'{m} {k}' for m, k in sizes.items())}) to {path}")
+    log.info(f"wrote {sum(sizes.values())} rows ({', '.join(f'{m} {k}' for m, k in sizes.items())}) to {path}")
     return 0
 
 

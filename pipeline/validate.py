@@ -25,6 +25,7 @@ absent (empty text) for that file; a column the user named explicitly must exist
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -336,3 +337,26 @@ def _missing_hint(fld: str) -> str:
     if fld not in CANONICAL:
         return "; remove it from data.columns.keys if your data has none"
     return ""
+
+
+def canonicalize_table(data: DataConfig, table: pa.Table, name: str = "input") -> tuple[pa.Table, pa.Table]:
+    """Rows in memory, in the user's own columns -> (accepted canonical rows, quarantined rows), exactly as
+    scoring reads a file: ``data.columns``, scoring-time checks (the label optional), every scenario accepted
+    (routing unknown ones is the scorer's business). ``source_row`` is the row's index in ``table`` and
+    ``source_file`` is ``name``; a hive key (``scenario_from_partition``) is read from a column of that name.
+    A missing or mistyped column raises DataError naming it, as for a file."""
+    cols = data.columns
+    if cols.scenario_from_partition:  # no folders in memory: the partition key comes as a column
+        cols = dataclasses.replace(cols, scenario=cols.scenario_from_partition, scenario_from_partition=None)
+    mapping = ColumnMapping(dataclasses.replace(data, columns=cols), scenarios=[], require_label=False)
+    part = FilePart(name, table.schema, {}, table.num_rows, [], np.zeros(0, dtype=np.int64))
+    mapping.check_parts([part])
+    accepted, quarantined, start = [], [], 0
+    present = [c for c in dict.fromkeys(mapping.read_columns()) if c in table.column_names]
+    for batch in table.select(present).to_batches():
+        ok, bad = mapping.canonicalize(batch, np.arange(start, start + batch.num_rows, dtype=np.int64), part)
+        accepted.append(ok)
+        quarantined.append(bad)
+        start += batch.num_rows
+    return (pa.Table.from_batches(accepted, schema=mapping.schema()),
+            pa.Table.from_batches(quarantined, schema=quarantine_schema(mapping.keys)))

@@ -5,6 +5,7 @@ seconds; ``tests/conftest.py`` hands them out as fixtures.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,3 +70,19 @@ def randomize_adapters(model, seed: int = 1, zero_b: bool = False) -> None:
                     p.copy_(0.2 * noise)
                 elif name in ("lam", "w"):
                     p.add_(0.5 * noise)
+
+
+# One line of kernel.logs' text format: time, level, [step], message.
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) "
+                      r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) +\[([^\]]+)\] (.*)$")
+
+
+def log_message(line: str) -> str | None:
+    """The message of a text-format log line (None for any other line)."""
+    m = LOG_LINE.match(line.rstrip("\n"))
+    return m.group(4) if m else None
+
+
+def log_messages(text: str) -> list[str]:
+    """The messages of every text-format log line in ``text``."""
+    return [m for m in map(log_message, text.splitlines()) if m is not None]

@@ -20,7 +20,7 @@ def test_compare_mode_exports_the_winner_on_validation_with_its_evidence(tmp_pat
     work = tmp_path / "job"
     assert main(["--config", str(TINY_CONFIG), f"work_dir={work}", "train.compare=[mtl_lora, lora]",
                  "train.max_steps=8", "train.eval_every=8", "--only", "generate,ingest,train,export"]) == OK
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "compare:" in out and "wins on validation macro AUC" in out
     info = json.loads((work / "state" / "train.json").read_text())["info"]
     evidence = info["compare"]

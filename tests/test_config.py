@@ -94,3 +94,16 @@ def test_every_trainable_parameter_is_in_exactly_one_group(method):
     assert len(grouped) == sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
     for n, p in trainable.items():
         assert (grouped[id(p)] == "task") == is_task_param(n)
+
+
+def test_a_config_shipped_with_the_package_loads_by_name_from_anywhere(tmp_path, monkeypatch):
+    from kernel.config import config_path
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    for name in ("demo", "tiny", "smollm2"):
+        assert config_path(name).read_bytes() == (CONFIGS / f"{name}.yaml").read_bytes()
+        assert load_config(name) == load_config(CONFIGS / f"{name}.yaml")
+    (tmp_path / "tiny").write_text("work_dir: mine\n")  # a file of that name wins over the shipped config
+    assert load_config("tiny").work_dir == "mine"
+    with pytest.raises(ConfigError, match="shipped with the package: demo, smollm2, tiny"):
+        load_config("nope")

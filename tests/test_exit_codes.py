@@ -9,7 +9,7 @@ import pytest
 
 from kernel import exit_codes
 from kernel.errors import DataError, QuarantineRateExceeded, ServiceUnavailable, TrainingDiverged
-from tests.shared import TINY_CONFIG
+from tests.shared import TINY_CONFIG, log_messages
 
 TINY = TINY_CONFIG
 ENTRY_POINTS = ["job.run", "pipeline.ingest", "training.launch", "serving.export", "serving.score",
@@ -62,7 +62,7 @@ def test_an_unreachable_mlflow_is_5_from_the_job_scoring_and_promotion(tmp_path,
     assert score(["--model", "models:/m@champion", "--tracking-uri", UNREACHABLE, "--input", str(TINY),
                   "--output", str(tmp_path / "o")]) == 5
     assert promote(["--name", "m", "--candidate", "1", "--eval", str(TINY), "--tracking-uri", UNREACHABLE]) == 5
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = [m for m in log_messages(capsys.readouterr().err) if m.startswith("error:")]
     assert len(errors) == 3 and all(UNREACHABLE in e for e in errors)
 
 

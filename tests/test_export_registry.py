@@ -51,7 +51,7 @@ def test_export_from_run_id_with_validation_registers_a_resolvable_model(tmp_pat
     # A second export of the same run replaces the folder and becomes version 2.
     assert main(argv) == 0
     assert resolve_model("models:/relevance@champion", uri, tmp_path / "cache")[1] == "relevance/2"
-    assert "registered models:/relevance@champion (version 2)" in capsys.readouterr().out
+    assert "registered models:/relevance@champion (version 2)" in capsys.readouterr().err
 
 
 def test_export_errors_name_the_source(tmp_path, capsys):

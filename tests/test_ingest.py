@@ -311,8 +311,8 @@ def test_stats_are_logged_to_a_real_mlflow(tmp_path):
     tracker.end()
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(tracker.run_id)
-    assert run.data.metrics["ingest/rows_in"] == report.rows_in
-    assert run.data.metrics["ingest/us/positive_rate"] == pytest.approx(report.by_scenario["us"]["positive_rate"])
+    assert run.data.metrics["source/rows_in"] == report.rows_in
+    assert run.data.metrics["source/positive_rate/us"] == pytest.approx(report.by_scenario["us"]["positive_rate"])
     logged = client.download_artifacts(tracker.run_id, "ingest/stats.json", str(tmp_path / "dl"))
     assert json.loads(Path(logged).read_text()) == report.stats
 
@@ -352,7 +352,7 @@ def test_cli_ingests_synthetic_data(tmp_path, capsys):
     work = tmp_path / "work"
     rc = main(["--input", "synthetic", "--out", str(tmp_path / "out"), f"work_dir={work}", "tracking.enabled=false",
                "data.synthetic.rows_per_scenario=60"])
-    assert rc == 0 and "240 rows in" in capsys.readouterr().out
+    assert rc == 0 and "240 rows in" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUT_FILES)
     assert main(["--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "tracking.enabled=false"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -219,8 +219,8 @@ def test_report_is_logged_to_the_mlflow_run(valid, reference, tmp_path):
     # per scenario: reliability, ROC/PR and (a tracking URI: history read, empty here) the trend
     assert len(client.list_artifacts(run_id, "monitoring/plots")) == 3 * len(CATEGORIES)
     run = client.get_run(run_id)
-    assert run.data.metrics["monitoring.breaches"] == 0
-    assert 0.5 < run.data.metrics["monitoring.auc_macro"] <= 1 and run.info.status == "FINISHED"
+    assert run.data.metrics["traffic/breaches"] == 0
+    assert 0.5 < run.data.metrics["traffic/auc_macro"] <= 1 and run.info.status == "FINISHED"
     # found again by the history reader: stage tag, and the version from the scores' model_version column
     assert run.data.tags["stage"] == "monitor" and run.data.tags["model_version"] == "1"
 

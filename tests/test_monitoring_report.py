@@ -286,7 +286,7 @@ def test_champion_table_matches_an_independent_recomputation(report, candidate, 
     run = MlflowClient(tracking_uri=f"sqlite:///{report['out'].parent}/mlflow.db").get_run(report["run_id"])
     assert run.data.tags["champion_version"] == "ads-relevance/2"
     for name in CATEGORIES:
-        assert run.data.metrics[f"monitoring.{name}.auc_delta_vs_champion"] == pytest.approx(
+        assert run.data.metrics[f"traffic/auc_delta_vs_champion/{name}"] == pytest.approx(
             comp["scenarios"][name]["delta"])
 
 

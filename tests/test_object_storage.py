@@ -185,4 +185,4 @@ def test_the_whole_job_with_its_work_dir_on_s3_then_a_replay(tmp_path, s3_bucket
     assert any(n.startswith("scores/_done/") for n in names) and any(n.startswith("scores/part-") for n in names)
     capsys.readouterr()
     assert job_main(job) == 0  # the state lives on S3 too: a replay redoes nothing
-    assert capsys.readouterr().out.count("up to date") == 7
+    assert capsys.readouterr().err.count("up to date") == 7

@@ -1,5 +1,6 @@
 """The registered model is a real MLflow model: it loads with mlflow.pyfunc in a fresh process and through
-`mlflow models serve`, and scores exactly as serving.score does."""
+`mlflow models serve`, reads the same columns as serving.score (the export's data.columns) and scores exactly
+as it does, unknown scenarios and rejected rows included."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,7 +40,7 @@ def registered(tmp_path_factory):
                        "--output", str(out), "--quiet", "serving.unknown_scenario=fallback",
                        "serving.fallback_scenario=shoes"]) == 0
     reference = pq.read_table(out).to_pandas().sort_values("source_row").reset_index(drop=True)
-    return {"root": root, "uri": uri, "rows": rows.to_pandas(), "reference": reference}
+    return {"root": root, "uri": uri, "rows": rows.to_pandas(), "raw": raw.to_pandas(), "reference": reference}
 
 
 def _env(uri: str) -> dict:
@@ -47,22 +49,50 @@ def _env(uri: str) -> dict:
     return dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PATH=path)
 
 
-def test_pyfunc_in_a_fresh_process_scores_like_serving_score(registered, tmp_path):
-    frame = registered["rows"].query("scenario != 'watches'")[["query", "title", "scenario"]]  # known scenarios
+def test_pyfunc_in_a_fresh_process_takes_the_mapped_columns_and_says_why_a_row_has_no_score(registered, tmp_path):
+    """The user's own columns (left, right, category: the export's data.columns), a scenario the model does not
+    know (watches; this export has no fallback) and a row with an empty query: every row comes back, in order."""
+    frame = registered["raw"][["left", "right", "category"]].copy()  # what serving.score read, label aside
+    frame.loc[1, "left"] = "  "  # fails ingestion's check empty_query
     frame.to_parquet(tmp_path / "in.parquet")
     code = ("import mlflow, pandas as pd, sys; m = mlflow.pyfunc.load_model('models:/relevance@champion'); "
             "m.predict(pd.read_parquet(sys.argv[1])).to_parquet(sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet")],
                    env=_env(registered["uri"]), cwd=tmp_path, check=True, timeout=240)
     got = pd.read_parquet(tmp_path / "out.parquet")
-    ref = registered["reference"].iloc[frame.index.to_numpy()]
     assert list(got.columns) == ["score", "score_raw", "score_calibrated", "decision", "scored_as", "fallback",
-                                 "model_version"]
+                                 "status", "reason", "model_version"]
+    assert len(got) == len(frame) and set(got["model_version"]) == {"relevance/1"}
+    unknown = (frame["category"] == "watches").to_numpy()
+    assert got["status"][unknown].eq("quarantined").all() and got["reason"][unknown].eq("unknown_scenario").all()
+    assert got["score"][unknown].isna().all() and got["decision"][unknown].isna().all()
+    assert (got.loc[1, "status"], got.loc[1, "reason"]) == ("quarantined", "empty_query")
+    assert np.isnan(got.loc[1, "score"])
+    known = ~unknown & (np.arange(len(frame)) != 1)
+    assert got["status"][known].eq("scored").all() and got["reason"][known].isna().all()
+    ref = registered["reference"].iloc[np.flatnonzero(known)]  # serving.score of the same rows
     for col in ("score", "score_raw", "score_calibrated"):
-        np.testing.assert_allclose(got[col].to_numpy(), ref[col].to_numpy(), atol=1e-6, rtol=0)
-    assert (got["decision"].to_numpy() == ref["decision"].to_numpy()).all()
-    assert set(got["model_version"]) == {"relevance/1"} == set(ref["model_version"])
-    assert not (got["score"] == got["score_raw"]).all()  # calibration is on in the export's config
+        np.testing.assert_allclose(got[col][known].to_numpy(), ref[col].to_numpy(), atol=1e-6, rtol=0)
+    assert (got["decision"][known].to_numpy() == ref["decision"].to_numpy()).all()
+    assert set(ref["status"]) == {"scored"} and set(ref["model_version"]) == {"relevance/1"}
+    assert not (got["score"][known] == got["score_raw"][known]).all()  # calibration is on in the export's config
+
+
+def test_the_pyfunc_routes_unknown_scenarios_to_the_configured_fallback_like_serving_score(registered):
+    """With serving.unknown_scenario=fallback (what the fixture's serving.score ran with), the rows of
+    watches score as shoes, flagged, exactly as in the batch output."""
+    from kernel.config import load_config
+    from serving.scoring.scorer import BatchScorer
+    from serving.scoring.table import score_user_rows
+
+    export = registered["root"] / "export"
+    cfg = load_config(export / "config.yaml", ["serving.unknown_scenario=fallback", "serving.fallback_scenario=shoes"])
+    scorer = BatchScorer(export, cfg.serving, "relevance/1")
+    got = score_user_rows(scorer, cfg.data, pa.Table.from_pandas(registered["raw"]), 16).to_pandas()
+    ref = registered["reference"]
+    assert (got["status"] == ref["status"]).all() and set(got["status"]) == {"scored", "fallback"}
+    assert (got["scored_as"] == ref["scored_as"]).all() and (got["fallback"] == ref["fallback"]).all()
+    np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), atol=1e-6, rtol=0)
 
 
 def test_mlflow_models_serve_answers_a_real_request(registered, tmp_path):
@@ -82,17 +112,18 @@ def test_mlflow_models_serve_answers_a_real_request(registered, tmp_path):
                 pass
             assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
-        rows = registered["rows"].head(12)[["query", "title", "scenario"]]
+        rows = registered["raw"].head(12)[["left", "right", "category"]]  # the export's data.columns
         body = json.dumps({"dataframe_split": {"columns": list(rows.columns), "data": rows.values.tolist()}})
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
                                      headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
         served = pd.DataFrame(answer)
         ref = registered["reference"].head(12)
-        known = ref["scenario"] != "watches"  # the served model has no fallback: unknown scenarios are null
+        known = ref["scenario"] != "watches"  # the served model has no fallback: unknown scenarios get no score
         np.testing.assert_allclose(served["score"][known.to_numpy()].astype(float), ref["score"][known].astype(float),
                                    atol=1e-6, rtol=0)
         assert served["score"][~known.to_numpy()].isna().all()
+        assert set(served["reason"][~known.to_numpy()]) <= {"unknown_scenario"}
     finally:
         os.killpg(server.pid, 9)
         server.wait()

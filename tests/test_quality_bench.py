@@ -176,9 +176,9 @@ def test_mlflow_children_resume_plan_and_settings(grid_run, capsys):
         assert c.info.status == "FINISHED"
         assert c.data.tags["method"] == t["method"] and float(c.data.tags["lr"]) == t["lr"]
         if "test_auc_macro" in t:  # only the chosen trials were scored on test
-            assert c.data.metrics["test/auc_macro"] == pytest.approx(t["test_auc_macro"])
+            assert c.data.metrics["test_split/auc_macro"] == pytest.approx(t["test_auc_macro"])
         else:
-            assert "test/auc_macro" not in c.data.metrics
+            assert "test_split/auc_macro" not in c.data.metrics
         assert "diag/grad_norm/total" in c.data.metrics
     # Rerun: nothing trains again; --plan lists what a further seed would add; other settings are refused.
     assert quality.main(argv) == 0

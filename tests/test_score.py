@@ -18,6 +18,7 @@ from serving.layout import read_manifest
 from serving.scoring.cli import main
 from serving.scoring.table import score_table
 from tests.serving_testkit import SCENARIOS, canonical, export, sigmoid, tiny_config, trained_folder, training_logits, wdc_raw
+from tests.shared import log_messages
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_scores_every_row_once_and_match_training_model(tmp_path, exported, caps
     # 10 of 54 rows are quarantined on purpose: raise the gate (serving.max_quarantine_rate, default 5%).
     assert main(["--model", str(export_dir), "--output", str(out), "--quiet", "--input", str(tmp_path / "in"),
                  "data.columns.keys=[pair_id]", "serving.max_quarantine_rate=0.5"]) == 0  # overrides after --input
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "quarantined" in printed and "rows/s" in printed
 
     scored, quarantine = read_output(out), ds.dataset(out / "_quarantine", format="parquet").to_table()
@@ -145,6 +146,15 @@ def test_workers_take_disjoint_units_and_match_single_process(tmp_path, exported
         "part-00002-0002-day2.parquet"]
 
 
+def test_help_lists_every_output_column(capsys):
+    from serving.scoring.outputs import OUTPUT_COLUMNS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out.split("Output columns, in order:", 1)[1]
+    assert [line.split()[0] for line in listed.strip().splitlines()[1:]] == [name for name, _, _ in OUTPUT_COLUMNS]
+
+
 def test_bad_input_names_file_and_column(tmp_path, exported, capsys):
     _, export_dir = exported
     bad = tmp_path / "bad.parquet"
@@ -203,9 +213,48 @@ def test_output_has_raw_and_calibrated_scores_a_decision_and_the_registry_versio
     np.testing.assert_allclose(got["score_calibrated"].to_numpy(), expect_cal, atol=1e-6)
     np.testing.assert_array_equal(got["score"].to_numpy(), got["score_calibrated"].to_numpy())  # calibrate on
     thresholds = read_manifest(export)["thresholds"]["f1_max_calibrated"]
-    expect_decision = [None if s not in thresholds else bool(c >= thresholds[s]) for s, c in zip(scen, expect_cal)]
+    served = got["score"].to_numpy().astype(np.float64)
+    expect_decision = [None if s not in thresholds else bool(c >= thresholds[s]) for s, c in zip(scen, served)]
     assert got["decision"].to_pylist() == expect_decision and any(expect_decision) and not all(expect_decision)
     assert set(got["model_version"].to_pylist()) == {"relevance/1"}  # the folder knows its registered version
+
+
+def _max_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    tp = float((predicted & (labels == 1)).sum())
+    return 2 * tp / max(float(predicted.sum()) + float((labels == 1).sum()), 1e-12)
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_decision_is_the_served_score_against_a_threshold_fitted_on_that_kind_of_score(tmp_path, calibrated,
+                                                                                        calibrate):
+    """``decision`` follows ``score`` whether score is raw (the default) or calibrated: within a scenario every
+    decided row scores at least as high as every undecided one, and the threshold is the scenario's max-F1 cut
+    of the same kind of score on the validation split (recomputed here by brute force over every cut)."""
+    _, export, _ = calibrated
+    raw = wdc_raw(per_category=15)
+    pq.write_table(raw, tmp_path / "in.parquet")
+    assert main(["--model", str(export), "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "o"),
+                 "--quiet", f"serving.calibrate={str(calibrate).lower()}"]) == 0
+    got = pq.read_table(tmp_path / "o").sort_by("source_row")
+    score, decision = got["score"].to_numpy(), np.asarray(got["decision"].to_pylist())
+    kind = "score_calibrated" if calibrate else "score_raw"
+    np.testing.assert_array_equal(score, got[kind].to_numpy())
+    scen = np.asarray(got["scored_as"].to_pylist())
+    for s in SCENARIOS:
+        m = scen == s
+        yes, no = score[m][decision[m] == True], score[m][decision[m] == False]  # noqa: E712 - object array
+        assert len(yes) + len(no) == m.sum() and (not len(yes) or not len(no) or yes.min() >= no.max())
+    # The threshold: the best F1 on the fixture's validation split (its served scores of this kind), found
+    # here by trying every cut rather than by the export's precision-recall curve.
+    thresholds = read_manifest(export)["thresholds"]["f1_max_calibrated" if calibrate else "f1_max_raw"]
+    vrows = canonical(wdc_raw("valid", per_category=40))
+    vscen = np.asarray(vrows["scenario"].to_pylist())
+    vscore = score_table(export, vrows, calibrate=calibrate)["score"].to_numpy().astype(np.float64)
+    labels = vrows["label"].to_numpy()
+    for s in SCENARIOS:
+        m = vscen == s
+        best = max(_max_f1(labels[m], vscore[m] >= t) for t in np.unique(vscore[m]))
+        assert _max_f1(labels[m], vscore[m] >= thresholds[s]) == pytest.approx(best, abs=1e-9), s
 
 
 def test_the_input_partition_layout_is_kept(tmp_path, exported):
@@ -258,7 +307,7 @@ def test_one_file_is_split_into_units_that_score_like_the_whole_file(tmp_path, e
               "data.columns.keys=[pair_id]"]
     assert main(common + ["--output", str(tmp_path / "whole")]) == 0  # default unit_rows: one unit
     assert main(common + ["--output", str(tmp_path / "units"), "serving.unit_rows=15"]) == 0
-    assert "in 4/4 shards" in capsys.readouterr().out.splitlines()[-1]
+    assert "in 4/4 shards" in log_messages(capsys.readouterr().err)[-1]
     whole, units = read_output(tmp_path / "whole"), read_output(tmp_path / "units")
     assert sorted(p.name for p in (tmp_path / "whole").glob("*.parquet")) == ["part-00000-0000-x.parquet"]
     assert units["source_row"].to_pylist() == list(range(45)) == units["pair_id"].to_pylist()  # each row once

@@ -95,7 +95,7 @@ def test_deterministic_by_seed_across_chunks(tmp_path, monkeypatch):
 def test_cli_writes_the_file(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x.parquet"), "--rows-per-scenario", "25", "--seed", "1"]) == 0
     assert pq.read_metadata(tmp_path / "x.parquet").num_rows == 100
-    assert "wrote 100 rows" in capsys.readouterr().out
+    assert "wrote 100 rows" in capsys.readouterr().err
 
 
 # --- the default data is pinned; the benchmark's dials --------------------------------------------------
@@ -223,4 +223,4 @@ def test_dials_reach_the_config_and_the_cli(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x.parquet"), "--rows-per-scenario", "100", "--imbalance", "10",
                  "--conflict", "1"]) == 0
     assert pq.read_metadata(tmp_path / "x.parquet").num_rows == 100 + 46 + 22 + 10
-    assert "us 100, uk 46, de 22, jp 10" in capsys.readouterr().out
+    assert "us 100, uk 46, de 22, jp 10" in capsys.readouterr().err

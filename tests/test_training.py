@@ -18,6 +18,7 @@ from kernel.config import load_config
 from kernel.errors import TrainingDiverged
 from tests.shared import REPO as ROOT
 from tests.shared import TINY_CONFIG as TINY
+from tests.shared import log_message, log_messages
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +329,7 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_line(tmp_path, data_
                     "tracking.timeout_s=3"], port=29661)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 5, out[-3000:]  # kernel.exit_codes.SERVICE_UNAVAILABLE
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    errors = [m for m in log_messages(out) if m.startswith("error:")]
     assert len(errors) == 1 and "http://127.0.0.1:1" in errors[0] and "Traceback" not in out
     assert time.time() - t0 < 60
 
@@ -346,13 +347,13 @@ def test_training_rides_out_a_tracking_server_outage(tmp_path, data_dir):
     lines = []
     for line in proc.stdout:  # wait until training is under way, then take the server away
         lines.append(line)
-        if line.startswith("step 10/"):
+        if (log_message(line) or "").startswith("step 10/"):
             break
     server.stop()
     t_down = time.time()
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("best validation") or line.startswith("step 60 val"):
+        if (log_message(line) or "").startswith(("best validation", "step 60 val")):
             break
     assert time.time() - t_down < 60, "training stalled while the tracking server was down"
     assert proc.poll() is None  # done training, waiting for the server to deliver the spooled records

@@ -11,8 +11,11 @@ at all: it uses an in-memory one.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import ipaddress
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 LOOPBACK = "127.0.0.1"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, store=_store(rank, world, addr, port, timeout), rank=rank,
                                 world_size=world, timeout=timeout)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group initialised above
+    # Adopts the group initialised above. On CPU it also builds its shared-memory op and print()s that it
+    # did ("... built successfully") on stdout: kept off the job's output, at DEBUG.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if printed.getvalue().strip():
+        log.debug("deepspeed.init_distributed: %s", printed.getvalue().strip())
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from evaluation.metrics import scenario_metrics, summarize
 from features.tokenize import FeatureSet
+from kernel.metric_names import VAL, metric_name
 from kernel.task_map import TaskMap
 
 
@@ -123,11 +124,11 @@ def evaluate(model, features: FeatureSet, task_map: TaskMap, batch_size: int, pa
     return metrics
 
 
-def flat_metrics(metrics: dict, prefix: str = "val") -> dict[str, float]:
-    """MLflow metric names: val/auc/<scenario>, val/pr_auc/<scenario>, val/log_loss/<scenario>, val/auc_macro."""
-    out = {f"{prefix}/auc_macro": metrics["auc_macro"], f"{prefix}/auc_weighted": metrics["auc_weighted"],
-           f"{prefix}/auc_macro_scenarios": metrics.get("auc_macro_scenarios")}
+def flat_metrics(metrics: dict, prefix: str = VAL) -> dict[str, float]:
+    """MLflow metric names (kernel.metric_names, ``prefix`` names the data): val/auc/<scenario>,
+    val/pr_auc/<scenario>, val/log_loss/<scenario>, val/auc_macro."""
+    out = {metric_name(prefix, k): metrics.get(k) for k in ("auc_macro", "auc_weighted", "auc_macro_scenarios")}
     for name, e in metrics["scenarios"].items():
         for key in ("auc", "pr_auc", "log_loss"):
-            out[f"{prefix}/{key}/{name}"] = e[key]
+            out[metric_name(prefix, key, name)] = e[key]
     return {k: v for k, v in out.items() if v is not None}

@@ -22,6 +22,7 @@ kernel.exit_codes (2: bad arguments or config, 5: tracking server unreachable, 7
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import subprocess
@@ -32,17 +33,20 @@ from pathlib import Path
 from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import ConfigError
+from kernel.logs import ENV_LEVEL, add_logging_args, logging_flags, setup_from_args
 from kernel.stage import Outcome, stage_tracker
 from kernel.tracking import open_tracker
 from training.trainer import train
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    add_logging_args(p)
     p.add_argument("--data", help="ingested data folder (default: <work_dir>/data)")
     p.add_argument("--out", help="output folder (default: <work_dir>/train)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the out folder")
@@ -134,9 +138,11 @@ def topology(args: argparse.Namespace) -> Topology:
 
 def launcher_command(args: argparse.Namespace, topo: Topology, resolved_config: Path, work: Path) -> list[str]:
     """The deepspeed launcher's command line; with a node rank it starts this node's processes only."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(topo.num_gpus),
+    # training.ds_runner: deepspeed.launcher.runner with this project's logs (its INFO lines only at DEBUG).
+    level = os.environ.get(ENV_LEVEL, "INFO")
+    cmd = [sys.executable, "-m", "training.ds_runner", "--num_gpus", str(topo.num_gpus),
            "--num_nodes", str(topo.num_nodes), "--master_addr", topo.master_addr,
-           "--master_port", str(topo.master_port)]
+           "--master_port", str(topo.master_port), f"--log_level={'debug' if level == 'DEBUG' else 'warning'}"]
     hostfile = topo.hostfile
     if topo.node_rank is not None:
         if hostfile is None:  # the launcher learns the world from a hostfile; without ssh, names are labels
@@ -145,7 +151,8 @@ def launcher_command(args: argparse.Namespace, topo: Topology, resolved_config: 
         cmd += ["--no_ssh", "--node_rank", str(topo.node_rank)]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
-    cmd += ["--module", "training.launch", "--worker", "--config", str(resolved_config)]
+    # The workers log as this process does (kernel.logs: the flags, and the environment they inherit).
+    cmd += ["--module", "training.launch", "--worker", "--config", str(resolved_config), *logging_flags()]
     for flag in ("data", "out"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
@@ -191,6 +198,7 @@ def launch_processes(args: argparse.Namespace, topo: Topology, cfg: Config, out_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "train")
 
     def work() -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
@@ -203,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         info = run(cfg, data_dir, out_dir, resume=args.resume).info
         if int(os.environ.get("RANK", 0)) == 0:
             best = info["val"] or {}
-            print(f"best validation macro AUC {best.get('auc_macro')} after {info['steps']} steps; "
-                  f"model: {info['model_dir']}")
+            log.info(f"best validation macro AUC {best.get('auc_macro')} after {info['steps']} steps; "
+                     f"model: {info['model_dir']}")
         return exit_codes.OK
 
     return exit_codes.run_cli(work)

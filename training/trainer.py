@@ -20,9 +20,11 @@ forwards; DeepSpeed writes updated weights through ``.data``, so every optimizer
 """
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +39,11 @@ from features.tokenize import FeatureSet, build_features
 from kernel import storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, flat_params, to_dict
+from kernel.dataset_profile import describe_parquet
 from kernel.errors import ConfigError, DataError, TrainingDiverged
 from kernel.hashing import fingerprint_files_and_each
+from kernel.logs import adopt_library_loggers, drop_records
+from kernel.metric_names import VAL, metric_name
 from kernel.mlflow_client import NullTracker
 from kernel.provenance import git_commit
 from kernel.task_map import TASK_MAP_FILE, TaskMap
@@ -52,6 +57,13 @@ from training.evaluate import evaluate, flat_metrics
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HISTORY_FILE = "history.json"
+log = logging.getLogger(__name__)
+# DeepSpeed's warnings that every run of this trainer raises, and why they are harmless here: the optimizer is
+# torch's AdamW (fused/foreach) over our own parameter groups, which ZeRO handles like its own; the LR
+# scheduler is read once while it is built, before its first step.
+HARMLESS_DEEPSPEED = ("You are using ZeRO with an untested optimizer",
+                      "Attempting to get learning rate from scheduler before it has started")
+TORCH_DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
 @dataclass
@@ -126,6 +138,10 @@ class Trainer:
     def setup(self, resume: bool = False) -> "Trainer":
         import deepspeed
 
+        adopt_library_loggers()  # DeepSpeed's logger prints to stdout in a format of its own
+        drop_records("DeepSpeed", *HARMLESS_DEEPSPEED)
+        # ZeRO's collectives call torch's old names, which torch flags on every call; nothing to act on here.
+        warnings.filterwarnings("ignore", message=TORCH_DEPRECATED_COLLECTIVES, category=FutureWarning)
         cfg = self.cfg
         self.env: DistEnv = init_distributed()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +181,7 @@ class Trainer:
         _set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)
         if self.env.rank == 0:
             tag = (self.ckpt_dir / "latest").read_text().strip()
-            print(f"resumed from {self.ckpt_dir / tag} at step {self.engine.global_steps}")
+            log.info(f"resumed from {self.ckpt_dir / tag} at step {self.engine.global_steps}")
 
     def _start_fresh(self, model) -> None:
         if self.env.rank != 0:
@@ -180,7 +196,9 @@ class Trainer:
         both, each = fingerprint_files_and_each(paths)  # one read of each split, however large
         t.set_tags({"git_commit": git_commit(), "data_fingerprint": both, "world_size": self.env.world})
         for (split, context), path, digest in zip((("train", "training"), ("valid", "validation")), paths, each):
-            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split, digest, context)
+            schema, profile = describe_parquet(path)  # rows and label rate per scenario, beside the fingerprint
+            t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split, digest, context,
+                          schema, profile)
         t.log_metrics({"params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                        "params/adapter": n_adapter, "params/adapter_expected": n_expected,
                        "params/total": sum(p.numel() for p in model.parameters())})
@@ -238,7 +256,7 @@ class Trainer:
         rate = self._seen / max(time.time() - self._t0, 1e-9)
         self.tracker.log_metrics({"train/loss": self.last_loss, "train/lr": self.scheduler.get_last_lr()[0],
                                   "train/samples_per_s": rate}, step=step)
-        print(f"step {step}/{self.cfg.train.max_steps} loss {self.last_loss:.4f} {rate:.1f} samples/s", flush=True)
+        log.info(f"step {step}/{self.cfg.train.max_steps} loss {self.last_loss:.4f} {rate:.1f} samples/s")
 
     def _log_diagnostics(self, grads: bool) -> None:
         """diag/... metrics (training.diagnostics) of the weights at this step, and with ``grads`` the gradient
@@ -272,7 +290,7 @@ class Trainer:
         if self.env.rank == 0:
             self.tracker.log_metrics(flat_metrics(metrics), step=step)
             per = " ".join(f"{k}={v['auc'] and round(v['auc'], 4)}" for k, v in metrics["scenarios"].items())
-            print(f"step {step} val auc_macro {describe_macro(metrics)} {per}", flush=True)
+            log.info(f"step {step} val auc_macro {describe_macro(metrics)} {per}")
             if improved:
                 save_trained(self.model, self.cfg, self.task_map, {"step": step, **metrics}, self.model_dir,
                              state=state)
@@ -319,12 +337,14 @@ class Trainer:
                 self.save_checkpoint()
             if stop_early:
                 if self.env.rank == 0:
-                    print(f"early stopping at step {step}: no macro-AUC gain in {t.early_stopping_patience} evaluations")
+                    log.info(f"early stopping at step {step}: no macro-AUC gain in {t.early_stopping_patience} "
+                             "evaluations")
                 break
         if self._diag_every:  # the final weights (the loop logged those before each due update)
             self._log_diagnostics(grads=False)
         if self.env.rank == 0:
-            self.tracker.log_metrics({"best/auc_macro": self.best["auc_macro"], "best/step": self.best["step"]})
+            self.tracker.log_metrics({metric_name(VAL, "auc_macro_best"): self.best["auc_macro"],
+                                      metric_name(VAL, "best_step"): self.best["step"]})
             self.tracker.log_artifacts(self.model_dir, "model")
         return TrainResult(self.model_dir, self.best["metrics"], self.global_step, self.tracker.run_id, self.history)
 

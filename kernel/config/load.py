@@ -154,12 +154,34 @@ def _looks_like_float(s: str) -> bool:
     return True
 
 
+# The configs that ship with the package (package data: links to the checkout's configs/), by name.
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> list[str]:
+    """The names ``--config`` takes besides a file: demo, smollm2, tiny."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped config of that name (``--config demo`` or
+    ``--config tiny``, wherever the package is installed); ConfigError when neither exists."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    preset = PRESETS / f"{p.stem}.yaml"
+    if str(path) in (p.stem, p.name) and p.suffix in ("", ".yaml") and preset.is_file():
+        return preset
+    raise ConfigError(f"config file {p} does not exist (the configs shipped with the package: "
+                      f"{', '.join(presets())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of the YAML file ``path`` (or a shipped config's name, ``config_path``), ``overrides``
+    applied; every problem reported at once."""
     data: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        p = config_path(path)
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
@@ -200,5 +222,6 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 def add_config_args(parser: Any) -> None:
     """The two arguments every entry point shares: --config and trailing key=value overrides."""
-    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--config", help="YAML config file, or the name of a config shipped with the package: "
+                                         "demo, tiny, smollm2 (configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")

@@ -42,6 +42,7 @@ Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did no
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,6 +53,9 @@ from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import DataError
 from kernel.exit_codes import OK, run_cli
 from kernel.hashing import fingerprint_files
+from kernel.logs import add_logging_args, setup_from_args
+from kernel.mlflow_client import VERSION_TAG
+from kernel.provenance import provenance
 from kernel.stage import Outcome
 from kernel.task_map import TASK_MAP_FILE
 from modeling.artifact import load_trained
@@ -69,6 +73,8 @@ from serving.export.source import (
 from serving.export.validation import fit_on_validation
 from serving.layout import MANIFEST_FILE, REGISTERED_FILE, factors_digest
 from serving.registry.register import register_export
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Path | None = None,
@@ -96,7 +102,9 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
     with storage.staging(out) as stage:
         tokenizer = load_tokenizer(cfg)
         layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
-        source = {"run_id": source_run_id, "git_commit": tags.get("git_commit"),
+        code = provenance()  # the code that exports; the training run's tags say which code trained
+        source = {"run_id": source_run_id, "git_commit": tags.get("git_commit") or code["git_commit"],
+                  "version": tags.get(VERSION_TAG) or code["version"], "export_version": code["version"],
                   "model_dir": str(model_dir) if source_run_id is None else f"runs:/{source_run_id}/model"}
         fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
         manifest = build_manifest(cfg, tokenizer, layers, entries, digest=factors_digest(stage),
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)  # deployment sections only: serving.*, monitoring.*, tracking.*, data.columns
+    add_logging_args(p)
     p.add_argument("--run", required=True, help="MLflow run id, training output dir (with model/) or model dir")
     p.add_argument("--out", required=True, type=storage.location, help="export folder to write")
     p.add_argument("--valid", type=storage.location, help="canonical validation Parquet: fit calibration, thresholds, drift reference")
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "export")
     return run_cli(lambda: _work(args))
 
 
@@ -147,7 +157,7 @@ def _work(args: argparse.Namespace) -> int:
         cfg = export_config(model_dir, load_config(args.config) if args.config else None, args.overrides)
         manifest = run(cfg, model_dir, args.out, valid=args.valid, tracking_uri=args.tracking_uri, name=args.name,
                        alias=args.alias, source_run_id=run_id or args.source_run_id).info
-    print(f"exported {len(manifest['scenarios'])} scenarios ({manifest['pooling']} pooling) to {args.out}")
+    log.info(f"exported {len(manifest['scenarios'])} scenarios ({manifest['pooling']} pooling) to {args.out}")
     if "registered" in manifest:
-        print(f"registered {manifest['registered']['uri']} (version {manifest['registered']['version']})")
+        log.info(f"registered {manifest['registered']['uri']} (version {manifest['registered']['version']})")
     return OK

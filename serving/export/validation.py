@@ -60,4 +60,8 @@ def fit_on_validation(out: Path, valid: str | Path, manifest: dict, method: str 
     manifest["calibration"] = {"file": CALIBRATION_FILE, "method": cal.method, "fitted_on": storage.name(valid),
                                "skipped": cal.skipped}
     manifest["reference"] = {"file": REFERENCE_FILE, "calibrated_file": CALIBRATED_REFERENCE_FILE}
-    manifest["thresholds"] = {"f1_max_calibrated": best_f1_thresholds(scen, labels, calibrated)}
+    # One decision threshold per kind of score the scorer can serve (serving.calibrate picks), each fitted on
+    # that kind as the scorer writes it (float32), so that decision = score >= threshold holds on these rows.
+    manifest["thresholds"] = {
+        "f1_max_raw": best_f1_thresholds(scen, labels, raw),
+        "f1_max_calibrated": best_f1_thresholds(scen, labels, calibrated.astype(np.float32).astype(np.float64))}

@@ -103,7 +103,8 @@ def decisions(client: MlflowClient, name: str, version: str | int) -> list[dict]
 
 def version_description(name: str, version: str, about: dict | None, result: dict) -> str:
     """The model version's description in the registry UI (Markdown): what the model is, its per-scenario
-    AUC on the evaluation set with 95% CIs (and the paired change against the champion), and the decision."""
+    AUC on the evaluation data with 95% CIs (and the paired change against the champion), and the decision.
+    The AUC is named by its data (``result["eval_data"]``: test_split, eval_set; kernel.metric_names)."""
     about = about or {}
     lines = [f"**{name} version {version}**"]
     if about:
@@ -114,8 +115,9 @@ def version_description(name: str, version: str, about: dict | None, result: dic
     cand = (result.get("metrics") or {}).get("candidate") or {}
     delta = (result.get("metrics") or {}).get("delta") or {}
     champ = result.get("champion_version")
+    data = result.get("eval_data") or "eval_set"
     if cand:
-        head = "| scenario | AUC | 95% CI | rows |" + (f" vs champion v{champ} (95% CI) |" if delta else "")
+        head = f"| scenario | {data} AUC | 95% CI | rows |" + (f" vs champion v{champ} (95% CI) |" if delta else "")
         lines += ["", head, "|---|---|---|---|" + ("---|" if delta else "")]
         for s, m in sorted(cand.items()):
             auc = "n/a" if m.get("auc") is None else f"{m['auc']:.4f}"
@@ -129,7 +131,7 @@ def version_description(name: str, version: str, about: dict | None, result: dic
     lines += ["", f"**Promotion: {verdict}**" + (f" (champion was version {champ})." if champ else ".")]
     lines += [f"- {r}" for r in result.get("reasons") or []]
     if result.get("eval_path"):
-        lines.append(f"Evaluated on `{result['eval_path']}`.")
+        lines.append(f"Evaluated on {data}: `{result['eval_path']}`.")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from kernel.atomic import write_json_atomic
+from kernel.config import load_config
 from kernel.mlflow_client import artifact_location, fluent_uri, mlflow_client, source_tags
 from serving.layout import REGISTERED_FILE, read_manifest
 
@@ -31,27 +32,41 @@ REQUIREMENTS = ("torch", "transformers", "pyarrow", "safetensors", "scikit-learn
                 "numpy")
 
 
-def signature():
+def input_columns(columns) -> dict[str, str]:
+    """Canonical field -> the user's column the pyfunc reads it from (``data.columns``: the columns
+    ``serving.score`` reads); description and url only when mapped, the scenario from its column or, for hive
+    data, from a column named after the partition key (none for a constant scenario)."""
+    fields = {"query": columns.query, "title": columns.title, "description": columns.description,
+              "url": columns.url, "scenario": columns.scenario or columns.scenario_from_partition}
+    return {f: c for f, c in fields.items() if c}
+
+
+def signature(columns):
+    """The pyfunc's input (the user's columns of ``columns``, a ColumnsConfig) and output schemas."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([ColSpec("string", "query"), ColSpec("string", "title"),
-                     ColSpec("string", "description", required=False), ColSpec("string", "url", required=False),
-                     ColSpec("string", "scenario")])
+    optional = ("description", "url")
+    inputs = Schema([ColSpec("string", col, required=field not in optional)
+                     for field, col in input_columns(columns).items()])
     outputs = Schema([ColSpec("float", "score", required=False), ColSpec("float", "score_raw", required=False),
                       ColSpec("float", "score_calibrated", required=False),
                       ColSpec("boolean", "decision", required=False), ColSpec("string", "scored_as", required=False),
-                      ColSpec("boolean", "fallback"), ColSpec("string", "model_version")])
+                      ColSpec("boolean", "fallback", required=False), ColSpec("string", "status"),
+                      ColSpec("string", "reason", required=False), ColSpec("string", "model_version")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def input_example(export_dir: Path, rows: pd.DataFrame | None) -> pd.DataFrame:
-    """A few canonical rows: from the validation split when given, else one row per scenario."""
-    if rows is not None and len(rows):
-        return rows[["query", "title", "description", "url", "scenario"]].head(3).reset_index(drop=True)
-    scenarios = list(read_manifest(export_dir)["scenarios"])
-    return pd.DataFrame({"query": ["running shoes"] * len(scenarios), "title": ["Acme trail runner"] * len(scenarios),
-                         "description": [""] * len(scenarios), "url": [""] * len(scenarios), "scenario": scenarios})
+def input_example(export_dir: Path, columns, rows: pd.DataFrame | None) -> pd.DataFrame:
+    """A few rows in the user's columns (``columns``): from the canonical validation split when given, else
+    one row per scenario."""
+    if rows is None or not len(rows):
+        scenarios = list(read_manifest(export_dir)["scenarios"])
+        rows = pd.DataFrame({"query": ["running shoes"] * len(scenarios),
+                             "title": ["Acme trail runner"] * len(scenarios), "description": [""] * len(scenarios),
+                             "url": [""] * len(scenarios), "scenario": scenarios})
+    mapped = input_columns(columns)
+    return rows[list(mapped)].head(3).rename(columns=mapped).reset_index(drop=True)
 
 
 def _requirements() -> list[str]:
@@ -81,14 +96,15 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
         tags["mlflow.parentRunId"] = parent_run
     export_run = client.create_run(exp_id, run_name="export", tags=tags).info.run_id
     manifest = read_manifest(out)
+    columns = load_config(out / "config.yaml").data.columns  # the mapping the pyfunc reads its input with
     client.log_param(export_run, "model_version", manifest["model_version"])
     # The registry looks the logged model up through MLflow's global tracking URI: register inside the block.
     with fluent_uri(tracking_uri):
         with mlflow.start_run(run_id=training_run or export_run):
             info = mlflow.pyfunc.log_model(
                 name="relevance_model", python_model=str(PYFUNC_CODE), artifacts={"export": str(out)},
-                code_paths=[str(REPO_ROOT / p) for p in CODE_PACKAGES], signature=signature(),
-                input_example=input_example(out, example), pip_requirements=_requirements())
+                code_paths=[str(REPO_ROOT / p) for p in CODE_PACKAGES], signature=signature(columns),
+                input_example=input_example(out, columns, example), pip_requirements=_requirements())
         client.set_terminated(export_run)
         try:
             client.create_registered_model(name, description="Query-ad relevance, one model for many scenarios "

@@ -17,12 +17,11 @@ engine scores the same units with the same code. Memory stays bounded by ``data.
 ``serving.chunk_rows`` however large the input. Rows are grouped by scenario per chunk and scored with that
 scenario's merged weights (serving.scoring.scorer). Output layout and ``--resume`` semantics:
 serving.scoring.outputs.
-Output columns: pass-through keys, source_file, source_row, scenario, scored_as, fallback, score (float32
-probability), label (int8; null when absent, null or unusable), label_invalid (bool: a label value was
-present but unusable, e.g. "yes" or 7 for a 0/1 label; such rows are scored, never quarantined over their
-label), model_version, query_len, title_len. Quarantined rows (``_quarantine/``) have ingestion's
-quarantine schema: raw values as strings, reason, column (the user's column that failed), source_file,
-source_row.
+The output columns are listed at the end of ``--help`` (serving.scoring.outputs.OUTPUT_COLUMNS). A label
+value that is present but unusable (e.g. "yes" or 7 for a 0/1 label) becomes null with label_invalid true;
+such rows are scored, never quarantined over their label. Quarantined rows (``_quarantine/``) have
+ingestion's quarantine schema: raw values as strings, reason, column (the user's column that failed),
+source_file, source_row.
 
 Every input is opened and checked before the output folder is created; a run that fails before writing
 any unit removes an output folder it created itself (never one that existed before).
@@ -46,6 +45,7 @@ configuration, 5 the MLflow registry did not answer, 6 quarantine rate over serv
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,12 +54,15 @@ from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import DataError, QuarantineRateExceeded
 from kernel.exit_codes import run_cli
+from kernel.logs import add_logging_args, setup_from_args
 from kernel.stage import Outcome
 from serving.registry.cache import folder_version, resolve_model
 from serving.scoring import outputs
 from serving.scoring.engines import run_units
 from serving.scoring.plan import Inputs, Unit, units_for_rank
 from serving.scoring.worker import Job
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | Path, *,
@@ -144,7 +147,8 @@ def quarantine_breach(summary: dict, out: Path | str) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                                epilog=__doc__.split("\n\n", 1)[1] + "\n\nOutput columns, in order:\n"
+                                + outputs.describe_columns())
     p.add_argument("--model", required=True, help="export folder, models:/<name>@<alias> or models:/<name>/<version>")
     p.add_argument("--input", required=True, nargs="+", help="Parquet files or directories (hive partitions allowed)")
     p.add_argument("--output", required=True, help="output folder: a local path or an object-store URI (s3://...)")
@@ -161,13 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="where registry downloads are cached")
     p.add_argument("--model-version", help=argparse.SUPPRESS)  # the version the scores carry, if not the model's
     p.add_argument("--no-gate", action="store_true", help=argparse.SUPPRESS)  # a rank whose job is judged elsewhere
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logging_args(p)
     add_config_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    setup_from_args(args, "score")
     # "--input a.parquet serving.batch_size=32": nargs="+" takes the override too; give it back (a hive
     # path such as data/market=us exists on disk and stays an input).
     moved = [i for i in args.input if "=" in i and not storage.is_uri(i) and not Path(i).exists()
@@ -188,9 +193,10 @@ def _work(args: argparse.Namespace) -> int:
     summary = outcome.info
     if args.rank == 0 or args.world_size == 1:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items())) or "none"
-        print(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['fallback']} via fallback, "
-              f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
-              f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}")
+        log.info(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['fallback']} via fallback, "
+                 f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
+                 f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}",
+                 extra={k: summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")})
     if outcome.exit_code == exit_codes.DATA_GATE and not args.no_gate:
         raise QuarantineRateExceeded(summary["quarantine_breach"])
     return exit_codes.OK

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kernel import storage
 from kernel.config import dump_config
+from kernel.logs import logging_flags
 from serving.scoring.outputs import JOB_DIR
 from serving.scoring.plan import Inputs
 from serving.scoring.ray_engine import run_on_ray
@@ -57,7 +58,7 @@ def run_processes(job: Job, workers: int) -> None:
         cmd = [sys.executable, "-m", "serving.scoring.worker", "--config", str(folder / "config.yaml"),
                "--model", str(job.model), "--model-version", job.model_version, "--output", str(job.out),
                "--rank", str(rank), "--world-size", str(workers), "--input", *job.inputs]
-        cmd += ["--resume"] * job.resume + ["--quiet"] * job.quiet
+        cmd += ["--resume"] * job.resume + ["--quiet"] * job.quiet + logging_flags()
         procs.append(subprocess.Popen(cmd, env=env))
     failed = [i for i, p in enumerate(procs) if p.wait() != 0]
     if failed:

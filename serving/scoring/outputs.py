@@ -41,23 +41,35 @@ QUARANTINE_DIR = "_quarantine"
 DONE_DIR = "_done"
 JOB_DIR = "_job"  # --workers N: the resolved config the child processes read
 
-# The scored output after the pass-through keys (documented in README.md, "Scoring output"):
-OUTPUT_FIXED = [
-    ("source_file", pa.string()),       # the input file of the row
-    ("source_row", pa.int64()),         # its row number in that file
-    ("scenario", pa.string()),          # as read
-    ("scored_as", pa.string()),         # the scenario whose weights scored it (differs with fallback)
-    ("fallback", pa.bool_()),           # scored as serving.fallback_scenario
-    ("score", pa.float32()),            # the served probability: score_calibrated with serving.calibrate, else score_raw
-    ("score_raw", pa.float32()),        # sigmoid(logit)
-    ("score_calibrated", pa.float32()),  # per-scenario calibration of score_raw; null without calibration.json
-    ("decision", pa.bool_()),           # score_calibrated >= the scenario's threshold; null without one
-    ("label", pa.int8()),               # 0/1 when the input had a usable label, else null
-    ("label_invalid", pa.bool_()),      # a label value was present but unusable
-    ("model_version", pa.string()),     # the registry's name/version (or the export's digest)
-    ("query_len", pa.int32()),          # characters (drift monitoring)
-    ("title_len", pa.int32()),
-]
+# The scored output after the pass-through keys: (name, type, meaning). README.md ("Scoring output") and
+# ``python -m serving.score --help`` show this table; serving.scoring.scorer computes the score columns.
+OUTPUT_COLUMNS = (
+    ("source_file", pa.string(), "the input file of the row"),
+    ("source_row", pa.int64(), "its row number in that file"),
+    ("scenario", pa.string(), "the row's scenario, as read"),
+    ("scored_as", pa.string(), "the scenario whose weights scored it (serving.fallback_scenario for a fallback)"),
+    ("fallback", pa.bool_(), "scored as serving.fallback_scenario (its own scenario is unknown to the model)"),
+    ("status", pa.string(), "scored or fallback (rows that could not be scored are in _quarantine/ with a reason)"),
+    ("score", pa.float32(), "the served probability: score_raw, or score_calibrated with serving.calibrate=true"),
+    ("score_raw", pa.float32(), "sigmoid of the model's logit"),
+    ("score_calibrated", pa.float32(), "the scenario's calibration (fitted at export) of score_raw; null without one"),
+    ("decision", pa.bool_(), "score >= the scenario's threshold fitted on the same kind of score (max F1 on "
+                             "validation, manifest thresholds); null without one"),
+    ("label", pa.int8(), "0/1 when the input had a usable label, else null"),
+    ("label_invalid", pa.bool_(), "a label value was present but unusable"),
+    ("model_version", pa.string(), "the registry's name/version (an unregistered export: export-<digest>)"),
+    ("query_len", pa.int32(), "characters of the query (drift monitoring)"),
+    ("title_len", pa.int32(), "characters of the title (drift monitoring)"),
+)
+OUTPUT_FIXED = [(name, dtype) for name, dtype, _ in OUTPUT_COLUMNS]
+_TYPE_NAMES = {"float": "float32", "double": "float64"}
+
+
+def describe_columns() -> str:
+    """The output columns as text lines (``--help``)."""
+    lines = ["(your data.columns.keys)  as in the input: passed through, e.g. request and ad ids"]
+    lines += [f"{name} ({_TYPE_NAMES.get(str(dtype), dtype)})  {meaning}" for name, dtype, meaning in OUTPUT_COLUMNS]
+    return "\n".join("  " + line for line in lines)
 
 
 def output_schema(key_types: dict[str, pa.DataType]) -> pa.Schema:

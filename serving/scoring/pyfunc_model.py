@@ -1,8 +1,9 @@
 """The registered model as an MLflow pyfunc: an export folder behind ``mlflow.pyfunc.load_model``.
 
     model = mlflow.pyfunc.load_model("models:/ads-relevance@champion")
-    model.predict(pd.DataFrame({"query": [...], "title": [...], "scenario": [...]}))
-    # -> score, score_raw, score_calibrated, decision, scored_as, fallback, model_version (one row per input row)
+    model.predict(frame)     # the columns serving.score reads (the export's data.columns): e.g. query, title, scenario
+    # -> score, score_raw, score_calibrated, decision, scored_as, fallback, status, reason, model_version
+    #    (one row per input row, in order)
 
 Logged "from code" (MLflow's models-from-code): this file is stored with the model and run on load, so no
 Python object is pickled; the weights are the export's safetensors, carried as the artifact ``export``, and
@@ -10,9 +11,14 @@ the project code it imports travels with the model (``code_paths``). The scores 
 ``python -m serving.score`` with the export's own config (the same ``BatchScorer``): ``mlflow models serve`` and
 ``mlflow.pyfunc.spark_udf`` score exactly as the batch job does.
 
-Input columns: query, title (strings), scenario (string), description and url (optional strings, "" when
-absent). Rows of a scenario the model does not know get null scores unless the export's config routes them
-to a fallback scenario.
+Input: the same columns as ``python -m serving.score`` reads, through the export's ``data.columns`` (the model
+carries its mapping, and its signature names them: serving.registry.register.input_columns): the query and
+title columns, the scenario column (a hive partition key, ``scenario_from_partition``, comes as a column of
+that name), and description and url when mapped. Every row comes back, in order, with the batch scorer's
+behaviour: an unknown scenario is scored as ``serving.fallback_scenario`` when the export's config routes it
+there (status "fallback"), else it gets no score, status "quarantined" and reason "unknown_scenario"; a row
+that fails ingestion's checks (e.g. an empty query) gets status "quarantined" and that check's reason.
+``score`` and ``decision`` mean what they mean in the batch output (serving.scoring.scorer).
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ import pandas as pd
 import pyarrow as pa
 from mlflow.pyfunc import PythonModel
 
-INPUT_COLUMNS = ("query", "title", "description", "url", "scenario")
-OUTPUT_COLUMNS = ("score", "score_raw", "score_calibrated", "decision", "scored_as", "fallback", "model_version")
+OUTPUT_COLUMNS = ("score", "score_raw", "score_calibrated", "decision", "scored_as", "fallback", "status", "reason",
+                  "model_version")
 
 
 class RelevancePyfunc(PythonModel):
@@ -43,19 +49,15 @@ class RelevancePyfunc(PythonModel):
                 version = f"{m['model_name']}/{m['model_version']}"
         cfg = load_config(export_dir / "config.yaml")
         self.scorer = BatchScorer(export_dir, cfg.serving, version)
+        self.data = cfg.data
         self.chunk = cfg.serving.chunk_rows
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        missing = {"query", "title", "scenario"} - set(model_input.columns)
-        if missing:
-            raise ValueError(f"input columns {sorted(missing)} are missing (have {list(model_input.columns)})")
-        n = len(model_input)
-        cols = {c: model_input[c].fillna("").astype(str).tolist() if c in model_input.columns else [""] * n
-                for c in INPUT_COLUMNS}
-        from serving.scoring.table import score_chunks
+        from serving.scoring.table import score_user_rows
 
-        table = pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
-        return score_chunks(self.scorer, table, self.chunk).select(list(OUTPUT_COLUMNS)).to_pandas()
+        table = pa.Table.from_pandas(model_input.reset_index(drop=True), preserve_index=False)
+        scored = score_user_rows(self.scorer, self.data, table, self.chunk)
+        return scored.select(list(OUTPUT_COLUMNS)).to_pandas()
 
 
 mlflow.models.set_model(RelevancePyfunc())

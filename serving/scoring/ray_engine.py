@@ -31,8 +31,9 @@ with the actor's traceback; Ray's own logs are under /tmp/ray/session_*/logs):
     map_batches (its notice is filtered for that call); a Ray without the option gets the default.
   * the warning a new local Ray prints that it turned token authentication on (it stays on): that one
     log record is dropped while the local Ray starts; the logger's other records still show.
-  * Ray Data's INFO lines and progress log: with --quiet its console handler shows WARNING and above
-    only (its log file under the session folder still gets everything).
+  * Ray Data's INFO lines and progress log: with --quiet, or when stderr is not a terminal (a scheduled
+    job's log), its console handler shows WARNING and above only (its log file under the session folder still
+    gets everything).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ import numpy as np
 from kernel import storage
 from kernel.config import config_from_dict, to_dict
 from kernel.errors import ConfigError
+from kernel.logs import progress_enabled
 from serving.scoring.plan import Inputs
 from serving.scoring.scorer import BatchScorer
 from serving.scoring.worker import Job, score_unit
@@ -178,7 +180,7 @@ def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", thre
                 **resources,
                 **extra,
             )
-        with _console_at_warning("ray.data") if job.quiet else contextlib.nullcontext():
+        with contextlib.nullcontext() if progress_enabled(job.quiet) else _console_at_warning("ray.data"):
             return ds.take_all()
     finally:
         context.wait_for_min_actors_s = saved_wait

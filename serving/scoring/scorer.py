@@ -12,6 +12,14 @@ How one chunk (``serving.chunk_rows`` rows) is scored:
        ``serving.batch_size``
     4. probability = sigmoid(logit), then the scenario's calibration when ``serving.calibrate``;
        results are put back in the input order
+
+What the score columns mean (one contract for ``serving.score``, ``score_table`` and the MLflow pyfunc):
+    score             the served probability: score_raw, or score_calibrated with ``serving.calibrate``
+    decision          score >= the scenario's threshold fitted at export on the same kind of score (max F1
+                      on the validation split: manifest ``thresholds.f1_max_raw`` or ``f1_max_calibrated``);
+                      null when the export has no such threshold (exported without --valid)
+    status            "scored" (as its own scenario), "fallback" (as serving.fallback_scenario), or
+                      "quarantined" (not scored; ``reason`` says why, e.g. unknown_scenario)
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ from serving.scoring.plan import check_serving_limits
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCORE_COLUMNS = ("score", "score_raw", "score_calibrated", "decision")
+# manifest["thresholds"] key of the decision threshold for each kind of served score (serving.calibrate).
+THRESHOLD_KEYS = {False: "f1_max_raw", True: "f1_max_calibrated"}
+SCORED, FALLBACK, QUARANTINED = "scored", "fallback", "quarantined"
 
 
 def route_scenarios(scenarios: pa.Array | pa.ChunkedArray, known: list[str],
@@ -78,9 +89,9 @@ class BatchScorer:
         self.calibrator = ScenarioCalibrator.load(path) if path.is_file() else None
         if serving.calibrate and self.calibrator is None:
             raise DataError(f"serving.calibrate is on but {path} does not exist (export with --valid)")
-        # Per-scenario decision thresholds, fitted at export on calibrated validation scores (max F1).
-        self.thresholds = ((self.model.manifest.get("thresholds") or {}).get("f1_max_calibrated") or {}
-                           if self.calibrator is not None else {})
+        # Per-scenario decision thresholds for the served kind of score, fitted at export on validation
+        # scores of that kind (max F1); an export without them (no --valid, or older) gives no decision.
+        self.thresholds = (self.model.manifest.get("thresholds") or {}).get(THRESHOLD_KEYS[serving.calibrate]) or {}
 
     @property
     def scenarios(self) -> list[str]:
@@ -122,20 +133,22 @@ class BatchScorer:
         score_raw         sigmoid(logit), float32
         score_calibrated  the scenario's calibration of score_raw (null without calibration.json)
         score             what this config serves: score_calibrated with serving.calibrate, else score_raw
-        decision          score_calibrated >= the scenario's threshold (null without one)
+        decision          score >= the scenario's threshold for that kind of score (null without one)
         """
-        raw = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        # score_raw as written (float32): calibration and the export's fits read exactly these values.
+        raw = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
         names = scored_as.astype(str)
-        out = {"score_raw": pa.array(raw.astype(np.float32), pa.float32())}
+        out = {"score_raw": pa.array(raw, pa.float32())}
         if self.calibrator is None:
             out["score_calibrated"] = pa.nulls(len(raw), pa.float32())
-            out["decision"] = pa.nulls(len(raw), pa.bool_())
         else:
-            cal = self.calibrator.apply(names, raw)
+            cal = self.calibrator.apply(names, raw.astype(np.float64))
             out["score_calibrated"] = pa.array(cal.astype(np.float32), pa.float32())
-            thr = np.array([self.thresholds.get(n, np.nan) for n in names], dtype=np.float64)
-            out["decision"] = pa.array(cal >= np.nan_to_num(thr, nan=np.inf), pa.bool_(), mask=np.isnan(thr))
         out["score"] = out["score_calibrated"] if self.serving.calibrate else out["score_raw"]
+        # The threshold was fitted on float32 scores of the same kind (serving.export.validation): like with like.
+        served = out["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+        thr = np.array([self.thresholds.get(n, np.nan) for n in names], dtype=np.float64)
+        out["decision"] = pa.array(served >= np.nan_to_num(thr, nan=np.inf), pa.bool_(), mask=np.isnan(thr))
         return out
 
     def _annotate(self, table: pa.Table, scored_as: np.ndarray, fallback: np.ndarray,
@@ -143,6 +156,11 @@ class BatchScorer:
         n = table.num_rows
         table = table.append_column("scored_as", pa.array(scored_as.tolist(), pa.string()))
         table = table.append_column("fallback", pa.array(fallback, pa.bool_()))
+        unscored = np.asarray([s is None for s in scored_as.tolist()], dtype=bool)
+        status = np.where(unscored, QUARANTINED, np.where(fallback, FALLBACK, SCORED))
+        table = table.append_column("status", pa.array(status.tolist(), pa.string()))
+        table = table.append_column("reason", pa.array(np.where(unscored, "unknown_scenario", None).tolist(),
+                                                       pa.string()))
         for name in SCORE_COLUMNS:
             table = table.append_column(name, scores[name])
         table = table.append_column("model_version", pa.repeat(pa.scalar(self.model_version, pa.string()), n))
@@ -152,8 +170,9 @@ class BatchScorer:
     def score(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(scored rows, rows of unknown scenarios to quarantine); both keep the input's columns.
 
-        Added columns: scored_as (str), fallback (bool), the score columns (``scores``), model_version (str),
-        query_len and title_len (int32, characters: for drift monitoring). Input columns such as label and
+        Added columns: scored_as (str), fallback (bool), status and reason (str; see the module docstring),
+        the score columns (``scores``), model_version (str), query_len and title_len (int32, characters: for
+        drift monitoring). Input columns such as label and
         label_invalid pass through unchanged; the label never decides whether a row is scored.
         """
         scored_as, fallback, unknown = route_scenarios(table.column("scenario"), self.scenarios, self.serving)
@@ -163,7 +182,8 @@ class BatchScorer:
         return self._annotate(table, scored_as, fallback, self.scores(self.logits(table, scored_as), scored_as)), rejected
 
     def score_all(self, table: pa.Table) -> pa.Table:
-        """Every input row, in order; rows of unknown scenarios (quarantine mode) get a null score."""
+        """Every input row, in order; rows of unknown scenarios (quarantine mode) get a null score, status
+        "quarantined" and reason "unknown_scenario"."""
         scored_as, fallback, unknown = route_scenarios(table.column("scenario"), self.scenarios, self.serving)
         keep = ~unknown
         scored = self.scores(self.logits(table.filter(pa.array(keep)), scored_as[keep]), scored_as[keep])

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from kernel import storage
 from kernel.config import Config, load_config
 from kernel.exit_codes import OK, run_cli
+from kernel.logs import add_logging_args, progress_enabled, setup_from_args
 from serving.scoring import outputs
 from serving.scoring.plan import Inputs, Unit, units_for_rank
 from serving.scoring.scorer import BatchScorer
@@ -129,8 +130,8 @@ def score_unit(scorer: BatchScorer, inputs: Inputs, unit: Unit, out: Path | str,
 def _progress(total: int, rank: int, quiet: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, disable=quiet, position=rank,
-                desc=f"scoring[{rank}]" if rank else "scoring", mininterval=1.0, dynamic_ncols=True)
+    return tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, disable=not progress_enabled(quiet),
+                position=rank, desc=f"scoring[{rank}]" if rank else "scoring", mininterval=1.0, dynamic_ncols=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    add_logging_args(p)
     args = p.parse_args(argv)
+    setup_from_args(args, "score")
 
     def work() -> int:
         out = args.output if storage.is_uri(args.output) else Path(args.output)
