@@ -12,9 +12,14 @@
     6     DATA_GATE            too many rows rejected (ingest, data.max_reject_rate) or quarantined
                                (scoring, serving.max_quarantine_rate); the rejected rows are kept
     7     TRAINING_DIVERGED    the loss became NaN/inf; the last good checkpoint is kept
+    8     RESOURCE_UNAVAILABLE the environment refused: no space left, a file-size limit, a read-only or
+                               unwritable path, a worker or Ray actor that died, or the promotion lease
+                               held by another promoter; one line names the path or the worker, and where
+                               the work can continue, says how (--resume)
     130   INTERRUPTED          stopped by Ctrl-C / SIGINT
 
     return run_cli(lambda: work(args))     # in each main(): maps the project's errors onto the table
+    return run_cli(work, resume_hint="rerun with --resume to keep the finished units")
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from kernel.environment import environment_failure
 from kernel.errors import DataGateFailed, RelevanceError, ServiceUnavailable, TrainingDiverged
 
 OK = 0
@@ -32,12 +38,14 @@ GATE_FAILED = 4
 SERVICE_UNAVAILABLE = 5
 DATA_GATE = 6
 TRAINING_DIVERGED = 7
+RESOURCE_UNAVAILABLE = 8
 INTERRUPTED = 130
 
 TABLE = {OK: "ok", FAILURE: "unexpected failure", BAD_INPUT: "bad configuration or input",
          MONITORING_BREACH: "monitoring breach", GATE_FAILED: "promotion gate failed",
          SERVICE_UNAVAILABLE: "service unavailable", DATA_GATE: "data gate failed",
-         TRAINING_DIVERGED: "training diverged", INTERRUPTED: "interrupted"}
+         TRAINING_DIVERGED: "training diverged", RESOURCE_UNAVAILABLE: "resource unavailable",
+         INTERRUPTED: "interrupted"}
 
 
 def code_for(error: BaseException) -> int:
@@ -46,6 +54,8 @@ def code_for(error: BaseException) -> int:
         return INTERRUPTED
     if isinstance(error, ServiceUnavailable):
         return SERVICE_UNAVAILABLE
+    if environment_failure(error) is not None:
+        return RESOURCE_UNAVAILABLE
     if isinstance(error, DataGateFailed):
         return DATA_GATE
     if isinstance(error, TrainingDiverged):
@@ -55,8 +65,9 @@ def code_for(error: BaseException) -> int:
     return FAILURE
 
 
-def run_cli(work: Callable[[], int]) -> int:
-    """Run an entry point's work; the project's errors become one line on stderr and their code."""
+def run_cli(work: Callable[[], int], resume_hint: str | None = None) -> int:
+    """Run an entry point's work; the project's errors become one line on stderr and their code.
+    ``resume_hint``: how to continue after an environment failure (the entry points that can resume)."""
     try:
         return work()
     except SystemExit:
@@ -65,5 +76,13 @@ def run_cli(work: Callable[[], int]) -> int:
         code = code_for(e)
         if code == FAILURE:
             traceback.print_exc()
-        print(f"error: {e}" if code != INTERRUPTED else "interrupted", file=sys.stderr)
+        print(error_line(e, code, resume_hint), file=sys.stderr)
         return code
+
+
+def error_line(error: BaseException, code: int, resume_hint: str | None = None) -> str:
+    if code == INTERRUPTED:
+        return "interrupted"
+    if code == RESOURCE_UNAVAILABLE:
+        return f"error: resource unavailable: {environment_failure(error)}" + (f"; {resume_hint}" if resume_hint else "")
+    return f"error: {error}"
