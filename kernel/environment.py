@@ -3,6 +3,7 @@ path, a worker that died. Each becomes one line naming the path or the worker, a
 
     reason = environment_failure(error)     # "no space left on device: /data/scores/part-1.parquet", or None
     check_writable("runs/demo/scores", "--output")   # before any work: ResourceUnavailable naming the path
+    with writing(path): ...                 # a full disk inside the block names ``path``
 
 ``environment_failure`` looks at the error and at what caused it (``raise ... from``, or an error raised
 while handling another), so a project error wrapping a full disk still counts as one. It knows the errno
@@ -14,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from kernel.errors import RelevanceError, ResourceUnavailable
@@ -50,24 +52,43 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return (text[0] if text else type(error).__name__)[:limit]
 
 
+def _kind(e: BaseException) -> str | None:
+    """What the environment refused, from this one error (not its causes); None when it is not such an error."""
+    if isinstance(e, OSError) and e.errno in ERRNOS:
+        return ERRNOS[e.errno]
+    if isinstance(e, RelevanceError):
+        return None  # the project's own message is not parsed; what caused it may still say
+    text = str(e).lower()
+    return next((ERRNOS[code] for phrase, code in TEXTS.items() if phrase in text), None)
+
+
 def environment_failure(error: BaseException) -> str | None:
     """One line saying what the environment refused and where, or None when ``error`` is not such a failure."""
     for e in _chain(error):
         if isinstance(e, ResourceUnavailable):
             return str(e)
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & RAY_DEATHS:
+        if {c.__name__ for c in type(e).__mro__} & RAY_DEATHS:
             return f"a Ray worker died ({type(e).__name__}): {_first_line(e)}"
-        if isinstance(e, OSError) and e.errno in ERRNOS:
-            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-            return f"{ERRNOS[e.errno]}: {where or _first_line(e)}"
-        if isinstance(e, RelevanceError):
-            continue  # the project's own message is not parsed; what caused it may still be an OSError
-        text = str(e).lower()
-        for phrase, code in TEXTS.items():
-            if phrase in text:
-                return f"{ERRNOS[code]}: {_first_line(e)}"
+        kind = _kind(e)
+        if kind is not None:
+            where = [str(f) for f in (getattr(e, "filename", None), getattr(e, "filename2", None)) if f is not None]
+            return f"{kind}: {' -> '.join(where) or _first_line(e)}"
     return None
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Errors of the environment inside the block name ``path`` (pyarrow and safetensors report a full disk
+    or a file-size limit without the file): they become ResourceUnavailable("<what> writing <path>")."""
+    try:
+        yield
+    except ResourceUnavailable:
+        raise
+    except Exception as e:
+        kind = next((k for k in map(_kind, _chain(e)) if k is not None), None)
+        if kind is None:
+            raise
+        raise ResourceUnavailable(f"{kind} writing {path} ({_first_line(e, 200)})") from e
 
 
 def is_environment_failure(error: BaseException) -> bool:
