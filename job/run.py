@@ -18,7 +18,7 @@ own state; ``{run_date}`` in ``data.source`` and ``data.score_input`` is replace
 The MLflow store and registry (``tracking.uri``, default ``<work_dir>/mlflow.db``) stay shared.
 
 Exit codes: kernel.exit_codes (0 ok, 1 failure, 2 bad input, 3 breach, 4 gate, 5 MLflow unreachable, 6 data
-gate, 7 diverged).
+gate, 7 diverged, 8 resource unavailable: no space, an unwritable path, a dead worker, the promotion lease).
 """
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = with_run_key(load_config(args.config, args.overrides), args.run_key)
         return run_job(cfg, _csv(args.only), _csv(args.skip), _csv(args.force), args.run_key)
 
-    return exit_codes.run_cli(work)
+    return exit_codes.run_cli(work, resume_hint="rerun the same command: finished steps are kept and the "
+                                                 "interrupted one resumes")
 
 
 if __name__ == "__main__":
