@@ -31,7 +31,7 @@ import time
 from evaluation.metrics import describe_macro
 from job.lineage import JobLineage
 from job.state import Fingerprint, JobState, code_version
-from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
+from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, champion_now, config_section
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
 from kernel.errors import ConfigError
@@ -70,7 +70,8 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
     ctx = JobContext(paths, {s: r for s in STEPS if (r := state.read(s)) is not None},
                      JobLineage(cfg, paths.state, run_key))
     code, rerun_rest = exit_codes.OK, False
-    for name in plan(cfg, only or [], skip or []):
+    steps = plan(cfg, only or [], skip or [])
+    for name in steps:
         fp = fingerprint(ctx, name)
         rec = ctx.records.get(name)
         if rec and rec.fingerprint == fp.digest and name not in (force or []) and not rerun_rest:
@@ -89,7 +90,7 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
             print(f"[{name}] done in {outcome.info['seconds']} s", flush=True)
         code = code or _report(name, rec)
     ctx.lineage.finish(code)
-    print_summary(ctx)
+    print_summary(ctx, steps)
     return code
 
 
@@ -113,7 +114,9 @@ def _report(name: str, rec) -> int:
     return rec.exit_code
 
 
-def print_summary(ctx: JobContext) -> None:
+def print_summary(ctx: JobContext, steps: list[str]) -> None:
+    """The run's results; ``steps``: this invocation's steps (a skipped step's old record says nothing about
+    this run). The registry line reads the registry itself."""
     train, mon, promo = ctx.info("train"), ctx.info("monitor"), ctx.info("promote")
     cfg, p = ctx.cfg, ctx.paths
     print("\n=== summary ===" + (f" (run {p.run_key})" if p.run_key else ""))
@@ -132,11 +135,14 @@ def print_summary(ctx: JobContext) -> None:
             note = (f"  (over {overall['auc_macro_scenarios']} of {overall['scenarios_total']} scenarios; no AUC "
                     f"for {', '.join(missing)})" if missing else "")
             print(f"{'macro':<14}{overall['auc_macro']:>10.4f}{note}")
-    if "passed" in promo:
-        name = cfg.tracking.registered_model
-        verdict = (f"champion: models:/{name}@champion is version {promo['candidate_version']}" if promo["passed"]
-                   else f"gate failed, version {promo['candidate_version']} not promoted: {'; '.join(promo['reasons'])}")
-        print(f"registry {verdict}")
+    if "promote" in steps and "passed" in promo:  # this run's gate (run now, or up to date): its verdict
+        verdict = (f"version {promo['candidate_version']} promoted" if promo["passed"] else
+                   f"gate failed, version {promo['candidate_version']} not promoted: {'; '.join(promo['reasons'])}")
+        print(f"promotion {verdict}")
+    if cfg.tracking.enabled:  # the champion as the registry has it now, whatever ran (or was skipped)
+        name, champion = cfg.tracking.registered_model, champion_now(ctx).get("champion")
+        print(f"registry champion: models:/{name}@champion is version {champion}" if champion
+              else f"registry: models:/{name} has no champion")
     for name in ("data", "train", "export", "scores", "monitor"):
         print(f"{name:<8} {getattr(p, name)}")
     print(f"mlflow   {cfg.tracking_uri}  (mlflow ui --backend-store-uri {cfg.tracking_uri})")
