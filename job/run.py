@@ -22,7 +22,7 @@ Logs go to stderr, one line per record with a timestamp, a level and the step th
 stdout, also written as ``<run root>/summary.json`` (job.summary).
 
 Exit codes: kernel.exit_codes (0 ok, 1 failure, 2 bad input, 3 breach, 4 gate, 5 MLflow unreachable, 6 data
-gate, 7 diverged).
+gate, 7 diverged, 8 resource unavailable: no space, an unwritable path, a dead worker, the promotion lease).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import time
 
 from job.lineage import JobLineage
 from job.state import Fingerprint, JobState, code_version
-from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, config_section
+from job.steps import STEP_TABLE, STEPS, JobContext, JobPaths, champion_now, config_section
 from job.summary import build_summary, format_summary, write_summary
 from kernel import exit_codes
 from kernel.config import Config, add_config_args, load_config
@@ -77,7 +77,8 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
     ctx = JobContext(paths, {s: r for s in STEPS if (r := state.read(s)) is not None},
                      JobLineage(cfg, paths.state, run_key))
     code, rerun_rest = exit_codes.OK, False
-    for name in plan(cfg, only or [], skip or []):
+    steps = plan(cfg, only or [], skip or [])
+    for name in steps:
         with log_step(name):
             fp = fingerprint(ctx, name)
             rec = ctx.records.get(name)
@@ -97,7 +98,8 @@ def run_job(cfg: Config, only: list[str] | None = None, skip: list[str] | None =
                 log.info("done in %s s", outcome.info["seconds"], extra={"seconds": outcome.info["seconds"]})
             code = code or _report(rec)
     ctx.lineage.finish(code)
-    summary = build_summary(ctx, code)
+    champion = champion_now(ctx).get("champion") if cfg.tracking.enabled else None
+    summary = build_summary(ctx, code, steps, champion)
     path = write_summary(paths.root, summary)
     print(format_summary(summary), flush=True)
     log.info("summary written to %s", path)
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = with_run_key(load_config(args.config, args.overrides), args.run_key)
         return run_job(cfg, _csv(args.only), _csv(args.skip), _csv(args.force), args.run_key)
 
-    return exit_codes.run_cli(work)
+    return exit_codes.run_cli(work, resume_hint="rerun the same command: finished steps are kept and the "
+                                                 "interrupted one resumes")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from serving.export.source import export_config
 from serving.layout import CALIBRATED_REFERENCE_FILE, REFERENCE_FILE
 from serving.registry import aliases as registry
 from serving.registry.cache import resolve_model
+from serving.scoring.cli import notes as score_notes
 from serving.scoring.cli import run as score
 from training import launch
 from training.compare import compare_on_validation
@@ -222,6 +223,8 @@ def run_score(ctx: JobContext, resume: bool) -> Outcome:
                              for k in ("rows_in", "scored", "fallback", "quarantined") if summary.get(k) is not None})
     log.info(f"scored {summary['scored']} of {summary['rows_in']} rows ({summary['quarantined']} quarantined) "
              f"-> {p.scores}")
+    for line in score_notes(summary):  # outputs of inputs that are gone or changed; unreadable row groups
+        log.warning(line)
     if outcome.exit_code == exit_codes.DATA_GATE:  # the job stops here and exits with the data-gate code
         raise QuarantineRateExceeded(summary["quarantine_breach"])
     return Outcome({"dir": str(p.scores), **{k: summary[k] for k in ("rows_in", "scored", "quarantined")}},

@@ -30,8 +30,10 @@ def _macro(summary: dict | None) -> dict | None:
     return {k: summary.get(k) for k in MACRO_KEYS}
 
 
-def build_summary(ctx, exit_code: int) -> dict:
-    """The run's outcome from the steps' records (``ctx``: job.steps.JobContext)."""
+def build_summary(ctx, exit_code: int, steps: list[str], champion: str | None = None) -> dict:
+    """The run's outcome from the steps' records (``ctx``: job.steps.JobContext). ``steps``: this
+    invocation's steps (a skipped step's old record says nothing about this run); ``champion``: the registry's
+    champion version as the registry has it now (None: no champion, or tracking is off)."""
     cfg, p = ctx.cfg, ctx.paths
     train, mon, promo = ctx.info("train"), ctx.info("monitor"), ctx.info("promote")
     mon_summary = mon.get("summary") or {}
@@ -42,7 +44,7 @@ def build_summary(ctx, exit_code: int) -> dict:
                    "scenarios": [{"scenario": s, **{k: m.get(k) for k in PER_SCENARIO}} for s, m in per.items()],
                    "macro": _macro(mon_summary.get("overall"))}
     promotion = None
-    if "passed" in promo:
+    if "promote" in steps and "passed" in promo:  # this run's gate (run now, or up to date): its verdict
         promotion = {k: promo.get(k) for k in ("passed", "candidate_version", "champion_version", "reasons",
                                                "eval_data", "eval_path")}
     return {
@@ -50,6 +52,7 @@ def build_summary(ctx, exit_code: int) -> dict:
         "validation": ({**_macro(train["val"]), "run_id": train.get("run_id")} if train.get("val") else None),
         "quality": quality,
         "promotion": promotion, "registered_model": cfg.tracking.registered_model,
+        "champion": champion if cfg.tracking.enabled else None, "tracking": cfg.tracking.enabled,
         "paths": {name: str(getattr(p, name)) for name in OUTPUTS},
         "mlflow": cfg.tracking_uri,
     }
@@ -85,14 +88,16 @@ def format_summary(s: dict) -> str:
                     f"for {', '.join(missing)})" if missing else "")
             lines.append(f"{'macro':<14}{macro['auc_macro']:>16.4f}{note}")
         lines.append(f"({q['data']}: {q['path']})")
-    promo = s["promotion"]
+    promo, name = s["promotion"], s["registered_model"]
     if promo:
-        name = s["registered_model"]
-        verdict = (f"champion: models:/{name}@champion is version {promo['candidate_version']}" if promo["passed"]
+        verdict = (f"version {promo['candidate_version']} promoted" if promo["passed"]
                    else f"gate failed, version {promo['candidate_version']} not promoted: "
                         f"{'; '.join(promo['reasons'] or [])}")
         on = f" (gate on {promo['eval_data']})" if promo.get("eval_data") else ""
-        lines.append(f"registry {verdict}{on}")
+        lines.append(f"promotion {verdict}{on}")
+    if s["tracking"]:  # the champion as the registry has it now, whatever ran (or was skipped)
+        lines.append(f"registry champion: models:/{name}@champion is version {s['champion']}" if s["champion"]
+                     else f"registry: models:/{name} has no champion")
     for name in OUTPUTS:
         lines.append(f"{name:<8} {s['paths'][name]}")
     lines.append(f"mlflow   {s['mlflow']}  (mlflow ui --backend-store-uri {s['mlflow']})")

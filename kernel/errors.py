@@ -32,6 +32,23 @@ class ServiceUnavailable(RelevanceError):
     """An outside service (MLflow tracking or registry, an object store) did not answer within its timeout."""
 
 
+class ResourceUnavailable(RelevanceError):
+    """The environment refused: a full disk or file-size limit, a read-only or unwritable path, a worker that
+    died, a lease held by another run. Not a bug and not bad input: fix it and rerun (exit 8)."""
+
+
+class WorkerLost(ResourceUnavailable):
+    """A worker process or Ray actor died mid-job (killed, out of memory, its node lost); names the worker."""
+
+
+class LeaseBusy(ResourceUnavailable):
+    """Another promotion of the registered model held its lease for longer than we could wait."""
+
+
+class LeaseLost(ResourceUnavailable):
+    """This promotion's lease lapsed or was taken over before the aliases moved; nothing was moved."""
+
+
 class TrainingDiverged(RelevanceError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 

@@ -12,15 +12,21 @@
     6     DATA_GATE            too many rows rejected (ingest, data.max_reject_rate) or quarantined
                                (scoring, serving.max_quarantine_rate); the rejected rows are kept
     7     TRAINING_DIVERGED    the loss became NaN/inf; the last good checkpoint is kept
+    8     RESOURCE_UNAVAILABLE the environment refused: no space left, a file-size limit, a read-only or
+                               unwritable path, a worker or Ray actor that died, or the promotion lease
+                               held by another promoter; one line names the path or the worker, and where
+                               the work can continue, says how (--resume)
     130   INTERRUPTED          stopped by Ctrl-C / SIGINT
 
     return run_cli(lambda: work(args))     # in each main(): maps the project's errors onto the table
+    return run_cli(work, resume_hint="rerun with --resume to keep the finished units")
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
+from kernel.environment import environment_failure
 from kernel.errors import DataGateFailed, RelevanceError, ServiceUnavailable, TrainingDiverged
 from kernel.logs import ensure_logging
 
@@ -32,6 +38,7 @@ GATE_FAILED = 4
 SERVICE_UNAVAILABLE = 5
 DATA_GATE = 6
 TRAINING_DIVERGED = 7
+RESOURCE_UNAVAILABLE = 8
 INTERRUPTED = 130
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,8 @@ log = logging.getLogger(__name__)
 TABLE = {OK: "ok", FAILURE: "unexpected failure", BAD_INPUT: "bad configuration or input",
          MONITORING_BREACH: "monitoring breach", GATE_FAILED: "promotion gate failed",
          SERVICE_UNAVAILABLE: "service unavailable", DATA_GATE: "data gate failed",
-         TRAINING_DIVERGED: "training diverged", INTERRUPTED: "interrupted"}
+         TRAINING_DIVERGED: "training diverged", RESOURCE_UNAVAILABLE: "resource unavailable",
+         INTERRUPTED: "interrupted"}
 
 
 def code_for(error: BaseException) -> int:
@@ -48,6 +56,8 @@ def code_for(error: BaseException) -> int:
         return INTERRUPTED
     if isinstance(error, ServiceUnavailable):
         return SERVICE_UNAVAILABLE
+    if environment_failure(error) is not None:
+        return RESOURCE_UNAVAILABLE
     if isinstance(error, DataGateFailed):
         return DATA_GATE
     if isinstance(error, TrainingDiverged):
@@ -57,9 +67,10 @@ def code_for(error: BaseException) -> int:
     return FAILURE
 
 
-def run_cli(work: Callable[[], int]) -> int:
+def run_cli(work: Callable[[], int], resume_hint: str | None = None) -> int:
     """Run an entry point's work; the project's errors become one ERROR record (``error: <message>``; a bug
-    also gets its traceback) and their code."""
+    also gets its traceback) and their code. ``resume_hint``: how to continue after an environment failure
+    (the entry points that can resume)."""
     try:
         return work()
     except SystemExit:
@@ -67,8 +78,13 @@ def run_cli(work: Callable[[], int]) -> int:
     except BaseException as e:  # noqa: BLE001 - every outcome must become a documented code
         code = code_for(e)
         ensure_logging()
-        if code == INTERRUPTED:
-            log.error("interrupted", extra={"exit_code": code})
-        else:
-            log.error("error: %s", e, exc_info=code == FAILURE, extra={"exit_code": code})
+        log.error("%s", error_line(e, code, resume_hint), exc_info=code == FAILURE, extra={"exit_code": code})
         return code
+
+
+def error_line(error: BaseException, code: int, resume_hint: str | None = None) -> str:
+    if code == INTERRUPTED:
+        return "interrupted"
+    if code == RESOURCE_UNAVAILABLE:
+        return f"error: resource unavailable: {environment_failure(error)}" + (f"; {resume_hint}" if resume_hint else "")
+    return f"error: {error}"

@@ -12,6 +12,12 @@ the server is still down keeps its spool on disk and says so in one line; the ne
 same spool folder (the next job, or a resumed training) sends those lines first, with their original
 timestamps. Metrics keep the time of the logging call, not of the send. The synchronous MLflow layer
 (bounded waits, the client) is ``kernel.mlflow_client``.
+
+A resumed run (``start(run_id=...)``: training after a kill, from its last checkpoint) replays the steps
+between that checkpoint and the kill, and would log their metrics a second time. The tracker reads which
+(metric, step) points the run holds already, on the server and in its spool, and does not log those again,
+so the run's history equals an uninterrupted run's: one point per metric and step, the first value logged
+(the same value on a deterministic resume).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, TrackingConfig
-from kernel.mlflow_client import MlflowTracker, NullTracker, dataset_entity
+from kernel.mlflow_client import MlflowTracker, NullTracker, dataset_entity, guarded
 
 MAX_PAUSE_S = 10.0
 log = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ class SpooledTracker(NullTracker):
         self._closing = False
         self._thread: threading.Thread | None = None
         self.unsent = 0  # after end(): records left in the spool (0: all delivered)
+        self._recorded: set[tuple[str, int]] = set()  # resumed run: (metric, step) points it holds already
+        self.skipped = 0  # metric points not logged again because the resumed run holds them
 
     # --- the caller's side -------------------------------------------------------------------------------
 
@@ -54,6 +62,8 @@ class SpooledTracker(NullTracker):
         for leftover in sorted(self.dir.glob("*.jsonl")):  # earlier runs' lines that never reached the server
             self._enqueue_unsent(leftover)
         self._totals.setdefault(self._file, _count_lines(self._file))
+        if run_id:  # a resumed run: the points it already holds (sent, or still in the spool) are not logged again
+            self._recorded = recorded_points(self.inner, run_id) | _spooled_points(self._file)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-spool", daemon=True)
         self._thread.start()
         if params:
@@ -63,7 +73,8 @@ class SpooledTracker(NullTracker):
         self._record("params", {k: str(v)[:6000] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        values = {k: float(v) for k, v in metrics.items() if v is not None and (k, step or 0) not in self._recorded}
+        self.skipped += sum(1 for k, v in metrics.items() if v is not None) - len(values)
         if values:
             self._record("metrics", {"metrics": values, "step": step or 0, "ts": int(time.time() * 1000)})
 
@@ -148,6 +159,26 @@ class SpooledTracker(NullTracker):
             with self._lock:
                 self._queue.popleft()
                 self._lock.notify_all()
+
+
+def recorded_points(inner: MlflowTracker, run_id: str) -> set[tuple[str, int]]:
+    """(metric, step) of every point the server holds for the run."""
+    client = inner.client
+    keys = guarded(inner.uri, "metric lookup", lambda: list(client.get_run(run_id).data.metrics))
+    return {(key, m.step) for key in keys
+            for m in guarded(inner.uri, "metric history", lambda key=key: client.get_metric_history(run_id, key))}
+
+
+def _spooled_points(spool: Path) -> set[tuple[str, int]]:
+    """(metric, step) of every metrics line in a spool file (sent or not)."""
+    points = set()
+    if spool.is_file():
+        with open(spool) as f:
+            for line in f:
+                r = json.loads(line) if line.strip() else {}
+                if r.get("op") == "metrics":
+                    points.update((k, r["step"]) for k in r["metrics"])
+    return points
 
 
 def _send(inner: MlflowTracker, r: dict) -> None:

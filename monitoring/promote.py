@@ -18,9 +18,18 @@ Pass: ``previous`` -> the old champion, ``champion`` -> the candidate. Fail: no 
 candidate is tagged with the decision (who, when, metrics, reasons; see ``serving.registry.aliases``).
 ``--rollback`` points ``champion`` back at ``previous`` and clears ``previous``. Aliases only: no stages.
 
+Promotions of one registered model at the same time (two jobs, a manual run beside the nightly one) are
+serialised: the champion is read, gated against and replaced under the model's promotion lease
+(serving.registry.lease: a lock in the registry itself, renewed while held, taken over once expired, so a
+killed promoter does not block the next one; ``monitoring.promotion_lease_s``, ``promotion_wait_s``), and
+read again right before the switch (a champion moved outside the lease is gated against anew). Whatever the
+interleaving, there is one champion, gated against the version it replaced, ``previous`` names that version
+(or is cleared when there was none), and the candidate's ``promotion.compared`` tag says what was compared.
+
 Exit codes (kernel.exit_codes): 0 promoted / rolled back; 2 bad input (unknown model, version, alias,
 unreadable eval set); 4 the gate failed (nothing moved; the reasons are printed and tagged); 5 the MLflow
-server did not answer.
+server did not answer; 8 another promotion held the lease past ``monitoring.promotion_wait_s``, or this one
+lost it (nothing moved).
 """
 from __future__ import annotations
 
@@ -43,10 +52,12 @@ from kernel.metric_names import EVAL_SET
 from kernel.stage import Outcome
 from pipeline.reader import ParquetSource
 from serving.registry import aliases as registry
+from serving.registry.lease import PromotionLease
 from serving.scoring.table import score_table
 
 EXIT_OK, EXIT_INPUT, EXIT_REJECTED = exit_codes.OK, exit_codes.BAD_INPUT, exit_codes.GATE_FAILED
 log = logging.getLogger(__name__)
+MAX_REGATES = 3  # the champion moving this often during one gate means something bypasses the lease
 ScoreFn = Callable[[str, str], "pa.Table | tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 
@@ -151,7 +162,13 @@ def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, nam
     ``eval_data`` names the evaluation data in the description and the outcome (kernel.metric_names: eval_set,
     a pinned set; test_split, the ingest's test split, when the job gates on it).
 
-    Outcome info: passed, reasons, candidate_version, champion_version, metrics, eval_path, eval_data; exit code
+    The candidate is scored first; the champion is read, scored and gated, and the aliases moved, under the
+    model's promotion lease (serving.registry.lease), and the champion is read again right before the
+    switch: if it moved meanwhile (an alias set outside the lease), the candidate is gated again against the
+    new one. So whatever runs at the same time, a candidate replaces exactly the champion it was gated against.
+
+    Outcome info: passed, reasons, candidate_version, champion_version (the one it was gated against),
+    regated_from (champions that moved away during the gate), metrics, eval_path, eval_data; exit code
     GATE_FAILED when the candidate was rejected (nothing moved)."""
     name = name or cfg.tracking.registered_model
     tracking_uri = tracking_uri or cfg.tracking_uri
@@ -161,47 +178,94 @@ def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, nam
     score_fn = score_fn or functools.partial(default_score_fn, tracking_uri=tracking_uri)
     client = registry.registry_client(tracking_uri)
     cand_version = str(registry.resolve_version(client, name, candidate).version)
-    champ_mv = registry.alias_version(client, name, registry.CHAMPION)
-    champ_version = str(champ_mv.version) if champ_mv else None
+    scored: dict[str, tuple[dict, dict]] = {}
 
     def metrics_of(version: str) -> tuple[dict, dict]:
-        scored = score_fn(registry.model_uri(name, version), str(eval_path))
-        return evaluate(*as_arrays(scored, f"version {version}"), cfg)
+        if version not in scored:
+            result = score_fn(registry.model_uri(name, version), str(eval_path))
+            scored[version] = evaluate(*as_arrays(result, f"version {version}"), cfg)
+        return scored[version]
 
-    cand_per, cand_invalid = metrics_of(cand_version)
-    champ_per = None
-    if champ_version == cand_version:
-        reasons, comparison = [f"version {cand_version} is already the champion"], {}
+    metrics_of(cand_version)  # the candidate's scores do not depend on the champion: outside the lease
+    mon = cfg.monitoring
+    with PromotionLease(tracking_uri, name, ttl_s=mon.promotion_lease_s, wait_s=mon.promotion_wait_s) as lease:
+        result = _gate_and_switch(client, name, cand_version, metrics_of, lease, cfg)
+    registry.record_decision(client, name, cand_version, "promotion", {
+        "decision": "promoted" if result["passed"] else "rejected", "reasons": result["reasons"],
+        "metrics": result["metrics"], "champion_version": result["champion_version"] or "",
+        "compared": {"candidate": cand_version, "champion": result["champion_version"]},
+        "regated_from": result["regated_from"], "eval_path": str(eval_path), "eval_data": eval_data,
+        "lease": lease.token})
+    result.update(eval_path=str(eval_path), eval_data=eval_data)
+    registry.describe_version(client, name, cand_version, about, result)
+    return Outcome(result, [], EXIT_OK if result["passed"] else EXIT_REJECTED)
+
+
+def _gate_and_switch(client, name: str, cand_version: str, metrics_of, lease: PromotionLease, cfg: Config) -> dict:
+    """Under the lease: gate against the champion, check the lease and that the champion did not move, and
+    on a pass move ``previous`` and ``champion``. The result as run() describes it."""
+    regated: list[str | None] = []
+    champ_version = _champion(client, name)
+    for _ in range(MAX_REGATES + 1):
+        cand_per, cand_invalid = metrics_of(cand_version)
+        champ_per = None
+        if champ_version == cand_version:
+            reasons, comparison = [f"version {cand_version} is already the champion"], {}
+        else:
+            if champ_version is not None:
+                champ_per, _ = metrics_of(champ_version)
+            reasons, comparison = gate(cand_per, cand_invalid, champ_per, cfg)
+        lease.check()  # from here to the last alias write the lease must be ours (LeaseLost: nothing moved)
+        now = _champion(client, name)
+        if now == champ_version:
+            break
+        regated.append(champ_version)  # moved outside the lease while we gated: gate against the new one
+        champ_version = now
     else:
-        if champ_version is not None:
-            champ_per, _ = metrics_of(champ_version)
-        reasons, comparison = gate(cand_per, cand_invalid, champ_per, cfg)
+        raise RelevanceError(f"registered model {name!r}: the champion moved {MAX_REGATES + 1} times while version "
+                             f"{cand_version} was gated (via {regated}); something sets it outside the promotion "
+                             "lease; nothing was moved")
     passed = not reasons
+    if passed:
+        switch_champion(client, name, cand_version, champ_version)
     metrics = {"candidate": _compact(cand_per), "champion": _compact(champ_per), **comparison,
                "candidate_summary": summarize(cand_per)}
-    if passed:
-        if champ_version is not None:  # previous first: a failure in between leaves champion untouched
-            registry.set_alias(client, name, registry.PREVIOUS, champ_version)
-            registry.record_decision(client, name, champ_version, "demotion",
-                                     {"decision": "previous", "replaced_by": cand_version})
-        registry.set_alias(client, name, registry.CHAMPION, cand_version)
-    registry.record_decision(client, name, cand_version, "promotion", {
-        "decision": "promoted" if passed else "rejected", "reasons": reasons, "metrics": metrics,
-        "champion_version": champ_version or "", "eval_path": str(eval_path), "eval_data": eval_data})
-    result = {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
-              "champion_version": champ_version, "metrics": metrics, "eval_path": str(eval_path),
-              "eval_data": eval_data}
-    registry.describe_version(client, name, cand_version, about, result)
-    return Outcome(result, [], EXIT_OK if passed else EXIT_REJECTED)
+    return {"passed": passed, "reasons": reasons, "candidate_version": cand_version,
+            "champion_version": champ_version, "regated_from": regated, "metrics": metrics}
 
 
-def rollback(name: str, tracking_uri: str) -> dict:
-    """``champion`` -> the version under ``previous``; ``previous`` is cleared. Both versions are tagged."""
+def _champion(client, name: str) -> str | None:
+    mv = registry.alias_version(client, name, registry.CHAMPION)
+    return str(mv.version) if mv else None
+
+
+def switch_champion(client, name: str, new: str, old: str | None) -> None:
+    """``previous`` -> ``old`` (cleared when there was no champion: it names the version replaced), then
+    ``champion`` -> ``new``: a failure in between leaves the champion untouched."""
+    if old is not None:
+        registry.set_alias(client, name, registry.PREVIOUS, old)
+        registry.record_decision(client, name, old, "demotion", {"decision": "previous", "replaced_by": new})
+    else:
+        registry.delete_alias(client, name, registry.PREVIOUS)
+    registry.set_alias(client, name, registry.CHAMPION, new)
+
+
+def rollback(name: str, tracking_uri: str, cfg: Config | None = None) -> dict:
+    """``champion`` -> the version under ``previous``; ``previous`` is cleared. Both versions are tagged.
+    Under the model's promotion lease, like a promotion."""
+    mon = (cfg or Config()).monitoring
     client = registry.registry_client(tracking_uri)
+    registry.alias_version(client, name, registry.CHAMPION)  # RelevanceError for an unknown model, before waiting
+    with PromotionLease(tracking_uri, name, ttl_s=mon.promotion_lease_s, wait_s=mon.promotion_wait_s) as lease:
+        return _rollback(client, name, lease)
+
+
+def _rollback(client, name: str, lease: PromotionLease) -> dict:
     prev = registry.alias_version(client, name, registry.PREVIOUS)
     if prev is None:
         raise RelevanceError(f"registered model {name!r}: no {registry.PREVIOUS!r} alias to roll back to")
     cur = registry.alias_version(client, name, registry.CHAMPION)
+    lease.check()
     registry.set_alias(client, name, registry.CHAMPION, prev.version)
     registry.delete_alias(client, name, registry.PREVIOUS)
     restored, rolled_back = str(prev.version), (str(cur.version) if cur else None)
@@ -236,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.rollback:
-            print(json.dumps(rollback(args.name, args.tracking_uri or cfg.tracking_uri), indent=1))
+            print(json.dumps(rollback(args.name, args.tracking_uri or cfg.tracking_uri, cfg), indent=1))
             return EXIT_OK
         outcome = run(cfg, args.eval_path, candidate=args.candidate, name=args.name, tracking_uri=args.tracking_uri)
         i = outcome.info

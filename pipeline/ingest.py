@@ -22,7 +22,8 @@ is rejected, whatever the threshold (DataError, exit 2). A failed run publishes 
 ``<out>/_rejected/quarantine.parquet`` and ``<out>/_rejected/stats.json`` for inspection and leaves the
 outputs of an earlier good run untouched; a later good run removes ``_rejected``.
 
-Exit codes (kernel.exit_codes): 0 done, 2 bad configuration or input, 6 reject rate over the threshold.
+Exit codes (kernel.exit_codes): 0 done, 2 bad configuration or input, 6 reject rate over the threshold,
+8 no space left, a file-size limit or an unwritable path (named).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import pyarrow.parquet as pq
 from kernel import exit_codes, storage
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, add_config_args, load_config
+from kernel.environment import check_writable, writing
 from kernel.errors import ConfigError, DataError, RejectRateExceeded
 from kernel.exit_codes import run_cli
 from kernel.hashing import stable_hash
@@ -84,11 +86,12 @@ class _Stream:
     """Pass 1 over a source: open, check every file's columns, then yield validated batches."""
 
     def __init__(self, cfg: Config, source: str | Path, scenarios: list[str] | None, require_label: bool):
-        self.source = ParquetSource.open(source)
+        problems: list[str] = []  # unreadable files and column mismatches of every file, reported at once
+        self.source = ParquetSource.open(source, problems=problems)
         self.filter = build_filter(cfg.data.filters)
-        self.parts = self.source.parts(self.filter)
+        self.parts = self.source.parts(self.filter) if self.source is not None else []
         self.mapping = ColumnMapping(cfg.data, scenarios, require_label)
-        self.mapping.check_parts(self.parts)
+        self.mapping.check_parts(self.parts, problems)
         self.batch_rows = cfg.data.batch_rows
         self.accepted_schema = self.mapping.schema()
         self.quarantine_schema = quarantine_schema(self.mapping.keys)
@@ -162,12 +165,14 @@ def run_ingest(cfg: Config, source: str | Path, out_dir: str | Path, tracker=Non
     """Validate, dedupe and split ``source`` into ``out_dir`` (a local folder or a URI); the report of what
     happened to every row. Raises DataError / RejectRateExceeded. The stage's entry point is ``run``."""
     out_dir, d = (out_dir if storage.is_uri(out_dir) else Path(out_dir)), cfg.data
+    check_writable(out_dir, "--out")
     stream = _Stream(cfg, source, None, require_label=True)
     split_key = _split_key(cfg, stream.accepted_schema)
     stats = IngestStats(d.max_chars)
     rejected_dir = storage.join(out_dir, REJECTED_DIR)
     input_files = [p.path for p in stream.parts]
-    with storage.staging(out_dir) as stage, ExitStack() as files:
+    # A full disk or a file-size limit while writing names the output folder (exit 8).
+    with writing(out_dir), storage.staging(out_dir) as stage, ExitStack() as files:
         quarantine = files.enter_context(_parquet_writer(stage / "quarantine.parquet", stream.quarantine_schema))
         spill = Spill(stage / "spill", bucket_count(stream.source.num_rows), stream.accepted_schema)
         files.callback(spill.close)

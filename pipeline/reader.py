@@ -10,12 +10,19 @@ Nothing holds more than one record batch: files are read row group by row group.
 from the path as strings and are appended to a batch when asked for by name. ``key=value`` components at
 the end of the input path itself count too: ``traffic/market=us`` (or a file inside it) gives every file
 below it ``market=us``, exactly as when ``traffic`` is the input. A file that is not Parquet,
-is corrupt, or lacks a filtered column raises DataError / ConfigError naming the file (all at once).
+is corrupt, or lacks a filtered column raises DataError / ConfigError naming the file (all at once);
+``open(..., problems=[...])`` collects those problems instead, so a caller can add its own checks of the
+readable files (columns, types) and report everything in one error.
+
+A data page that cannot be read (a corrupt file whose footer is intact) raises DataError naming the file,
+or, when ``batches`` is given ``unreadable``, is reported there and reading goes on with the next row group:
+
+    for batch, rows in part.batches(cols, unreadable=lost.append): ...  # lost: Unreadable(row_group, rows, error)
 """
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +56,20 @@ def build_filter(filters: dict[str, list]) -> RowFilter | None:
     return RowFilter(expr, tuple(sorted(filters)))
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """Rows of one row group that could not be read: file row numbers [first_row, end_row) and why."""
+
+    row_group: int
+    first_row: int
+    end_row: int
+    error: str
+
+    @property
+    def rows(self) -> int:
+        return self.end_row - self.first_row
+
+
 @dataclass
 class FilePart:
     """One Parquet file of the source, with its hive partition values and surviving row groups."""
@@ -62,6 +83,12 @@ class FilePart:
     filesystem: pafs.FileSystem | None = field(default=None, repr=False)  # None: the local file system
     fs_path: str = ""  # the path inside ``filesystem``
     rel_dir: str = ""  # the file's folders below the input's partition base ("market=us/day=1")
+    size: int = -1  # bytes, from the listing (-1: unknown)
+    mtime_ns: int = -1  # modification time, from the listing (-1: unknown)
+
+    def identity(self) -> dict:
+        """What tells this file from another one at the same path: its size, modification time and rows."""
+        return {"path": str(self.path), "size": self.size, "mtime_ns": self.mtime_ns, "rows": self.num_rows}
 
     def batches(
         self,
@@ -69,15 +96,23 @@ class FilePart:
         batch_rows: int = 65536,
         row_filter: RowFilter | None = None,
         use_threads: bool = True,
+        unreadable: Callable[[Unreadable], None] | None = None,
     ) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
-        """Yield (batch, row numbers). ``columns`` may name file columns and partition keys."""
+        """Yield (batch, row numbers). ``columns`` may name file columns and partition keys.
+
+        A row group whose data cannot be read raises DataError naming the file; with ``unreadable``, the
+        rows of it not yet yielded are passed to it instead (before data.filters: they cannot be read to be
+        filtered) and reading goes on with the next row group."""
         wanted = list(dict.fromkeys(list(columns) + list(row_filter.columns if row_filter else ())))
         file_cols = [c for c in wanted if c in self.schema.names]
         part_cols = [c for c in wanted if c not in self.schema.names and c in self.partition]
         try:
             pf = pq.ParquetFile(self.fs_path or self.path, filesystem=self.filesystem)
-            for rg in self.row_groups:
-                first = int(self._row_starts[rg])
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.path}: cannot read Parquet data ({e})") from e
+        for rg in self.row_groups:
+            first, end = int(self._row_starts[rg]), int(self._row_starts[rg + 1])
+            try:
                 for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=file_cols,
                                              use_threads=use_threads):
                     rows = np.arange(first, first + batch.num_rows, dtype=np.int64)
@@ -88,8 +123,10 @@ class FilePart:
                         batch, rows = _apply_filter(batch, rows, row_filter)
                     if batch.num_rows:
                         yield batch, rows
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{self.path}: cannot read Parquet data ({e})") from e
+            except (pa.ArrowException, OSError) as e:
+                if unreadable is None or first >= end:
+                    raise DataError(f"{self.path}: cannot read Parquet data ({e})") from e
+                unreadable(Unreadable(rg, first, end, f"{type(e).__name__}: {str(e).strip()[:300]}"))
 
 
 def _apply_filter(batch: pa.RecordBatch, rows: np.ndarray, row_filter: RowFilter) -> tuple[pa.RecordBatch, np.ndarray]:
@@ -105,7 +142,7 @@ class ParquetSource:
     """The Parquet files under a path, opened with ``pyarrow.dataset`` and hive partitioning."""
 
     def __init__(self, root, files: list[str], dataset: ds.FileSystemDataset, metadata: dict[str, object],
-                 filesystem: pafs.FileSystem, shown, base: str):
+                 filesystem: pafs.FileSystem, shown, base: str, stats: dict[str, tuple[int, int]] | None = None):
         self.root = root
         self.files = files  # paths inside ``filesystem``
         self.dataset = dataset
@@ -113,32 +150,45 @@ class ParquetSource:
         self.filesystem = filesystem
         self.shown = shown  # fs path -> the path or URI the user knows
         self.base = base  # where hive partitions are counted from
+        self.stats = stats or {}  # fs path -> (size, mtime ns) from the listing
 
     @classmethod
-    def open(cls, source: str | Path, what: str = "input") -> "ParquetSource":
+    def open(cls, source: str | Path, what: str = "input", problems: list[str] | None = None) -> "ParquetSource | None":
         """A local file or folder, or any pyarrow.fs URI (s3://bucket/traffic/, gs://, hdfs://, file://). The
-        one way the project opens Parquet data; errors name the path and ``what`` it is."""
+        one way the project opens Parquet data; errors name the path and ``what`` it is.
+
+        Every file's footer is read up front. Files that are missing or unreadable raise one DataError listing
+        them all, or with ``problems`` are appended to it and left out (None when no readable file is left)."""
         fs, root = storage.resolve(source)
-        kind = fs.get_file_info(root).type
+        info = fs.get_file_info(root)
+        kind = info.type
+        found: list[str] = []
         if kind == pafs.FileType.NotFound:
-            raise DataError(f"{what} {source} does not exist")
-        if kind == pafs.FileType.File:
-            files = [root]
+            found.append(f"{what} {source} does not exist")
+        elif kind == pafs.FileType.File:
+            listed = [info]
         else:  # like pyarrow: names starting with "_" or "." (e.g. _SUCCESS, .crc) are not data
-            found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            files = sorted(f.path for f in found if f.type == pafs.FileType.File and not any(
-                s.startswith(("_", ".")) for s in posixpath.relpath(f.path, root).split("/")))
-            if not files:
-                raise DataError(f"{what} directory {source} holds no Parquet files")
+            listed = sorted((f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                             if f.type == pafs.FileType.File and not any(
+                                 s.startswith(("_", ".")) for s in posixpath.relpath(f.path, root).split("/"))),
+                            key=lambda f: f.path)
+            if not listed:
+                found.append(f"{what} directory {source} holds no Parquet files")
         shown = _displayer(source, root)
-        metadata, problems = {}, []
-        for f in files:
+        metadata, stats = {}, {}
+        for f in listed if not found else []:
             try:
-                metadata[f] = pq.read_metadata(f, filesystem=fs)
+                metadata[f.path] = pq.read_metadata(f.path, filesystem=fs)
+                stats[f.path] = (f.size if f.size is not None else -1, f.mtime_ns if f.mtime_ns is not None else -1)
             except Exception as e:  # noqa: BLE001 - any failure here means "not readable Parquet"
-                problems.append(f"{shown(f)}: not a readable Parquet file ({type(e).__name__}: {e})")
-        if problems:
-            raise DataError(f"unreadable {what}:\n  - " + "\n  - ".join(problems))
+                found.append(f"{shown(f.path)}: not a readable Parquet file ({type(e).__name__}: {e})")
+        if found and problems is None:
+            raise DataError(f"unreadable {what}:\n  - " + "\n  - ".join(found))
+        if problems is not None:
+            problems.extend(found)
+        files = sorted(metadata)
+        if not files:
+            return None
         base = partition_base(root, is_dir=kind == pafs.FileType.Directory)
         keys = _partition_keys(base, files)
         partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive") if keys else None
@@ -148,7 +198,7 @@ class ParquetSource:
         except pa.ArrowException as e:
             raise DataError(f"{what} {source}: cannot open as a Parquet dataset ({e})") from e
         return cls(Path(root) if not storage.is_uri(source) else source, files, dataset, metadata,
-                   filesystem=fs, shown=shown, base=base)
+                   filesystem=fs, shown=shown, base=base, stats=stats)
 
     @property
     def num_rows(self) -> int:
@@ -177,6 +227,7 @@ class ParquetSource:
                     partition={k: str(v) for k, v in ds.get_partition_keys(frag.partition_expression).items()},
                     num_rows=meta.num_rows, row_groups=groups, _row_starts=starts,
                     filesystem=self.filesystem, fs_path=frag.path, rel_dir="" if rel == "." else rel,
+                    size=self.stats.get(frag.path, (-1, -1))[0], mtime_ns=self.stats.get(frag.path, (-1, -1))[1],
                 ))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ConfigError(f"data.filters: cannot apply {expr} to {self.root} ({e})") from e

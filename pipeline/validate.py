@@ -134,9 +134,10 @@ class ColumnMapping:
             out.append(("weight", c.weight, "weight"))
         return out + [(k, k, "key") for k in self.keys]
 
-    def check_parts(self, parts: list[FilePart]) -> None:
-        """Check every file's columns and types; raise one DataError listing every problem."""
-        problems = []
+    def check_parts(self, parts: list[FilePart], problems: list[str] | None = None) -> None:
+        """Check every file's columns and types; raise one DataError listing every problem (those already in
+        ``problems`` first, e.g. the files that could not be opened)."""
+        problems = list(problems or [])
         for part in parts:
             names = part.schema.names
             absent = self.absent.setdefault(part.path, set())
@@ -175,7 +176,8 @@ class ColumnMapping:
         for k in self.keys:  # a key that is all-null in every file: text
             self.key_types.setdefault(k, pa.string())
         if problems:
-            raise DataError("input does not match data.columns:\n  - " + "\n  - ".join(problems))
+            raise DataError(f"{len(problems)} problem{'s' * (len(problems) > 1)} with the input (unreadable files, "
+                            "columns that do not match data.columns):\n  - " + "\n  - ".join(problems))
 
     def read_columns(self) -> list[str]:
         cols = [col for _, col, _ in self._sources()]

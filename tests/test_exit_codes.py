@@ -1,6 +1,7 @@
 """One exit-code table (kernel.exit_codes) kept by every entry point: a test per code."""
 from __future__ import annotations
 
+import errno
 import importlib
 
 import pyarrow as pa
@@ -8,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kernel import exit_codes
-from kernel.errors import DataError, QuarantineRateExceeded, ServiceUnavailable, TrainingDiverged
-from tests.shared import TINY_CONFIG, log_messages
+from kernel.errors import (DataError, QuarantineRateExceeded, ResourceUnavailable, ServiceUnavailable,
+                           TrainingDiverged, WorkerLost)
+from tests.shared import REPO, TINY_CONFIG, log_messages
 
 TINY = TINY_CONFIG
 ENTRY_POINTS = ["job.run", "pipeline.ingest", "training.launch", "serving.export", "serving.score",
@@ -20,7 +22,11 @@ UNREACHABLE = "http://127.0.0.1:1"  # nothing listens on port 1
 def test_the_table_is_what_the_docs_say():
     assert (exit_codes.OK, exit_codes.FAILURE, exit_codes.BAD_INPUT, exit_codes.MONITORING_BREACH,
             exit_codes.GATE_FAILED, exit_codes.SERVICE_UNAVAILABLE, exit_codes.DATA_GATE,
-            exit_codes.TRAINING_DIVERGED, exit_codes.INTERRUPTED) == (0, 1, 2, 3, 4, 5, 6, 7, 130)
+            exit_codes.TRAINING_DIVERGED, exit_codes.RESOURCE_UNAVAILABLE, exit_codes.INTERRUPTED) \
+        == (0, 1, 2, 3, 4, 5, 6, 7, 8, 130)
+    readme = (REPO / "README.md").read_text()
+    for code, meaning in exit_codes.TABLE.items():  # the README's table has every code
+        assert code == exit_codes.INTERRUPTED or f"\n| {code} | " in readme, (code, meaning)
     for module in ENTRY_POINTS:  # every entry point documents the table it keeps
         assert "exit_codes" in (importlib.import_module(module).__doc__ or ""), module
 
@@ -29,6 +35,7 @@ def test_the_table_is_what_the_docs_say():
     (RuntimeError("a bug"), exit_codes.FAILURE), (DataError("bad file"), exit_codes.BAD_INPUT),
     (ServiceUnavailable("down"), exit_codes.SERVICE_UNAVAILABLE), (QuarantineRateExceeded("10%"), exit_codes.DATA_GATE),
     (TrainingDiverged("nan"), exit_codes.TRAINING_DIVERGED), (KeyboardInterrupt(), exit_codes.INTERRUPTED),
+    (ResourceUnavailable("--output /x: read-only"), exit_codes.RESOURCE_UNAVAILABLE),
 ])
 def test_run_cli_maps_errors_to_codes_with_one_line(error, code, capsys):
     def work():
@@ -84,3 +91,52 @@ def test_a_scoring_quarantine_gate_is_6_from_the_job(tmp_path, capsys):
                  f"data.score_input={traffic}", "--only", "generate,ingest,train,export,score"])
     assert code == exit_codes.DATA_GATE  # 6 of 10 rows of a scenario the model does not know
     assert "serving.max_quarantine_rate" in capsys.readouterr().err
+
+
+def _raised(error: BaseException, cause: BaseException | None = None) -> BaseException:
+    """``error`` as raised (``from cause``), so that it carries its chain like a real one."""
+    try:
+        try:
+            raise cause if cause is not None else error
+        except BaseException as inner:
+            if inner is error:
+                raise
+            raise error from inner
+    except BaseException as e:  # noqa: BLE001
+        return e
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/scores/part-1.parquet"),
+     ["no space left", "/data/scores/part-1.parquet"]),
+    (OSError(errno.EFBIG, "File too large", "/data/x.parquet"), ["file too large", "ulimit -f", "/data/x.parquet"]),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"), ["read-only file system", "/mnt/ro/out"]),
+    (PermissionError(errno.EACCES, "Permission denied", "/srv/export"), ["permission denied", "/srv/export"]),
+    # a project error wrapping one: what caused it decides
+    (_raised(DataError("/in/a.parquet: cannot read Parquet data"), OSError(errno.EACCES, "Permission denied",
+                                                                            "/in/a.parquet")), ["/in/a.parquet"]),
+    # libraries that report the errno as text: pyarrow, safetensors (Rust io::ErrorKind)
+    (OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"), ["no space"]),
+    (RuntimeError('Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem, message: '
+                  '"Read-only file system" })'), ["read-only file system"]),
+    (WorkerLost("scoring worker 1 (pid 77) was killed by SIGKILL"), ["worker 1", "pid 77"]),
+])
+def test_environment_failures_are_8_with_one_line_naming_the_path(error, words, capsys):
+    def work():
+        raise error
+
+    assert exit_codes.run_cli(work, resume_hint="rerun with --resume") == exit_codes.RESOURCE_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: resource unavailable: ") and err.strip().endswith("rerun with --resume")
+    assert all(w in err.lower() for w in (w.lower() for w in words)), err
+
+
+def test_a_dead_ray_actor_is_8_not_a_bug(capsys):
+    """Ray's own error class for an actor that died (not a stand-in): the mapping knows it by its class."""
+    from ray.exceptions import ActorDiedError
+
+    assert exit_codes.code_for(ActorDiedError()) == exit_codes.RESOURCE_UNAVAILABLE
+    assert exit_codes.code_for(_raised(RuntimeError("scoring failed"), ActorDiedError())) \
+        == exit_codes.RESOURCE_UNAVAILABLE
+    assert exit_codes.code_for(OSError(errno.ENOENT, "No such file", "/x")) == exit_codes.FAILURE  # not the env

@@ -56,3 +56,28 @@ def test_listing_sees_new_changed_and_removed_files_but_not_temporaries(tmp_path
     os.utime(tmp_path / "market=us" / "part-0.parquet", ns=(1, 1))
     assert listing(tmp_path)[0] != first[0]
     assert listing(tmp_path / "absent") == []
+
+
+def test_the_summary_reads_the_champion_from_the_registry_not_an_old_promote_record(tmp_path, capsys):
+    """An earlier run promoted version 1 (its record stays in the state); the aliases are gone since. A run with
+    --skip promote must say there is no champion, not repeat the old record."""
+    from job.run import run_job
+    from job.steps import STEPS, JobPaths
+    from kernel.config import load_config
+    from serving.registry import aliases as registry
+    from tests.shared import TINY_CONFIG
+
+    cfg = load_config(TINY_CONFIG, [f"work_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    client = registry.registry_client(cfg.tracking_uri)
+    client.create_registered_model(cfg.tracking.registered_model)  # registered, no alias
+    JobState(JobPaths(cfg).state).finish("promote", fp(), [], {"passed": True, "reasons": [],
+                                                             "candidate_version": "1"}, exit_code=0)
+    assert run_job(cfg, skip=STEPS) == 0
+    out = capsys.readouterr().out
+    assert f"registry: models:/{cfg.tracking.registered_model} has no champion" in out
+    assert "is version 1" not in out and "promoted" not in out
+    client.create_model_version(cfg.tracking.registered_model, str(tmp_path), description="v1")
+    client.set_registered_model_alias(cfg.tracking.registered_model, registry.CHAMPION, "1")
+    assert run_job(cfg, skip=STEPS) == 0
+    assert f"registry champion: models:/{cfg.tracking.registered_model}@champion is version 1" in \
+        capsys.readouterr().out

@@ -240,3 +240,29 @@ def test_promotion_and_rollback_against_a_real_mlflow_server(tmp_path, eval_path
         assert client.get_model_version("served", v2).tags["promotion.decision"] == "promoted"
         assert rollback("served", uri)["champion_version"] == v1
         assert aliases(client, "served") == {"champion": v1}
+
+
+def test_a_champion_moved_during_the_gate_is_gated_against_anew(store, eval_path, cfg):
+    """An alias set outside the lease (the UI, another tool) while the gate scores the champion: the final
+    check sees it, the candidate is gated again against the new champion, which becomes ``previous``."""
+    c, real = store["client"], make_score_fn(store["uri"], store["root"] / "cache")
+    v1 = register(c, "moved", {"noise": 0.3, "seed": 3}, store["exp"], store["root"])
+    v2 = register(c, "moved", {"noise": 0.2, "seed": 4}, store["exp"], store["root"])
+    v3 = register(c, "moved", {"noise": 0.0}, store["exp"], store["root"])
+    c.set_registered_model_alias("moved", "champion", v1)
+    scored = []
+
+    def score(model_uri: str, path: str):
+        scored.append(model_uri.rsplit("/", 1)[1])
+        if scored == [v3, v1]:  # while the old champion is being scored, someone points the alias at v2
+            c.set_registered_model_alias("moved", "champion", v2)
+        return real(model_uri, path)
+
+    res = run(cfg, eval_path, candidate=v3, name="moved", tracking_uri=store["uri"], score_fn=score).info
+    assert scored == [v3, v1, v2]  # each version scored once
+    assert res["passed"] and res["champion_version"] == v2 and res["regated_from"] == [v1]
+    assert aliases(c, "moved") == {"champion": v3, "previous": v2}
+    tags = c.get_model_version("moved", v3).tags
+    assert json.loads(tags["promotion.compared"]) == {"candidate": v3, "champion": v2}
+    assert json.loads(tags["promotion.regated_from"]) == [v1] and tags["promotion.champion_version"] == v2
+    assert json.loads(tags["promotion.metrics"])["delta"].keys() == set(CATEGORIES)

@@ -110,3 +110,45 @@ def test_actors_request_a_gpu_where_the_cluster_has_gpus():
 
     assert actor_resources(FakeRay({"CPU": 16.0, "GPU": 2.0}), threads=1) == {"num_cpus": 1, "num_gpus": 1}
     assert actor_resources(FakeRay({"CPU": 16.0}), threads=4) == {"num_cpus": 4, "num_gpus": 0}
+
+
+def test_an_actor_killed_mid_job_is_8_in_one_line_naming_it_and_resume_finishes(tmp_path, export_dir, capfd):
+    """A real actor process is killed (-9) once it has finished a unit: the driver reports it in one line
+    (exit 8, its pid, the --resume hint, no traceback); --resume redoes only the units left."""
+    import os
+    import signal
+    import threading
+    import time
+
+    pq.write_table(wdc_raw(per_category=80, categories=SCENARIOS), tmp_path / "in.parquet", row_group_size=10)
+    args = ["--model", str(export_dir), "--input", str(tmp_path / "in.parquet"), "--quiet", "serving.unit_rows=10",
+            "--output", str(tmp_path / "ray")]
+    killed = []
+
+    def kill_the_first_actor():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            done = sorted((tmp_path / "ray" / "_done").glob("*.json"))
+            if done:
+                pid = json.loads(done[0].read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_the_first_actor)
+    watcher.start()
+    code = main(args + ["--engine", "ray", "--workers", "1"])
+    watcher.join()
+    err = capfd.readouterr().err
+    assert killed and code == 8, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: resource unavailable: a Ray scoring actor (pid ") and str(killed[0]) in lines[0]
+    assert lines[0].endswith("rerun the same command with --resume")
+    finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "_done").glob("*.json")}
+    assert 1 <= len(finished) < 24
+    assert main(args + ["--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "_done").glob("*.json") if p.name in finished} \
+        == finished
+    keys = list(zip(*(scores(tmp_path / "ray")[c].to_pylist() for c in ("source_file", "source_row"))))
+    assert len(keys) == len(set(keys)) == 240

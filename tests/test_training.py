@@ -139,23 +139,27 @@ def test_launcher_arguments_are_checked_before_anything_starts(tmp_path, capsys,
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
-    common = ["--data", str(data_dir), "tracking.enabled=false", "train.max_steps=40", "train.checkpoint_every=4",
-              "train.eval_every=8", "train.keep_checkpoints=3"]
+    """Weights, best checkpoint, validation history and the MLflow record of a run killed with -9 and resumed
+    equal an uninterrupted run's. The kill comes right after the step-16 evaluation was logged, with the last
+    checkpoint at step 12: the resumed run replays step 16 and must not log its metrics a second time."""
+    common = ["--data", str(data_dir), "train.max_steps=40", "train.checkpoint_every=12", "train.eval_every=8",
+              "train.keep_checkpoints=3"]
     _run([f"work_dir={tmp_path / 'a'}", *common], port=29621)
-    # Interrupted run: SIGKILL once step 8 is checkpointed, then resume in a fresh process.
     b = tmp_path / "b"
     proc = _launch([f"work_dir={b}", *common], port=29622)
-    deadline = time.time() + 240
-    while _latest_step(b) < 8:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 16 val"):
+            proc.send_signal(signal.SIGSTOP)  # frozen right here (checkpoint 24 is 8 steps away)
+            break
+    assert proc.poll() is None, "".join(seen)[-3000:]
     # Network hygiene: a one-process CPU run listens on loopback only (rendezvous store, gloo), never on *.
     listening = listening_addresses(proc.pid)
     assert listening and all(ip.is_loopback for ip, _ in listening), listening
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
-    assert _latest_step(b) < 40
+    assert _latest_step(b) == 12
     out = _run([f"work_dir={b}", *common, "--resume"], port=29623)
     assert "resumed from" in out
     ma = json.loads((tmp_path / "a" / "train" / "model" / "metrics.json").read_text())
@@ -175,6 +179,22 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
     sb = load_file(str(b / "train" / "model" / "trainable.safetensors"))
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
+    # The MLflow record: every val/* and train/* history on the server equals the uninterrupted run's,
+    # one point per step (the values too, but for throughput, which is a timing).
+    histories = {}
+    for work in (tmp_path / "a", b):
+        client = MlflowClient(tracking_uri=f"sqlite:///{work.resolve() / 'mlflow.db'}")
+        run_id = (work / "train" / "mlflow_run_id").read_text().strip()
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("val/", "train/"))]
+        histories[work.name] = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+                                for k in keys}
+    ha, hb = histories["a"], histories["b"]
+    assert ha.keys() == hb.keys() and "val/auc_macro" in ha and "train/loss" in ha
+    assert [s for s, _ in hb["val/auc_macro"]] == [8, 16, 24, 32, 40]
+    for key in ha:
+        assert [s for s, _ in hb[key]] == [s for s, _ in ha[key]], key  # no duplicate point, none missing
+        if key != "train/samples_per_s":
+            assert [v for _, v in hb[key]] == pytest.approx([v for _, v in ha[key]], abs=1e-5), key
 
 
 def listening_addresses(pid: int) -> list[tuple]:

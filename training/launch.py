@@ -17,7 +17,8 @@ Resume a killed run where it stopped (same out dir):
 
 Data is the ingested folder (train.parquet, valid.parquet, task_map.json; see ``python -m pipeline.ingest``);
 the default is <work_dir>/data. Output goes to <work_dir>/train unless --out is given. Exit codes:
-kernel.exit_codes (2: bad arguments or config, 5: tracking server unreachable, 7: training diverged).
+kernel.exit_codes (2: bad arguments or config, 5: tracking server unreachable, 7: training diverged,
+8: no space left, a file-size limit or an unwritable path: the checkpoints are kept, rerun with --resume).
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"model: {info['model_dir']}")
         return exit_codes.OK
 
-    return exit_codes.run_cli(work)
+    return exit_codes.run_cli(work, resume_hint="the checkpoints are kept: rerun with --resume to continue")
 
 
 def _has_cuda() -> bool:

@@ -214,6 +214,8 @@ class MonitoringConfig:
     fail_on_unseen_scenarios: bool = True  # scenarios absent from training are a breach
     alert_min_auc: float = 0.0  # monitoring.check: a labelled scenario below this AUC is a breach; 0: off
     seed: int = 0  # bootstrap resampling
+    promotion_lease_s: float = 60.0  # a promotion's lease on the registered model (renewed; serving.registry.lease)
+    promotion_wait_s: float = 900.0  # how long a promotion waits for another one's lease before exit 8
 
 
 @dataclass

@@ -37,7 +37,8 @@ The steps: serving.export.source (the trained model and its config) -> serving.e
 weights) -> serving.export.manifest -> serving.export.validation (with --valid) -> publication ->
 serving.registry.register (with --name).
 
-Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did not answer).
+Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did not answer; 8: --out is not
+writable (checked first), or the disk filled up: the previous export stays whole).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from kernel import storage
 from kernel.atomic import publish_dir, write_json_atomic
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import DataError
+from kernel.environment import check_writable, writing
 from kernel.exit_codes import OK, run_cli
 from kernel.hashing import fingerprint_files
 from kernel.logs import add_logging_args, setup_from_args
@@ -91,6 +93,7 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
     ``calibration_method`` (isotonic, platt) defaults to the config's monitoring.calibration_method.
     """
     remote = storage.is_uri(out)
+    check_writable(out, "--out")  # before any work: the folder is built beside it and renamed into place
     out = str(out).rstrip("/") if remote else Path(out)
     if not remote and out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise DataError(f"--out {out} exists and is not an export folder (no {MANIFEST_FILE}); not replacing it")
@@ -99,7 +102,7 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
     check_trained_sections(cfg, trained, model_dir)
     tracking_uri = tracking_uri or cfg.tracking_uri
     tags = run_tags(source_run_id, tracking_uri)
-    with storage.staging(out) as stage:
+    with writing(out), storage.staging(out) as stage:  # a full disk names --out (exit 8)
         tokenizer = load_tokenizer(cfg)
         layers, entries = write_checkpoints(model, tokenizer, task_map, stage, final=out)
         code = provenance()  # the code that exports; the training run's tags say which code trained
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _work(args: argparse.Namespace) -> int:
     """The trained model (downloaded when --run is a run id) and the export's config, then run."""
+    check_writable(args.out, "--out")  # before anything is downloaded (beside --out)
     with trained_model(args.run, args.tracking_uri, near=args.out) as (model_dir, run_id):
         cfg = export_config(model_dir, load_config(args.config) if args.config else None, args.overrides)
         manifest = run(cfg, model_dir, args.out, valid=args.valid, tracking_uri=args.tracking_uri, name=args.name,

@@ -23,8 +23,15 @@ such rows are scored, never quarantined over their label. Quarantined rows (``_q
 ingestion's quarantine schema: raw values as strings, reason, column (the user's column that failed),
 source_file, source_row.
 
-Every input is opened and checked before the output folder is created; a run that fails before writing
-any unit removes an output folder it created itself (never one that existed before).
+Every input is opened and checked before the output folder is created, and every problem of every file
+(missing, unreadable footer, missing column, wrong type) is reported in one error; the output location must
+be writable (exit 8 otherwise). A run that fails before writing any unit removes an output folder it
+created itself (never one that existed before). A row group whose data cannot be read is quarantined
+(reason ``unreadable``, one row per unread row) and reported, and the rest of its file is scored.
+
+The output folder holds the scores of the inputs as listed now: each unit's marker records its input's
+path, size, modification time and rows, and a run (resumed or not) removes the outputs of units whose input
+is gone, changed or planned otherwise, and prints which (serving.scoring.outputs.reconcile).
 
 Quarantine gate: when quarantined / rows in of the whole job (every unit, resumed ones included) exceeds
 ``serving.max_quarantine_rate`` (a rate equal to it passes), the scores and the quarantine are still
@@ -40,7 +47,9 @@ output (serving.scoring.outputs).
 Units are spread over workers round robin (the job's unit i goes to worker i % N), so one large file is
 scored in parallel too; ``--rank/--world-size`` run one worker by hand (e.g. one per machine). The summary's
 ``shards`` counts units (``files``: input files). Exit codes (kernel.exit_codes): 0 done, 2 bad input or
-configuration, 5 the MLflow registry did not answer, 6 quarantine rate over serving.max_quarantine_rate.
+configuration, 5 the MLflow registry did not answer, 6 quarantine rate over serving.max_quarantine_rate,
+8 resource unavailable (no space, a file-size limit, an unwritable output, a dead worker or Ray actor: the
+message names it; rerun with --resume to keep the finished units).
 """
 from __future__ import annotations
 
@@ -52,6 +61,7 @@ from pathlib import Path
 
 from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, load_config
+from kernel.environment import check_writable
 from kernel.errors import DataError, QuarantineRateExceeded
 from kernel.exit_codes import run_cli
 from kernel.logs import add_logging_args, setup_from_args
@@ -63,6 +73,9 @@ from serving.scoring.plan import Inputs, Unit, units_for_rank
 from serving.scoring.worker import Job
 
 log = logging.getLogger(__name__)
+
+
+RESUME_HINT = "the finished units are kept: rerun the same command with --resume"
 
 
 def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | Path, *,
@@ -77,6 +90,7 @@ def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | 
     by hand: its own) quarantined more than serving.max_quarantine_rate of their rows, else OK.
     """
     require_inputs(inputs)
+    check_writable(output, "--output")  # a read-only or unwritable output fails here, before any work
     plan = Inputs(cfg, [str(i) for i in inputs])  # fails fast on bad values, inputs or columns: no folder yet
     out = output if storage.is_uri(output) else Path(output)
     job = Job(cfg, [str(i) for i in inputs], Path(model), model_version or folder_version(Path(model)), out,
@@ -86,11 +100,12 @@ def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | 
         out.mkdir(parents=True, exist_ok=True)
     try:
         mine = plan.units if world_size == 1 else units_for_rank(plan.units, rank, world_size)
+        removed = {"units": 0, "inputs": {}}
         if world_size == 1:  # the process that plans the whole job; hand-started ranks leave this alone
-            # Leftovers that would break "one score per row": killed writers' temporaries, and parts of an
-            # earlier plan of these files (another serving.unit_rows, or the one-file-per-input layout).
+            # Leftovers that would break "one score per row, of the inputs given": killed writers'
+            # temporaries, and units of inputs that are gone or changed or of an earlier plan.
             outputs.remove_stale_temporaries(out)
-            outputs.remove_foreign_parts(out, plan.units)
+            removed = outputs.reconcile(out, plan.units, plan.roots)
         skipped = len(mine) - len(job.todo(mine))
         t0 = time.time()
         run_units(job, plan, engine=engine, workers=workers, ray_address=ray_address, ray_threads=ray_threads,
@@ -100,6 +115,7 @@ def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | 
             storage.delete(out)
         raise
     summary = summarize(out, mine, time.time() - t0, skipped)
+    summary["removed"] = removed
     summary["max_quarantine_rate"] = cfg.serving.max_quarantine_rate
     summary["quarantine_breach"] = quarantine_breach(summary, out)
     code = exit_codes.DATA_GATE if summary["quarantine_breach"] else exit_codes.OK
@@ -116,17 +132,33 @@ def summarize(out: Path | str, units: list[Unit], seconds: float, skipped: int) 
     (the printed line's "shards"); ``files`` the input files they come from."""
     total = Counter()
     reasons = Counter()
-    done = 0
+    done, unreadable = 0, []
     for u in units:
         if outputs.is_done(out, u):
             m = outputs.read_marker(out, u)
             total.update({k: m[k] for k in ("rows_in", "scored", "fallback", "quarantined")})
             reasons.update(m.get("by_reason", {}))
+            unreadable += [{"file": str(u.path), **lost} for lost in m.get("unreadable", [])]
             done += 1
     return {**{k: total[k] for k in ("rows_in", "scored", "fallback", "quarantined")}, "by_reason": dict(reasons),
+            "unreadable": unreadable,
             "shards": len(units), "shards_done": done, "shards_skipped": skipped,
             "files": len({u.shard.index for u in units}), "seconds": round(seconds, 2),
             "rows_per_s": round(total["rows_in"] / seconds, 1) if seconds > 0 else None}
+
+
+def notes(summary: dict) -> list[str]:
+    """One line each: the outputs removed because their input is gone or changed, the unreadable row groups."""
+    lines = []
+    removed = summary.get("removed") or {}
+    if removed.get("units"):
+        inputs = ", ".join(f"{path} ({why})" for path, why in sorted(removed["inputs"].items())) or "unmarked parts"
+        lines.append(f"removed the outputs of {removed['units']} units whose input is gone, changed or planned "
+                     f"otherwise: {inputs}")
+    for lost in summary.get("unreadable") or []:
+        lines.append(f"quarantined unreadable data: {lost['file']} row group {lost['row_group']} (rows "
+                     f"{lost['rows'][0]}-{lost['rows'][1] - 1}): {lost['error']}")
+    return lines
 
 
 def quarantine_breach(summary: dict, out: Path | str) -> str | None:
@@ -179,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
              and "." in i.split("=", 1)[0]]
     args.input = [i for i in args.input if i not in moved]
     args.overrides = moved + list(args.overrides)
-    return run_cli(lambda: _work(args))  # errors -> one line on stderr and kernel.exit_codes' code
+    # errors -> one line on stderr and kernel.exit_codes' code
+    return run_cli(lambda: _work(args), resume_hint=RESUME_HINT)
 
 
 def _work(args: argparse.Namespace) -> int:
     """The model's folder (a registry reference or URI resolved once) and its config (or --config), then run."""
     require_inputs(args.input)
+    check_writable(args.output, "--output")  # before the model is fetched
     export_dir, version = resolve_model(args.model, args.tracking_uri, args.cache_dir)
     cfg = load_config(args.config or export_dir / "config.yaml", args.overrides)
     outcome = run(cfg, export_dir, args.input, args.output, model_version=args.model_version or version,
@@ -197,6 +231,8 @@ def _work(args: argparse.Namespace) -> int:
                  f"{summary['quarantined']} quarantined: {reasons}) in {summary['shards_done']}/{summary['shards']} "
                  f"shards ({summary['shards_skipped']} resumed), {summary['rows_per_s']} rows/s -> {args.output}",
                  extra={k: summary[k] for k in ("rows_in", "scored", "fallback", "quarantined")})
+        for line in notes(summary):
+            log.warning(line)
     if outcome.exit_code == exit_codes.DATA_GATE and not args.no_gate:
         raise QuarantineRateExceeded(summary["quarantine_breach"])
     return exit_codes.OK

@@ -16,12 +16,15 @@ so the scores are the same whichever engine runs them:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from kernel import storage
 from kernel.config import dump_config
+from kernel.errors import ResourceUnavailable, WorkerLost
+from kernel.exit_codes import RESOURCE_UNAVAILABLE
 from kernel.logs import logging_flags
 from serving.scoring.outputs import JOB_DIR
 from serving.scoring.plan import Inputs
@@ -60,6 +63,13 @@ def run_processes(job: Job, workers: int) -> None:
                "--rank", str(rank), "--world-size", str(workers), "--input", *job.inputs]
         cmd += ["--resume"] * job.resume + ["--quiet"] * job.quiet + logging_flags()
         procs.append(subprocess.Popen(cmd, env=env))
-    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    codes = [p.wait() for p in procs]
+    killed = [f"worker {i} (pid {p.pid}) was killed by {signal.Signals(-c).name}" for i, (p, c) in
+              enumerate(zip(procs, codes)) if c < 0]
+    if killed:  # out of memory, or stopped from outside: the environment, not a bug
+        raise WorkerLost("scoring " + "; ".join(killed))
+    failed = [i for i, c in enumerate(codes) if c != 0]
+    if failed and all(codes[i] == RESOURCE_UNAVAILABLE for i in failed):
+        raise ResourceUnavailable(f"scoring workers {failed} stopped: resource unavailable (their messages are above)")
     if failed:
         raise RuntimeError(f"scoring workers {failed} failed (see their messages above); rerun with --resume")

@@ -20,26 +20,34 @@ reads the partition values back. Units are planned in serving.scoring.plan.
 
 A unit's files are written under temporary names and renamed; the marker is written last. A job killed at
 any point leaves either a complete unit (marker present) or one that ``--resume`` redoes from scratch, so
-every input row is scored exactly once. A marker only finishes the unit it names when its row-group range
-is the planned one (``serving.unit_rows`` unchanged); ``remove_foreign_parts`` deletes a file's parts that
-the current plan does not name (another ``unit_rows``, or the one-file-per-input layout before units).
+every input row is scored exactly once. A marker only finishes the unit it names when its input is the same
+file, unchanged (path, size, modification time and rows, as listed now), and its row-group range is the
+planned one (``serving.unit_rows`` unchanged). ``reconcile`` deletes the files of the job's units whose
+input is gone or changed, or that another plan named (another ``unit_rows``, files added or removed before
+them, the one-file-per-input layout before units), so the output never keeps rows of an input that is no
+longer there; other jobs' files in the same folder are left alone.
 
 Every file-system access of scoring outputs goes through the functions below (paths, existence, markers,
 writers, listing and deletion), so another file system can replace the local one here alone.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kernel import storage
-from serving.scoring.plan import Shard, Unit
+from kernel.environment import writing
+from serving.scoring.plan import Unit
 
 QUARANTINE_DIR = "_quarantine"
 DONE_DIR = "_done"
 JOB_DIR = "_job"  # --workers N: the resolved config the child processes read
+# The names of unit outputs and quarantines (and of the one-file-per-input layout before units):
+# part-<file, 5 digits>-<unit, 4 digits>-<stem>.parquet, part-<file, 5 digits>-<stem>.parquet.
+PART_NAME = re.compile(r"^part-\d{5}-.+\.parquet$")
 
 # The scored output after the pass-through keys: (name, type, meaning). README.md ("Scoring output") and
 # ``python -m serving.score --help`` show this table; serving.scoring.scorer computes the score columns.
@@ -96,14 +104,15 @@ def marker_path(out, unit: Unit):
 
 
 def is_done(out: Path, unit: Unit, model_version: str | None = None) -> bool:
-    """Finished: marker and output present, the marker's row-group range is this unit's (a marker of
-    another plan, i.e. another serving.unit_rows, does not finish it) and, when ``model_version`` is given,
+    """Finished: marker and output present, the marker's input is this unit's file unchanged (path, size,
+    modification time, rows) and its row-group range is this unit's (a marker of another plan, i.e. another
+    serving.unit_rows, does not finish it) and, when ``model_version`` is given,
     scored by that model: a resume with another model rescores the unit rather than mixing two models'
     scores in one output."""
     if not (storage.is_file(marker_path(out, unit)) and storage.is_file(output_path(out, unit))):
         return False
     marker = read_marker(out, unit)
-    if marker.get("row_groups") != unit.extent()["row_groups"]:
+    if not _finishes(marker, unit):
         return False
     return model_version is None or marker.get("model_version") == model_version
 
@@ -115,8 +124,19 @@ def read_marker(out, unit: Unit) -> dict:
 def mark_done(out: Path, unit: Unit, summary: dict) -> None:
     """The unit's completion marker, written after its output and quarantine are in place (one object on an
     object store, a temporary file renamed locally: either way seen whole or not at all)."""
-    storage.write_json(marker_path(out, unit), {"input": str(unit.path), "file": unit.shard.index,
-                                                "unit": unit.index, **unit.extent(), **summary})
+    with writing(marker_path(out, unit)):
+        _write_marker(out, unit, summary)
+
+
+def _write_marker(out: Path, unit: Unit, summary: dict) -> None:
+    storage.write_json(marker_path(out, unit), {
+        "input": str(unit.path), "source": unit.shard.identity, "file": unit.shard.index, "unit": unit.index,
+        "output": _rel(unit.rel_dir, f"{unit.name}.parquet"),
+        "quarantine": _rel(QUARANTINE_DIR, unit.rel_dir, f"{unit.name}.parquet"), **unit.extent(), **summary})
+
+
+def _rel(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
 
 
 def clear_unit(out: Path, unit: Unit) -> None:
@@ -126,42 +146,66 @@ def clear_unit(out: Path, unit: Unit) -> None:
         storage.delete(p)
 
 
-def remove_foreign_parts(out: Path, units: list[Unit]) -> int:
-    """Delete the outputs, quarantines and markers of this job's input files that ``units`` do not name;
-    returns how many. These are parts of an earlier plan of the same file (another serving.unit_rows, or
-    the layout before units: one ``part-00003-<stem>`` per file): left in place, they would hold rows a
-    current unit scores again. Only names of this job's files (same index and stem, same folder) are
-    touched. Call it from the one process that plans the job, before any unit is scored.
+def reconcile(out: Path | str, units: list[Unit], roots: list[str]) -> dict:
+    """Make the output folder hold only what this job scores now: remove the files of every unit of this
+    job whose input is gone from the listing, has changed (size, modification time or rows), or was planned
+    otherwise (another serving.unit_rows, or another place in the file order because files were added or
+    removed before it).
+
+    A unit is this job's when its marker's input lies under one of ``roots`` (the job's inputs as given,
+    resolved: a folder, or a file) or is one of the planned files; markers of other inputs (another job's
+    files in a shared folder) are left alone. Outputs without a marker (the layout before units) are
+    removed when they carry a planned file's index and stem, or the name of a unit removed here; an output
+    whose writer was killed between it and its marker, of an input that is gone since, is not found.
+    Call it from the one process that plans the job, before any unit is scored. Returns {"units": how many
+    units' files were removed, "inputs": {input path: "gone" | "changed" | "replanned"}}.
     """
-    wanted: dict[int, set[str]] = {}
-    shards: dict[int, Shard] = {}
-    for u in units:
-        wanted.setdefault(u.shard.index, set()).add(u.name)
-        shards[u.shard.index] = u.shard
-    # Where each file's parts may lie; every folder is listed once (many files share a folder).
-    homes: dict[str, set[int]] = {}
-    for i, shard in shards.items():
-        for folder in (_at(out, shard.rel_dir), _at(out, QUARANTINE_DIR, shard.rel_dir), _at(out, DONE_DIR)):
-            homes.setdefault(str(folder), set()).add(i)
-    n = 0
-    done_folder = str(_at(out, DONE_DIR))
-    for folder, files in homes.items():
-        suffix = ".json" if folder == done_folder else ".parquet"
-        for name in storage.entries(folder):
-            if not name.endswith(suffix):
-                continue
-            stem = name[: -len(suffix)]
-            index = _file_index(stem)
-            if index in files and stem not in wanted[index] and stem.endswith(f"-{shards[index].path.stem}"):
-                storage.delete(storage.join(folder, name))
-                n += 1
-    return n
+    planned = {u.name: u for u in units}
+    current = {str(u.path): u.shard.identity for u in units}
+    bases = [r.rstrip("/") for r in roots]
+    files = {u.shard.prefix: u.shard.path.stem for u in units}
+
+    def of_planned_file(stem: str) -> bool:  # part-<index>-...-<stem> of a file of this plan
+        return stem.endswith("-" + files.get(stem[: len("part-00000-")], "\0"))
+
+    removed: dict[str, str] = {}
+    stems: set[str] = set()
+    for name in storage.entries(_at(out, DONE_DIR)):
+        stem = name[: -len(".json")]
+        if not name.endswith(".json") or not PART_NAME.match(stem + ".parquet"):
+            continue
+        try:
+            marker = storage.read_json(_at(out, DONE_DIR, name), f"completion marker {name}")
+        except Exception:  # noqa: BLE001 - an unreadable marker finishes nothing
+            marker = {}
+        source = str(marker.get("input", ""))
+        ours = (stem in planned or of_planned_file(stem) or source in current
+                or any(source == b or source.startswith(b + "/") for b in bases))
+        if not ours or (stem in planned and _finishes(marker, planned[stem])):
+            continue
+        removed[source or stem] = ("gone" if source not in current else
+                                   "changed" if (marker.get("source") or {}) != current[source] else "replanned")
+        storage.delete(_at(out, DONE_DIR, name))  # first: the unit is no longer finished
+        for rel in (marker.get("output"), marker.get("quarantine")):
+            if rel:
+                storage.delete(_at(out, rel))
+        stems.add(stem)
+    wanted = {str(output_path(out, u)) for u in units} | {str(quarantine_path(out, u)) for u in units}
+    for rel, _ in storage.files(out):
+        top, name = rel.split("/", 1)[0], rel.rsplit("/", 1)[-1]
+        if top in (DONE_DIR, JOB_DIR) or not PART_NAME.match(name) or str(_at(out, rel)) in wanted:
+            continue
+        stem = name[: -len(".parquet")]
+        if stem in stems or of_planned_file(stem):
+            storage.delete(_at(out, rel))
+            stems.add(stem)
+    return {"units": len(stems), "inputs": removed}
 
 
-def _file_index(stem: str) -> int | None:
-    """3 for "part-00003-..." (an output name of file 3), else None."""
-    head, sep, _ = stem[len("part-"):].partition("-")
-    return int(head) if stem.startswith("part-") and sep and head.isdigit() else None
+def _finishes(marker: dict, unit: Unit) -> bool:
+    """Whether a marker finishes ``unit`` as planned now: the same input, unchanged, and the same row groups."""
+    return (marker.get("source") == unit.shard.identity and marker.get("input") == str(unit.path)
+            and marker.get("row_groups") == unit.extent()["row_groups"])
 
 
 class PartWriter:
@@ -173,22 +217,33 @@ class PartWriter:
     """
 
     def __init__(self, final, schema: pa.Schema):
+        self.final = final
         self._file = storage.StagedFile(final)
         self.schema = schema
         self.rows = 0
-        self._writer = pq.ParquetWriter(self._file.tmp, schema)
+        with writing(final):
+            self._writer = pq.ParquetWriter(self._file.tmp, schema)
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
-            self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+            with writing(self.final):  # a full disk or a file-size limit names the file
+                self._writer.write_table(table.select(self.schema.names).cast(self.schema))
             self.rows += table.num_rows
 
     def commit(self):
-        self._writer.close()
-        return self._file.commit()
+        try:
+            with writing(self.final):
+                self._writer.close()
+                return self._file.commit()
+        except BaseException:
+            self._file.abort()  # e.g. the footer did not fit on the disk: no temporary is left behind
+            raise
 
     def abort(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the write failed (e.g. a full disk): the temporary goes anyway
+            pass
         self._file.abort()
 
 

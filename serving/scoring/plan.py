@@ -24,8 +24,10 @@ import pyarrow.compute as pc
 from kernel import storage
 from kernel.config import Config, ServingConfig
 from kernel.errors import ConfigError
-from pipeline.reader import ParquetSource, build_filter
-from pipeline.validate import ColumnMapping, quarantine_schema
+from pipeline.reader import ParquetSource, Unreadable, build_filter
+from pipeline.validate import ColumnMapping, empty_batch, quarantine_schema
+
+UNREADABLE = "unreadable"  # the quarantine reason of rows whose data page could not be read
 
 # Columns that only ingestion's output has together: such input is read with the identity mapping.
 INGESTED_SIGNATURE = {"query", "title", "description", "url", "label", "scenario", "weight", "source_file",
@@ -48,6 +50,7 @@ class Shard:
     index: int
     path: Path
     rel_dir: str = ""  # the input file's folders below its input root ("" for a file given directly)
+    identity: dict = dataclasses.field(default_factory=dict, compare=False)  # FilePart.identity(): path, size, ...
 
     @property
     def prefix(self) -> str:
@@ -135,9 +138,14 @@ class Inputs:
     def __init__(self, cfg: Config, inputs: list[str]):
         check_serving_limits(cfg.serving)
         self.filter = build_filter(cfg.data.filters)
-        parts = []
+        parts, problems = [], []  # every input's problems (missing, unreadable, columns) reported at once
+        self.roots = []  # the inputs as given, resolved and spelt as the files' paths are (Shard.path)
         for item in inputs:  # local paths or object-store URIs; traffic/market=us keeps market=us in the layout
-            parts.extend(ParquetSource.open(item if storage.is_uri(item) else Path(item).resolve()).parts(self.filter))
+            item = item if storage.is_uri(item) else Path(item).resolve()
+            self.roots.append(str(Path(str(item).rstrip("/"))))
+            source = ParquetSource.open(item, problems=problems)
+            if source is not None:
+                parts.extend(source.parts(self.filter))
         data = cfg.data
         self.canonical = bool(parts) and all(INGESTED_SIGNATURE <= set(p.schema.names) for p in parts)
         if self.canonical:  # ingestion's own output (e.g. <work_dir>/data/test.parquet): identity mapping
@@ -147,10 +155,10 @@ class Inputs:
                 weight="weight"))
         # scenarios=[]: ingestion accepts every scenario; unknown ones are routed here (fallback/quarantine).
         self.mapping = ColumnMapping(data, scenarios=[], require_label=False)
-        self.mapping.check_parts(parts)
+        self.mapping.check_parts(parts, problems)
         self.parts = parts
         # Each output keeps its input's folders (hive partitions such as market=us/day=1) below --output.
-        self.shards = [Shard(i, Path(p.path), p.rel_dir) for i, p in enumerate(parts)]
+        self.shards = [Shard(i, Path(p.path), p.rel_dir, p.identity()) for i, p in enumerate(parts)]
         if cfg.serving.unit_rows < 1:
             raise ConfigError(f"serving.unit_rows: must be >= 1, got {cfg.serving.unit_rows}")
         # Rows of every row group of each file, from the footers read above (FilePart's row starts cover all
@@ -160,18 +168,38 @@ class Inputs:
         self.batch_rows = cfg.data.batch_rows
         self.quarantine_schema = quarantine_schema(self.mapping.keys)
 
-    def batches(self, unit: Unit):
+    def batches(self, unit: Unit, unreadable: list[Unreadable] | None = None):
         """(accepted canonical batch, quarantined batch, rows read) of one unit, streamed in input order.
 
         The unit's file part keeps only the unit's row groups (of those data.filters left); row numbers
-        stay the file's own, so source_row is the row's number inside its file.
+        stay the file's own, so source_row is the row's number inside its file. With ``unreadable`` (a
+        list), a row group whose data cannot be read is appended to it and its unread rows come out as
+        quarantined rows with reason ``unreadable`` (values null); without it, DataError.
         """
         whole = self.parts[unit.shard.index]
         part = dataclasses.replace(whole, row_groups=[g for g in whole.row_groups
                                                       if unit.first_group <= g < unit.end_group])
-        for batch, rows in part.batches(self.mapping.read_columns(), self.batch_rows, self.filter):
+        lost: list[Unreadable] = []
+        for batch, rows in part.batches(self.mapping.read_columns(), self.batch_rows, self.filter,
+                                        unreadable=None if unreadable is None else lost.append):
             accepted, quarantined = self.mapping.canonicalize(batch, rows, part)
             yield accepted, quarantined, batch.num_rows
+            yield from self._drain(lost, unreadable, part.path)
+        yield from self._drain(lost, unreadable, part.path)
+
+    def _drain(self, lost: list[Unreadable], into: list[Unreadable] | None, path: str):
+        """Quarantine rows (reason ``unreadable``) for the row groups that could not be read, batch_rows at a time."""
+        while lost:
+            gone = lost.pop(0)
+            into.append(gone)
+            for start in range(gone.first_row, gone.end_row, self.batch_rows):
+                rows = pa.array(np.arange(start, min(start + self.batch_rows, gone.end_row), dtype=np.int64))
+                cols = {f.name: pa.nulls(len(rows), f.type) for f in self.quarantine_schema}
+                cols.update(reason=pa.repeat(pa.scalar(UNREADABLE, pa.string()), len(rows)),
+                            column=pa.repeat(pa.scalar("", pa.string()), len(rows)),
+                            source_file=pa.repeat(pa.scalar(str(path), pa.string()), len(rows)), source_row=rows)
+                batch = pa.RecordBatch.from_pydict(cols, schema=self.quarantine_schema)
+                yield empty_batch(self.mapping.schema()), batch, len(rows)
 
     def to_quarantine(self, table: pa.Table, reason: str, column: str = "") -> pa.Table:
         """Accepted-schema rows -> quarantine rows (values as strings) with ``reason`` and ``column``."""

@@ -34,6 +34,10 @@ with the actor's traceback; Ray's own logs are under /tmp/ray/session_*/logs):
   * Ray Data's INFO lines and progress log: with --quiet, or when stderr is not a terminal (a scheduled
     job's log), its console handler shows WARNING and above only (its log file under the session folder still
     gets everything).
+  * an actor that dies mid-job (killed, out of memory): Ray Data logs the error with a traceback on the
+    console, then raises it in the driver. The console record is dropped and the driver raises WorkerLost,
+    one line naming the actor's pid and node and how many units are finished (exit 8; --resume redoes
+    only the rest).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -48,8 +53,10 @@ import numpy as np
 
 from kernel import storage
 from kernel.config import config_from_dict, to_dict
-from kernel.errors import ConfigError
+from kernel.environment import RAY_DEATHS
+from kernel.errors import ConfigError, WorkerLost
 from kernel.logs import progress_enabled
+from serving.scoring import outputs
 from serving.scoring.plan import Inputs
 from serving.scoring.scorer import BatchScorer
 from serving.scoring.worker import Job, score_unit
@@ -180,10 +187,55 @@ def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", thre
                 **resources,
                 **extra,
             )
-        with contextlib.nullcontext() if progress_enabled(job.quiet) else _console_at_warning("ray.data"):
+        quiet = contextlib.nullcontext() if progress_enabled(job.quiet) else _console_at_warning("ray.data")
+        with quiet, _without_deaths("ray.data"):
             return ds.take_all()
+    except Exception as e:
+        lost = _worker_lost(e, job, plan)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         context.wait_for_min_actors_s = saved_wait
+
+
+def _worker_lost(error: BaseException, job: Job, plan: Inputs) -> WorkerLost | None:
+    """A WorkerLost naming the actor (pid, node) when ``error`` is Ray's report of a dead actor or worker."""
+    death = next((e for e in _chain(error) if {c.__name__ for c in type(e).__mro__} & RAY_DEATHS), None)
+    if death is None:
+        return None
+    text = str(death)
+    pid, ip = (re.search(rf"\b{k}: (\S+)", text) for k in ("pid", "ip"))
+    done = sum(outputs.is_done(job.out, u, job.model_version) for u in plan.units)
+    who = f"pid {pid.group(1)} on {ip.group(1)}" if pid and ip else "its process"
+    return WorkerLost(f"a Ray scoring actor ({who}) died ({type(death).__name__}: killed, out of memory or its node "
+                      f"lost); {done} of {len(plan.units)} units are finished in {job.out}")
+
+
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+@contextlib.contextmanager
+def _without_deaths(name: str):
+    """Ray Data logs a dead actor with a traceback on the console before it raises; the driver reports it in
+    one line (WorkerLost), so those records are kept off the console handlers of logger ``name`` for the
+    block (Ray's log files under the session folder still get them)."""
+    def keep(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not any({c.__name__ for c in type(e).__mro__} & RAY_DEATHS for e in _chain(error))
+
+    handlers = [h for h in logging.getLogger(name).handlers
+                if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__]
+    for h in handlers:
+        h.addFilter(keep)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(keep)
 
 
 def _no_restarts(ray) -> dict:

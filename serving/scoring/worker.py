@@ -5,7 +5,8 @@
     score_unit(scorer, plan, plan.units[7], out)     # one unit: output + quarantine, then its marker
     python -m serving.scoring.worker --config _job/config.yaml ... --rank 1 --world-size 4   # a child process
 
-A unit's rows go: plan.batches (read, mapped, validated; rejected rows to the unit's quarantine) -> chunks of
+A unit's rows go: plan.batches (read, mapped, validated; rejected rows, and the rows of a row group whose data
+cannot be read, to the unit's quarantine) -> chunks of
 ``serving.chunk_rows`` -> BatchScorer.score (serving.scoring.scorer) -> the unit's output file. A unit's
 output, its quarantine and its marker are written atomically (serving.scoring.outputs), so every engine (this
 process, local worker processes, Ray actors) runs the same ``score_unit`` on the same units, and resumes
@@ -96,9 +97,10 @@ def score_unit(scorer: BatchScorer, inputs: Inputs, unit: Unit, out: Path | str,
             if progress is not None:
                 progress.update(scored.num_rows + unknown.num_rows)
 
+    unreadable: list = []  # row groups whose data could not be read: quarantined, reported in the marker
     try:
         buffered = 0
-        for accepted, rejected, n in inputs.batches(unit):
+        for accepted, rejected, n in inputs.batches(unit, unreadable):
             counts["rows_in"] += n
             if rejected.num_rows:
                 quarantine.write(pa.Table.from_batches([rejected]))
@@ -122,7 +124,9 @@ def score_unit(scorer: BatchScorer, inputs: Inputs, unit: Unit, out: Path | str,
     summary = {"rows_in": counts["rows_in"], "scored": counts["scored"], "fallback": counts["fallback"],
                "quarantined": sum(reasons.values()), "by_reason": dict(reasons),
                "model_version": scorer.model_version, "pid": os.getpid(), "host": socket.gethostname(),
-               "started": round(t0, 3), "seconds": round(time.time() - t0, 3)}
+               "started": round(t0, 3), "seconds": round(time.time() - t0, 3),
+               "unreadable": [{"row_group": u.row_group, "rows": [u.first_row, u.end_row], "error": u.error}
+                              for u in unreadable]}
     outputs.mark_done(out, unit, summary)
     return summary
 
