@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
 from features.tokenize import build_features
@@ -29,10 +28,9 @@ from kernel.errors import ConfigError, DataError
 from modeling.base import load_saved_tokenizer
 from modeling.pairs import pair_format_from
 from serving.layout import BASE_DIR
-from serving.scoring.model import ScoringModel
 from serving.scoring.plan import check_serving_limits
+from serving.scoring.runtime import load_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCORE_COLUMNS = ("score", "score_raw", "score_calibrated", "decision")
 
 
@@ -62,14 +60,16 @@ def check_serving(serving: ServingConfig, known: list[str], export_dir: Path) ->
 
 
 class BatchScorer:
-    """One ScoringModel + its tokenizer (+ calibration); turns canonical tables into scores."""
+    """One model (serving.scoring.runtime: torch or ONNX Runtime, per-scenario precision) + its tokenizer
+    (+ calibration); turns canonical tables into scores."""
 
     def __init__(self, export_dir: str | Path, serving: ServingConfig, model_version: str,
                  device: str | None = None):
         self.export_dir = Path(export_dir)
         self.serving = serving
         self.model_version = model_version
-        self.model = ScoringModel.load(self.export_dir, dtype=DTYPES[serving.dtype], device=device)
+        # serving.engine / serving.precision / serving.threads: scenario -> (engine, precision) in self.plan
+        self.model, self.plan = load_model(self.export_dir, serving, device)
         self.max_length = int(self.model.manifest["max_length"])
         self.pair_format = pair_format_from(self.model.manifest["input"].get("pair_format"))
         check_serving(serving, self.model.scenarios, self.export_dir)
