@@ -5,7 +5,7 @@
 For every scenario the gate scores its validation rows (at most serving.precision_gate.max_rows, the first
 ones) through the same scorer as ``serving.score`` (serving.scoring.scorer), once in fp32 (ONNX Runtime)
 and once per candidate (serving.onnx.candidates: the int8 graphs of serving.export.onnx_graphs, torch
-bf16), and records per candidate:
+bf16 where this machine has fast bf16 kernels), and records per candidate:
 
     max_abs_dp   max over the scenario's rows of |p_candidate - p_fp32|, p = sigmoid(logit)
     auc_change   AUC(labels, p_candidate) - AUC(labels, p_fp32)
@@ -117,6 +117,11 @@ def gate_precisions(stage: Path, valid: pa.Table, manifest: dict, cfg: Config, f
                    "auc_fp32": auc(labels[names == s], p_ref[names == s]), "candidates": {}} for s in scenarios}
     for cand in ocfg.candidates:
         engine = ENGINE_OF[cand]
+        if cand == "bf16" and not fast_bf16():
+            for s in scenarios:
+                results[s]["candidates"][cand] = {"max_abs_dp": None, "auc": None, "auc_change": None, "passed": False,
+                                                  "why": NO_FAST_BF16}
+            continue
         if cand == "bf16" and "fp32" not in speed.setdefault("torch", {}):
             speed["torch"]["fp32"] = table.num_rows / _scores(stage, cfg, table, "torch", "fp32")[1]
         if engine == "onnxruntime" and any(cand not in g for g in onnx["graphs"].values()):
@@ -137,6 +142,22 @@ def gate_precisions(stage: Path, valid: pa.Table, manifest: dict, cfg: Config, f
         for s, files in onnx["graphs"].items():
             for cand in [c for c in files if c != "fp32" and not results[s]["candidates"].get(c, {}).get("passed")]:
                 (stage / files.pop(cand)).unlink(missing_ok=True)
+
+
+NO_FAST_BF16 = ("not measured: no fast bf16 kernels on the exporting machine (oneDNN needs AVX-512 or AMX; "
+                "elsewhere torch's bf16 matmul is 10-50x slower than fp32)")
+
+
+def fast_bf16() -> bool:
+    """Whether torch runs bf16 matmuls fast here: CUDA, or oneDNN's bf16 path (AVX-512 / AVX512-BF16 / AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def fastest_passed(candidates: dict[str, dict], speed: dict[str, float]) -> str:

@@ -86,35 +86,48 @@ class BatchScorer:
     def scenarios(self) -> list[str]:
         return self.model.scenarios
 
-    def logits(self, table: pa.Table, scored_as: np.ndarray) -> np.ndarray:
-        """(n,) float32 logits in input order; row i uses scenario ``scored_as[i]`` (all non-None).
+    def features(self, table: pa.Table, scored_as: np.ndarray):
+        """Token ids of ``table``'s pairs, each row routed to ``scored_as[i]`` (features.tokenize.FeatureSet).
 
-        Tokenisation and padding are training's own (features.tokenize.build_features / collate).
-        """
-
-        out = np.empty(table.num_rows, dtype=np.float32)
-        if table.num_rows == 0:
-            return out
+        Tokenisation and padding are training's own (features.tokenize.build_features / collate)."""
         routed = table.set_column(table.schema.get_field_index("scenario"), "scenario",
                                   pa.array(scored_as.tolist(), pa.string()))
-        feats = build_features(routed, self.tokenizer, self.model.task_map, self.max_length, cache_dir=None,
-                               batch_size=self.serving.chunk_rows, pair_format=self.pair_format)
-        pad_id, bs = self.tokenizer.pad_token_id, self.serving.batch_size
+        return build_features(routed, self.tokenizer, self.model.task_map, self.max_length, cache_dir=None,
+                              batch_size=self.serving.chunk_rows, pair_format=self.pair_format)
+
+    def batches(self, feats) -> list[tuple[str, np.ndarray]]:
+        """(scenario, row indices) per batch: rows grouped by scenario, the one already loaded first (one
+        switch fewer), each group sorted by token length (similar lengths share a batch: less padding)."""
         tasks = np.unique(feats.task_ids).tolist()
         current = self.scenarios.index(self.model.current) if self.model.current in self.scenarios else None
-        if current in tasks:  # start with the scenario already loaded: one switch fewer per chunk
+        if current in tasks:
             tasks.remove(current)
             tasks.insert(0, current)
+        out = []
         for task in tasks:
             rows = np.flatnonzero(feats.task_ids == task)
-            rows = rows[np.argsort(feats.lengths[rows], kind="stable")]  # similar lengths share a batch
-            self.model.use(self.scenarios[task])
-            for start in range(0, len(rows), bs):
-                idx = rows[start : start + bs]
-                batch = feats.collate(idx, pad_id)
-                out[idx] = self.model.logits(batch["input_ids"], batch["attention_mask"],
-                                             batch.get("token_type_ids")).cpu().numpy()
+            rows = rows[np.argsort(feats.lengths[rows], kind="stable")]
+            out += [(self.scenarios[task], rows[s : s + self.serving.batch_size])
+                    for s in range(0, len(rows), self.serving.batch_size)]
         return out
+
+    def forward(self, feats, batches: list[tuple[str, np.ndarray]]) -> np.ndarray:
+        """(n,) float32 logits of ``feats`` in row order, ``batches`` as ``batches`` plans them."""
+        out = np.empty(len(feats), dtype=np.float32)
+        pad_id = self.tokenizer.pad_token_id
+        for scenario, idx in batches:
+            self.model.use(scenario)
+            batch = feats.collate(idx, pad_id)
+            out[idx] = self.model.logits(batch["input_ids"], batch["attention_mask"],
+                                         batch.get("token_type_ids")).cpu().numpy()
+        return out
+
+    def logits(self, table: pa.Table, scored_as: np.ndarray) -> np.ndarray:
+        """(n,) float32 logits in input order; row i uses scenario ``scored_as[i]`` (all non-None)."""
+        if table.num_rows == 0:
+            return np.empty(0, dtype=np.float32)
+        feats = self.features(table, scored_as)
+        return self.forward(feats, self.batches(feats))
 
     def scores(self, logits: np.ndarray, scored_as: np.ndarray) -> dict[str, pa.Array]:
         """The score columns of rows with these logits (all rows have a scenario to score as).
