@@ -63,7 +63,7 @@ class Trial:
 
         self.serving = dataclasses.replace(cfg.serving, engine=engine, precision=precision, threads=threads)
         self.scorer = BatchScorer(export_dir, self.serving, "bench")
-        self.chunks = []  # (feats, batches) per chunk, as score_unit cuts them
+        self.batches = []  # (scenario, tokenized batch), as the scorer plans the chunks that score_unit cuts
         for unit in plan.units:
             import pyarrow as pa
 
@@ -72,16 +72,15 @@ class Trial:
             for start in range(0, table.num_rows, self.serving.chunk_rows):
                 part = table.slice(start, self.serving.chunk_rows)
                 scored_as, _, _ = route_scenarios(part.column("scenario"), self.scorer.scenarios, self.serving)
-                feats = self.scorer.features(part, scored_as)
-                self.chunks.append((feats, self.scorer.batches(feats)))
-        self.rows = sum(len(f) for f, _ in self.chunks)
-        self.shapes = [(len(idx), int(f.lengths[idx].max())) for f, b in self.chunks for _, idx in b]
+                self.batches += [(s, self.scorer.tokenize(part, s, rows)) for s, rows in self.scorer.batches(part, scored_as)]
+        self.rows = sum(len(f) for _, f in self.batches)
+        self.shapes = [(len(f), int(f.lengths.max())) for _, f in self.batches]
         self.e2e, self.fwd = [], []
 
     def forward_only(self) -> float:
         t0 = time.perf_counter()
-        for feats, batches in self.chunks:
-            self.scorer.forward(feats, batches)
+        for scenario, feats in self.batches:
+            self.scorer.forward(scenario, feats)
         return time.perf_counter() - t0
 
     def end_to_end(self, plan, out: Path) -> float:
@@ -105,8 +104,9 @@ def measure(export_dir: Path, path: Path, threads: int, repeats: int, work: Path
     cfg = load_config(export_dir / "config.yaml")
     plan = Inputs(cfg, [str(path)])
     trials = {name_of(*c): Trial(export_dir, cfg, *c, threads, plan) for c in configs}
-    for t in trials.values():  # warm-up: sessions, kernels, allocator
-        t.scorer.forward(*t.chunks[0])
+    for t in trials.values():  # warm-up: every scenario's session or weights, kernels, allocator
+        for scenario in t.scorer.scenarios:
+            t.scorer.forward(scenario, next(f for s, f in t.batches if s == scenario))
     names = list(trials)
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -186,7 +186,7 @@ def bf16_probe(export_dir: Path, path: Path, threads: int, rows: int = 64) -> di
         t = Trial(export_dir, cfg, "torch", precision, threads, plan)
         t.forward_only()
         seconds = t.forward_only()
-        logits = np.concatenate([t.scorer.forward(f, b) for f, b in t.chunks])
+        logits = np.concatenate([t.scorer.forward(s, f) for s, f in t.batches])
         out[precision] = {"rows_per_s": t.rows / seconds, "p": 1 / (1 + np.exp(-logits.astype(np.float64)))}
     dp = float(np.abs(out["bf16"]["p"] - out["fp32"]["p"]).max())
     print(f"  torch bf16 (emulated here, {rows} rows, forward only): {out['bf16']['rows_per_s']:.1f} rows/s vs fp32 "

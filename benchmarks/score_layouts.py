@@ -68,11 +68,10 @@ def compare_layouts(export_dir: Path, traffic_path: Path, threads: int, repeats:
     scenario = trial.scorer.scenarios[0]
     merged_path = export_dir / trial.scorer.model.graphs[scenario]
     feeds = []
-    for feats, batches in trial.chunks:
-        for s, idx in batches:
-            if s == scenario:
-                b = feats.collate(idx, trial.scorer.tokenizer.pad_token_id)
-                feeds.append({k: b[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids") if k in b})
+    for s, feats in trial.batches:
+        if s == scenario:
+            b = feats.collate(np.arange(len(feats)), trial.scorer.tokenizer.pad_token_id)
+            feeds.append({k: b[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids") if k in b})
     rows = sum(len(f["input_ids"]) for f in feeds)
     with tempfile.TemporaryDirectory(prefix="layouts-") as tmp:
         factored_path = Path(tmp) / "factored.onnx"
