@@ -133,3 +133,29 @@ def test_failing_scenario_is_scored_in_fp32_and_passing_one_in_its_precision(gat
     np.testing.assert_array_equal(auto[names == low], logits_of(direct, table)[names == low])
     with pytest.raises(DataError, match=f"scenario '{high}'"):  # int8 forced where no graph was kept
         scorer_of(export_dir, engine="onnxruntime", precision="int8_dynamic")
+
+
+def test_engine_and_precision_choice_and_their_errors():
+    from kernel.config import ServingConfig
+    from kernel.errors import ConfigError
+    from serving.scoring.runtime import choose_engine, choose_precisions
+
+    graphs = {"a": {"fp32": "onnx/a/fp32.onnx", "int8_static": "onnx/a/int8_static.onnx"}, "b": {"fp32": "onnx/b/fp32.onnx"}}
+    with_onnx = {"scenarios": {"a": {}, "b": {}},
+                 "onnx": {"graphs": graphs, "serve": {"a": {"onnxruntime": "int8_static", "torch": "fp32"},
+                                                      "b": {"onnxruntime": "fp32", "torch": "fp32"}}}}
+    without = {"scenarios": {"a": {}, "b": {}}, "onnx": None}
+    assert choose_engine(ServingConfig(), with_onnx, "cpu") == "onnxruntime"
+    assert choose_engine(ServingConfig(), with_onnx, "cuda") == "torch"
+    assert choose_engine(ServingConfig(), without, "cpu") == "torch"
+    assert choose_engine(ServingConfig(precision="bf16"), with_onnx, "cpu") == "torch"
+    with pytest.raises(ConfigError, match="no ONNX graphs"):
+        choose_engine(ServingConfig(engine="onnxruntime"), without, "cpu")
+    with pytest.raises(ConfigError, match="bf16"):
+        choose_engine(ServingConfig(engine="onnxruntime", precision="bf16"), with_onnx, "cpu")
+    with pytest.raises(ConfigError, match="int8"):
+        choose_engine(ServingConfig(engine="torch", precision="int8"), with_onnx, "cpu")
+    assert choose_precisions(ServingConfig(), with_onnx, "onnxruntime") == {"a": "int8_static", "b": "fp32"}
+    assert choose_precisions(ServingConfig(), without, "torch") == {"a": "fp32", "b": "fp32"}
+    with pytest.raises(DataError, match="scenario 'b'"):
+        choose_precisions(ServingConfig(precision="int8"), with_onnx, "onnxruntime")
