@@ -15,12 +15,11 @@ tokenizers that make them, ``token_type_ids``; output ``logits`` (batch,) float3
 as training (modeling.model.pooled_logits).
 
 Candidates (all ONNX Runtime's own quantization tool; weights int8 per output channel):
-    int8_dynamic   activations quantized per tensor at run time (uint8), every MatMul (the attention
-                   products too), as ONNX Runtime's quantizer does by default
+    int8_dynamic   activations quantized per tensor at run time (uint8), every MatMul with a weight (ONNX
+                   Runtime's dynamic quantizer leaves the attention products, activation x activation, in fp32)
     int8_static    activation scales calibrated on validation rows (QDQ format), MatMuls with a weight
-    int8_partial   as int8_dynamic on the MatMuls with a weight, except the sensitive ones: the last encoder
-                   layer, the head and the FFN down-projections (their input follows the GELU, whose
-                   activations have the widest range); the softmax-adjacent attention products stay fp32
+    int8_partial   as int8_dynamic, except the sensitive MatMuls: the last encoder layer, the head and the FFN
+                   down-projections (their input follows the GELU, whose activations have the widest range)
 On CPUs without VNNI, u8·s8 products are summed in int16 and can saturate: weights then use 7 bits
 (``reduce_range``), as ONNX Runtime advises; the manifest records it.
 """
@@ -139,7 +138,7 @@ def write_int8(export_dir: Path, graphs: dict[str, dict[str, str]], variants: li
                                     per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                                     weight_type=QuantType.QInt8, nodes_to_quantize=matmuls,
                                     calibrate_method=CalibrationMethod.MinMax)
-                else:  # int8_partial: weight MatMuls only, less the sensitive ones (attention products stay fp32)
+                else:  # int8_partial: the weight MatMuls less the sensitive ones
                     keep = set(sensitive_nodes(matmuls))
                     only = [m for m in matmuls if m not in keep] if variant == "int8_partial" else None
                     quantize_dynamic(str(src), dst, per_channel=True, reduce_range=reduce_range,
@@ -147,10 +146,9 @@ def write_int8(export_dir: Path, graphs: dict[str, dict[str, str]], variants: li
                                      nodes_to_quantize=only)
             files[variant] = rel
     return {"weights": "int8 per output channel", "reduce_range": reduce_range,
-            "activations": {"int8_dynamic": "uint8 per tensor, scaled at run time (every MatMul)",
+            "activations": {"int8_dynamic": "uint8 per tensor, scaled at run time (MatMuls with a weight)",
                             "int8_static": "uint8 per tensor, MinMax-calibrated on validation rows (QDQ)",
-                            "int8_partial": "as int8_dynamic on weight MatMuls; attention products, last layer, "
-                                            "head and FFN down-projections fp32"}}
+                            "int8_partial": "as int8_dynamic; last layer, head and FFN down-projections fp32"}}
 
 
 class _Feeds:
