@@ -130,7 +130,8 @@ def write_onnx(stage: Path, tokenizer, manifest: dict, cfg: Config, valid: str |
     """onnx/<s>/fp32.onnx per scenario; with ``valid``, the lower-precision candidates and their accuracy gate
     (serving.export.precision_gate). The manifest records both and is rewritten."""
     manifest["onnx"] = {"opset": cfg.serving.onnx.opset,
-                        "graphs": write_fp32_graphs(stage, tokenizer, cfg.serving.onnx.opset),
+                        "graphs": write_fp32_graphs(stage, tokenizer, cfg.serving.onnx.opset,
+                                                    keep_unfused=bool(valid) and "int8_static" in cfg.serving.onnx.candidates),
                         "gate": None, "serve": None}
     write_json_atomic(stage / MANIFEST_FILE, manifest)
     if valid and cfg.serving.onnx.candidates:
