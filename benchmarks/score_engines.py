@@ -1,6 +1,6 @@
 """Scoring engines side by side on a fine-tuned MiniLM: end-to-end and forward-only rows/s, the GEMM ceiling, RSS.
 
-    python benchmarks/score_engines.py                      # the documented run (about 30 min on 2 cores)
+    python benchmarks/score_engines.py --layouts            # the documented run (about 30 min on 2 cores)
     python benchmarks/score_engines.py --threads 1 --rows 512 --repeats 1 --skip-rss    # a quick look
 
 The model is all-MiniLM-L6-v2 fine-tuned on real WDC product pairs by the project's own training and exported
@@ -223,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "score-engines", help="cache of data, model, export")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (batch 32)")
-    p.add_argument("--rows", type=int, default=1536, help="traffic rows per timed pass")
+    p.add_argument("--rows", type=int, default=1024, help="traffic rows per timed pass")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rss-rows", type=int, default=2000, help="RSS at this many rows and 10x as many")
+    p.add_argument("--rss-rows", type=int, default=1000, help="RSS at this many rows and 10x as many")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--layouts", action="store_true", help="also: merged graphs vs LoRA factors at run time")
     p.add_argument("--json", type=Path, help="also write the results here")

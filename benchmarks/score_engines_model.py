@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +68,10 @@ def fine_tuned_export(work: Path, steps: int = 150) -> Path:
         from serving.export.source import export_config
 
         print(f"exporting (ONNX graphs, precision gate on {data_dir / 'valid.parquet'}) -> {export_dir}", flush=True)
+        t0 = time.perf_counter()
         run(export_config(model_dir, overrides=EXPORT_OVERRIDES), model_dir, export_dir,
             valid=data_dir / "valid.parquet")
+        print(f"export took {time.perf_counter() - t0:.0f} s", flush=True)
     return export_dir
 
 
