@@ -36,7 +36,8 @@ def tiny_config(work_dir: Path, pooling: str = "cls", arch: str = "bert", servin
                     "targets": ["llama_attention"] if llama else ["query", "key", "value", "attention.output.dense"]},
         "data": {"columns": WDC_COLUMNS, "scenarios": SCENARIOS},
         "features": {"max_length": 40},
-        "serving": {"batch_size": 8, "chunk_rows": 64, **(serving or {})},
+        # ONNX graphs only where a test asks for them (serving.onnx.export=true): the export stays fast.
+        "serving": {"batch_size": 8, "chunk_rows": 64, "onnx": {"export": False}, **(serving or {})},
         "tracking": {"experiment": "serving-tests"},
     })
 

@@ -98,7 +98,7 @@ def test_bf16_scoring_within_stated_tolerance(tmp_path):
     table = canonical(wdc_raw(per_category=8))
     ref = sigmoid(training_logits(model_dir, table))
     for dtype, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
-        scorer = BatchScorer(tmp_path / "export", ServingConfig(dtype=dtype, batch_size=4), "test")
+        scorer = BatchScorer(tmp_path / "export", ServingConfig(precision=dtype, batch_size=4), "test")
         scored, unknown = scorer.score(table)
         assert unknown.num_rows == 0
         np.testing.assert_allclose(scored["score"].to_numpy(), ref, atol=tol, rtol=0)

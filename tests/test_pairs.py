@@ -81,7 +81,7 @@ def test_training_export_and_scoring_share_the_text_format(tmp_path, decoder_tok
 
 def test_a_gguf_decoder_exports_a_dequantized_safetensors_base(tmp_path):
     """transformers marks a GGUF-loaded model as quantized (save_pretrained refuses); the export writes a plain
-    safetensors base whose scores, like every scenario's, equal the training model's."""
+    safetensors base and ONNX graphs whose scores, like every scenario's, equal the training model's."""
     from transformers import AutoModelForSequenceClassification
 
     from kernel.task_map import TaskMap
@@ -99,11 +99,13 @@ def test_a_gguf_decoder_exports_a_dequantized_safetensors_base(tmp_path):
     model = build_model(cfg, 3)
     assert getattr(model.backbone, "hf_quantizer", None) is None
     model_dir = save_trained(model, cfg, TaskMap(["cameras", "computers", "shoes"]), {}, tmp_path / "model")
-    manifest = export(model_dir, tmp_path / "export")
+    manifest = export(model_dir, tmp_path / "export", overrides=["serving.onnx.export=true"])
     base = tmp_path / "export" / "base"
     assert (base / "model.safetensors").is_file() and "quantization_config" not in (base / "config.json").read_text()
     assert manifest["input"]["pair_format"]["kind"] == "text"
     AutoModelForSequenceClassification.from_pretrained(base)  # a plain checkpoint: no gguf needed to load it
     table = canonical(wdc_raw(per_category=4))
-    scored, _ = BatchScorer(tmp_path / "export", ServingConfig(batch_size=4), "test").score(table)
-    np.testing.assert_allclose(scored["score"].to_numpy(), sigmoid(training_logits(model_dir, table)), atol=1e-5)
+    ref = sigmoid(training_logits(model_dir, table))
+    for engine in ("torch", "onnxruntime"):  # the decoder's merged graphs too (ONNX Runtime, fp32)
+        scored, _ = BatchScorer(tmp_path / "export", ServingConfig(batch_size=4, engine=engine), "test").score(table)
+        np.testing.assert_allclose(scored["score"].to_numpy(), ref, atol=1e-5)

@@ -29,8 +29,10 @@ def registered(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     valid = root / "valid.parquet"
     pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
-    export(trained_folder(root, "mean"), root / "export", valid=valid, tracking_uri=uri,
-                 name="relevance", alias="champion", overrides=["serving.calibrate=true"])
+    # Scored on ONNX Runtime (serving.engine=auto on CPU), one int8 candidate gated on the validation rows.
+    export(trained_folder(root, "mean"), root / "export", valid=valid, tracking_uri=uri, name="relevance",
+           alias="champion", overrides=["serving.calibrate=true", "serving.onnx.export=true",
+                                        "serving.onnx.candidates=[int8_dynamic]"])
     raw = wdc_raw("test", per_category=7, categories=["cameras", "computers", "shoes", "watches"])
     traffic = root / "traffic.parquet"
     pq.write_table(raw, traffic)  # the user's own columns, mapped by the export's data.columns
@@ -41,6 +43,25 @@ def registered(tmp_path_factory):
                        "serving.fallback_scenario=shoes"]) == 0
     reference = pq.read_table(out).to_pandas().sort_values("source_row").reset_index(drop=True)
     return {"root": root, "uri": uri, "rows": rows.to_pandas(), "raw": raw.to_pandas(), "reference": reference}
+
+
+def test_the_registered_export_scores_on_onnx_runtime_and_logs_its_gate(registered):
+    from mlflow import MlflowClient
+
+    from kernel.config import load_config
+    from serving.layout import read_manifest
+    from serving.scoring.runtime import choose_engine
+
+    export_dir = registered["root"] / "export"
+    manifest = read_manifest(export_dir)
+    assert choose_engine(load_config(export_dir / "config.yaml").serving, manifest, "cpu") == "onnxruntime"
+    run_id = json.loads((export_dir / "registered.json").read_text())["export_run_id"]
+    metrics = MlflowClient(registered["uri"]).get_run(run_id).data.metrics
+    for scenario, res in manifest["onnx"]["gate"]["scenarios"].items():
+        got = res["candidates"]["int8_dynamic"]
+        assert metrics[f"gate.{scenario}.int8_dynamic.max_abs_dp"] == pytest.approx(got["max_abs_dp"])
+        assert metrics[f"gate.{scenario}.int8_dynamic.auc_change"] == pytest.approx(got["auc_change"])
+        assert metrics[f"gate.{scenario}.int8_dynamic.passed"] == float(got["passed"])
 
 
 def _env(uri: str) -> dict:

@@ -180,6 +180,32 @@ class TrackingConfig:
 
 
 @dataclass
+class OnnxExportConfig:
+    """What the export writes for ONNX Runtime: each scenario's merged model as an ONNX graph (fp32), and the
+    lower-precision candidates that the accuracy gate (PrecisionGateConfig) judges on the validation split."""
+
+    export: bool = True  # onnx/<scenario>/fp32.onnx beside the safetensors
+    opset: int = 17
+    # Lower precisions tried per scenario (need --valid): ONNX Runtime int8 with dynamic activation scales and
+    # per-channel weights; static int8 calibrated on validation rows; dynamic int8 everywhere except the
+    # sensitive nodes (the last encoder layer, the head, the FFN down-projections); torch bf16.
+    candidates: list[Literal["int8_dynamic", "int8_static", "int8_partial", "bf16"]] = field(
+        default_factory=lambda: ["int8_dynamic", "int8_static", "int8_partial", "bf16"])
+    calibration_rows: int = 256  # validation rows (all scenarios) that calibrate static int8
+    keep_failed: bool = False  # also keep the graphs of candidates that failed the gate (benchmarks)
+
+
+@dataclass
+class PrecisionGateConfig:
+    """A lower precision serves a scenario only when, on the export's validation rows of that scenario, its
+    probabilities stay within ``max_abs_dp`` of fp32's on every row and its AUC within ``max_auc_change``."""
+
+    max_abs_dp: float = 0.02
+    max_auc_change: float = 0.002
+    max_rows: int = 2000  # validation rows per scenario the gate scores (first ones); bounds export time
+
+
+@dataclass
 class ServingConfig:
     batch_size: int = 64
     # Rows of a scenario the model does not know: score them as fallback_scenario (flagged), or quarantine.
@@ -193,7 +219,18 @@ class ServingConfig:
     # group larger than this is a unit alone). Each unit gets its own output, quarantine and marker, so
     # one large file is scored in parallel; changing it between a run and its --resume redoes the file.
     unit_rows: int = 50_000
-    dtype: Literal["fp32", "bf16"] = "fp32"  # scoring precision (bf16: probabilities within 2e-2 of fp32)
+    # Who runs the forward: torch, onnxruntime (the export's ONNX graphs, CPU) or auto (ONNX Runtime on CPU
+    # when the export holds ONNX graphs, torch on CUDA, for bf16 or without graphs).
+    engine: Literal["torch", "onnxruntime", "auto"] = "auto"
+    # auto: per scenario the fastest precision that passed the export's accuracy gate for the engine (fp32
+    # where none passed or the export had no --valid). fp32, bf16 (torch), int8 (ONNX Runtime: the gate's
+    # best int8 graph) or one int8 variant by name are explicit: used for every scenario, gate or not.
+    precision: Literal["auto", "fp32", "bf16", "int8", "int8_dynamic", "int8_static", "int8_partial"] = "auto"
+    # Intra-op threads of the forward (torch and ONNX Runtime alike); 0: torch's current count, so workers
+    # and Ray actors that set torch's count do not oversubscribe the cores.
+    threads: int = 0
+    onnx: OnnxExportConfig = field(default_factory=OnnxExportConfig)
+    precision_gate: PrecisionGateConfig = field(default_factory=PrecisionGateConfig)
     # Batch scoring fails (exit 6, DATA_GATE) when quarantined / rows_in of the whole job exceeds this;
     # the scores and the quarantine are still written. A rate equal to the threshold passes.
     max_quarantine_rate: float = 0.05

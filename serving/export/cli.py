@@ -64,6 +64,8 @@ from modeling.artifact import load_trained
 from modeling.base import load_tokenizer
 from serving.export.checkpoints import write_checkpoints
 from serving.export.manifest import build_manifest
+from serving.export.onnx_graphs import write_fp32_graphs
+from serving.export.precision_gate import gate_precisions, served_summary
 from serving.export.source import (
     CONFIG_FILE,
     check_trained_sections,
@@ -72,7 +74,7 @@ from serving.export.source import (
     trained_metrics,
     trained_model,
 )
-from serving.export.validation import fit_on_validation
+from serving.export.validation import fit_on_validation, read_validation
 from serving.layout import MANIFEST_FILE, REGISTERED_FILE, factors_digest
 from serving.registry.register import register_export
 
@@ -115,6 +117,8 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         dump_config(cfg, stage / CONFIG_FILE)
         task_map.save(stage / TASK_MAP_FILE)  # a copy of the file ingestion wrote
+        if cfg.serving.onnx.export:
+            write_onnx(stage, tokenizer, manifest, cfg, valid)
         if valid:
             fit_on_validation(stage, valid, manifest, calibration_method or cfg.monitoring.calibration_method)
             write_json_atomic(stage / MANIFEST_FILE, manifest)
@@ -131,6 +135,21 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
             if remote:  # beside the committed folder: which registry version this content is
                 storage.write_json(storage.join(out, REGISTERED_FILE), manifest["registered"])
     return Outcome(manifest, [out])
+
+
+def write_onnx(stage: Path, tokenizer, manifest: dict, cfg: Config, valid: str | Path | None) -> None:
+    """onnx/<s>/fp32.onnx per scenario; with ``valid``, the lower-precision candidates and their accuracy gate
+    (serving.export.precision_gate). The manifest records both and is rewritten."""
+    manifest["onnx"] = {"opset": cfg.serving.onnx.opset,
+                        "graphs": write_fp32_graphs(stage, tokenizer, cfg.serving.onnx.opset,
+                                                    keep_unfused=bool(valid) and "int8_static" in cfg.serving.onnx.candidates),
+                        "gate": None, "serve": None}
+    write_json_atomic(stage / MANIFEST_FILE, manifest)
+    if valid and cfg.serving.onnx.candidates:
+        gate_precisions(stage, read_validation(valid), manifest, cfg, fitted_on=storage.name(valid))
+        write_json_atomic(stage / MANIFEST_FILE, manifest)
+        for line in served_summary(manifest):
+            print(f"precision gate: {line}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ def build_manifest(cfg: Config, tokenizer, layers: list[str], entries: dict[str,
         "base": BASE_DIR, "factors": FACTORS_FILE, "adapted_layers": layers,
         "task_map": TASK_MAP_FILE, "scenarios": entries,
         "calibration": None, "reference": None, "thresholds": None,
+        "onnx": None,  # serving.export.onnx_graphs (graphs per scenario), serving.export.precision_gate (gate, serve)
         "metrics": metrics,
         "source": source,
         "data_fingerprint": fingerprint,

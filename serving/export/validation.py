@@ -35,14 +35,21 @@ def best_f1_thresholds(scenarios: np.ndarray, labels: np.ndarray, scores: np.nda
     return out
 
 
-def fit_on_validation(out: Path, valid: str | Path, manifest: dict, method: str = "isotonic") -> None:
-    """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds."""
+def read_validation(valid: str | Path):
+    """The canonical validation table; DataError names the file and the missing column."""
     if not storage.is_file(valid):
         raise DataError(f"--valid {valid}: no such Parquet file")
     table = pq.read_table(valid)
     for col in ("query", "title", "scenario", "label"):
         if col not in table.column_names:
             raise DataError(f"--valid {valid}: column {col!r} is missing (canonical columns expected)")
+    return table
+
+
+def fit_on_validation(out: Path, valid: str | Path, manifest: dict, method: str = "isotonic") -> None:
+    """Score ``valid`` with the staged export; write calibration.json, the drift references and thresholds.
+    The scores are those served by default (serving.precision=auto: the gate's choice per scenario)."""
+    table = read_validation(valid)
     known = set(manifest["scenarios"])
     scored = score_table(out, table, calibrate=False)
     keep = np.array([s in known for s in scored["scenario"].to_pylist()])  # unknown scenarios: no fit

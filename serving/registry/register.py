@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # What the pyfunc imports when it loads (serving.scoring.scorer and everything below it).
 CODE_PACKAGES = ("kernel", "modeling", "evaluation", "features", "pipeline", "serving")
 REQUIREMENTS = ("torch", "transformers", "pyarrow", "safetensors", "scikit-learn", "pandas", "pyyaml", "mlflow",
-                "numpy")
+                "numpy", "onnx", "onnxruntime")
 
 
 def input_columns(columns) -> dict[str, str]:
@@ -79,6 +79,23 @@ def _requirements() -> list[str]:
     return out
 
 
+def gate_metrics(manifest: dict) -> dict[str, float]:
+    """The precision gate's figures as MLflow metrics: ``gate.<scenario>.<candidate>.max_abs_dp`` and
+    ``.auc_change`` (and ``.passed`` 0/1) per scenario and candidate; scenario names are made metric-safe."""
+    import re
+
+    out = {}
+    gate = (manifest.get("onnx") or {}).get("gate") or {}
+    for scenario, res in (gate.get("scenarios") or {}).items():
+        safe = re.sub(r"[^A-Za-z0-9_\-. /]", "_", scenario)
+        for cand, r in res["candidates"].items():
+            for k in ("max_abs_dp", "auc_change"):
+                if r.get(k) is not None:
+                    out[f"gate.{safe}.{cand}.{k}"] = float(r[k])
+            out[f"gate.{safe}.{cand}.passed"] = float(r["passed"])
+    return out
+
+
 def register_export(out: Path, tracking_uri: str, experiment: str, name: str, alias: str | None = None,
                     training_run: str | None = None, parent_run: str | None = None,
                     example: pd.DataFrame | None = None, description: str | None = None,
@@ -98,6 +115,8 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
     manifest = read_manifest(out)
     columns = load_config(out / "config.yaml").data.columns  # the mapping the pyfunc reads its input with
     client.log_param(export_run, "model_version", manifest["model_version"])
+    for key, value in gate_metrics(manifest).items():
+        client.log_metric(export_run, key, value)
     # The registry looks the logged model up through MLflow's global tracking URI: register inside the block.
     with fluent_uri(tracking_uri):
         with mlflow.start_run(run_id=training_run or export_run):

@@ -11,9 +11,9 @@ committing the unit's output, quarantine and marker before the call returns. Out
 ``--resume`` therefore behave as on one process, and the scores are the same. The output folder must be
 reachable from every node (a shared file system).
 
-Resources: each actor requests ``threads`` CPUs (torch runs that many threads in it; 1 by default, so N
-actors on N cores do not oversubscribe) and one GPU when the cluster has GPUs (Ray sets the actor's
-CUDA_VISIBLE_DEVICES; without the request Ray would hide the GPUs from it).
+Resources: each actor requests ``threads`` CPUs (torch or ONNX Runtime runs that many threads in it:
+serving.threads; 1 by default, so N actors on N cores do not oversubscribe) and one GPU when the cluster
+has GPUs (Ray sets the actor's CUDA_VISIBLE_DEVICES; without the request Ray would hide the GPUs from it).
 
 ``--ray-address local`` (the default) starts a private Ray on this machine bound to 127.0.0.1, no
 dashboard; ``auto`` or ``host:port`` joins a running cluster.
@@ -85,6 +85,8 @@ class UnitScorer:
             # The tokenizer's thread pool too (read when it first runs): N actors use N cores, not N x all.
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.cfg = config_from_dict(cfg)
+        if threads > 0:  # the actor's CPUs bound both engines' threads (serving.threads), whatever the config says
+            self.cfg.serving.threads = threads
         self.data = Inputs(self.cfg, inputs)
         self.scorer = BatchScorer(export_dir, self.cfg.serving, model_version)
         self.out = out if storage.is_uri(out) else Path(out)

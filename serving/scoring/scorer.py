@@ -6,10 +6,10 @@
 How one chunk (``serving.chunk_rows`` rows) is scored:
     1. routing: a known scenario scores as itself; an unknown one as ``serving.fallback_scenario``
        (``fallback`` = True) or, with ``serving.unknown_scenario = quarantine``, is returned in ``unknown``
-    2. pairs (query, ad text) are tokenized and padded exactly as for training (features.tokenize)
-    3. rows are grouped by the scenario they score as; within a group sorted by token length (less padding);
-       the model switches to that scenario's merged weights once per group and runs batches of
-       ``serving.batch_size``
+    2. pairs (query, ad text) are tokenized and padded exactly as for training (features.tokenize), per batch
+    3. rows are grouped by the scenario they score as; within a group sorted by length (less padding);
+       the model switches to that scenario's weights (or session) once per group and runs batches of
+       ``serving.batch_size``; a background thread tokenizes the next batch during each forward
     4. probability = sigmoid(logit), then the scenario's calibration when ``serving.calibrate``;
        results are put back in the input order
 
@@ -28,19 +28,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from evaluation.calibration import CALIBRATION_FILE, ScenarioCalibrator
-from features.tokenize import build_features
+from features.tokenize import ad_text, build_features
 from kernel.config import ServingConfig
 from kernel.errors import ConfigError, DataError
 from modeling.base import load_saved_tokenizer
 from modeling.pairs import pair_format_from
 from serving.layout import BASE_DIR
-from serving.scoring.model import ScoringModel
 from serving.scoring.plan import check_serving_limits
+from serving.scoring.runtime import load_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCORE_COLUMNS = ("score", "score_raw", "score_calibrated", "decision")
 # manifest["thresholds"] key of the decision threshold for each kind of served score (serving.calibrate).
 THRESHOLD_KEYS = {False: "f1_max_raw", True: "f1_max_calibrated"}
@@ -73,14 +71,16 @@ def check_serving(serving: ServingConfig, known: list[str], export_dir: Path) ->
 
 
 class BatchScorer:
-    """One ScoringModel + its tokenizer (+ calibration); turns canonical tables into scores."""
+    """One model (serving.scoring.runtime: torch or ONNX Runtime, per-scenario precision) + its tokenizer
+    (+ calibration); turns canonical tables into scores."""
 
     def __init__(self, export_dir: str | Path, serving: ServingConfig, model_version: str,
                  device: str | None = None):
         self.export_dir = Path(export_dir)
         self.serving = serving
         self.model_version = model_version
-        self.model = ScoringModel.load(self.export_dir, dtype=DTYPES[serving.dtype], device=device)
+        # serving.engine / serving.precision / serving.threads: scenario -> (engine, precision) in self.plan
+        self.model, self.plan = load_model(self.export_dir, serving, device)
         self.max_length = int(self.model.manifest["max_length"])
         self.pair_format = pair_format_from(self.model.manifest["input"].get("pair_format"))
         check_serving(serving, self.model.scenarios, self.export_dir)
@@ -92,40 +92,69 @@ class BatchScorer:
         # Per-scenario decision thresholds for the served kind of score, fitted at export on validation
         # scores of that kind (max F1); an export without them (no --valid, or older) gives no decision.
         self.thresholds = (self.model.manifest.get("thresholds") or {}).get(THRESHOLD_KEYS[serving.calibrate]) or {}
+        self._tokenizing = None  # the thread that tokenizes the next batch (created on first use)
 
     @property
     def scenarios(self) -> list[str]:
         return self.model.scenarios
 
+    def batches(self, table: pa.Table, scored_as: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(scenario, row indices) per batch of ``serving.batch_size``: rows grouped by the scenario they score
+        as, the one already loaded first (one switch fewer), each group sorted by the pair's length in
+        characters, a proxy of its token count known before tokenizing (similar lengths share a batch: less
+        padding), so that tokenizing a batch can overlap the forward of the one before."""
+        chars = pc.add(pc.utf8_length(table.column("query")), pc.utf8_length(ad_text(table)))
+        chars = pc.fill_null(chars, 0).to_numpy(zero_copy_only=False)
+        names = [s for s in self.scenarios if s in set(scored_as.tolist())]
+        if self.model.current in names:
+            names.remove(self.model.current)
+            names.insert(0, self.model.current)
+        out = []
+        for name in names:
+            rows = np.flatnonzero(scored_as == name)
+            rows = rows[np.argsort(chars[rows], kind="stable")]
+            out += [(name, rows[s : s + self.serving.batch_size]) for s in range(0, len(rows), self.serving.batch_size)]
+        return out
+
+    def tokenize(self, table: pa.Table, scenario: str, rows: np.ndarray):
+        """Token ids of rows ``rows`` of ``table``, all scored as ``scenario`` (a features.tokenize.FeatureSet):
+        training's own tokenization and padding."""
+        part = table.take(pa.array(rows))
+        part = part.set_column(part.schema.get_field_index("scenario"), "scenario",
+                               pa.repeat(pa.scalar(scenario, pa.string()), len(rows)))
+        return build_features(part, self.tokenizer, self.model.task_map, self.max_length, cache_dir=None,
+                              batch_size=max(len(rows), 1), pair_format=self.pair_format)
+
+    def forward(self, scenario: str, feats) -> np.ndarray:
+        """(len(feats),) float32 logits of one tokenized batch with ``scenario``'s model."""
+        self.model.use(scenario)
+        batch = feats.collate(np.arange(len(feats)), self.tokenizer.pad_token_id)
+        return self.model.logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).cpu().numpy()
+
     def logits(self, table: pa.Table, scored_as: np.ndarray) -> np.ndarray:
         """(n,) float32 logits in input order; row i uses scenario ``scored_as[i]`` (all non-None).
 
-        Tokenisation and padding are training's own (features.tokenize.build_features / collate).
-        """
-
+        A background thread tokenizes the next batch while this one runs the forward (both release the GIL:
+        the Rust tokenizer, ONNX Runtime and torch kernels), so tokenizing costs little wall time."""
         out = np.empty(table.num_rows, dtype=np.float32)
-        if table.num_rows == 0:
+        batches = self.batches(table, scored_as) if table.num_rows else []
+        if not batches:
             return out
-        routed = table.set_column(table.schema.get_field_index("scenario"), "scenario",
-                                  pa.array(scored_as.tolist(), pa.string()))
-        feats = build_features(routed, self.tokenizer, self.model.task_map, self.max_length, cache_dir=None,
-                               batch_size=self.serving.chunk_rows, pair_format=self.pair_format)
-        pad_id, bs = self.tokenizer.pad_token_id, self.serving.batch_size
-        tasks = np.unique(feats.task_ids).tolist()
-        current = self.scenarios.index(self.model.current) if self.model.current in self.scenarios else None
-        if current in tasks:  # start with the scenario already loaded: one switch fewer per chunk
-            tasks.remove(current)
-            tasks.insert(0, current)
-        for task in tasks:
-            rows = np.flatnonzero(feats.task_ids == task)
-            rows = rows[np.argsort(feats.lengths[rows], kind="stable")]  # similar lengths share a batch
-            self.model.use(self.scenarios[task])
-            for start in range(0, len(rows), bs):
-                idx = rows[start : start + bs]
-                batch = feats.collate(idx, pad_id)
-                out[idx] = self.model.logits(batch["input_ids"], batch["attention_mask"],
-                                             batch.get("token_type_ids")).cpu().numpy()
+        pool = self._pool()
+        ahead = pool.submit(self.tokenize, table, *batches[0])
+        for i, (scenario, rows) in enumerate(batches):
+            feats = ahead.result()
+            if i + 1 < len(batches):
+                ahead = pool.submit(self.tokenize, table, *batches[i + 1])
+            out[rows] = self.forward(scenario, feats)
         return out
+
+    def _pool(self):
+        if self._tokenizing is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        return self._tokenizing
 
     def scores(self, logits: np.ndarray, scored_as: np.ndarray) -> dict[str, pa.Array]:
         """The score columns of rows with these logits (all rows have a scenario to score as).

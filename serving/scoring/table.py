@@ -37,7 +37,7 @@ def score_table(model: str | Path, table: pa.Table, tracking_uri: str | None = N
     cfg = load_config(export_dir / "config.yaml")
     if calibrate is not None:
         cfg.serving.calibrate = calibrate
-    key = (str(Path(export_dir).resolve()), version, cfg.serving.calibrate, cfg.serving.dtype,
+    key = (str(Path(export_dir).resolve()), version, cfg.serving.calibrate, cfg.serving.engine, cfg.serving.precision,
            cfg.serving.unknown_scenario, cfg.serving.fallback_scenario)
     if key not in _SCORERS:
         _SCORERS.clear()  # keep one model in memory
