@@ -42,6 +42,8 @@ Exit codes: kernel.exit_codes (2: bad source, folder or config; 5: MLflow did no
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -51,10 +53,10 @@ from kernel.atomic import publish_dir, write_json_atomic
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import DataError
 from kernel.exit_codes import OK, run_cli
-from kernel.hashing import fingerprint_files
+from kernel.hashing import file_digest, fingerprint_files
 from kernel.stage import Outcome
-from kernel.task_map import TASK_MAP_FILE
-from modeling.artifact import load_trained
+from kernel.task_map import TASK_MAP_FILE, TaskMap
+from modeling.artifact import START_FILE, TRAINABLE_FILE, TRAINED_DIR, load_trained
 from modeling.base import load_tokenizer
 from serving.export.checkpoints import write_checkpoints
 from serving.export.manifest import build_manifest
@@ -101,6 +103,7 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
         fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
         manifest = build_manifest(cfg, tokenizer, layers, entries, digest=factors_digest(stage),
                                   metrics=trained_metrics(model_dir), source=source, fingerprint=fingerprint)
+        manifest.update(carry_trained(model_dir, stage))
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         dump_config(cfg, stage / CONFIG_FILE)
         task_map.save(stage / TASK_MAP_FILE)  # a copy of the file ingestion wrote
@@ -120,6 +123,18 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
             if remote:  # beside the committed folder: which registry version this content is
                 storage.write_json(storage.join(out, REGISTERED_FILE), manifest["registered"])
     return Outcome(manifest, [out])
+
+
+def carry_trained(model_dir: Path, stage: Path) -> dict:
+    """Copy the trained-model folder into the export (``trained/``: what a warm start continues) and return the
+    manifest's entries for it: its digest, and what the model itself started from (a warm-started model)."""
+    shutil.copytree(model_dir, stage / TRAINED_DIR, ignore=shutil.ignore_patterns(".*"))
+    start = json.loads((model_dir / START_FILE).read_text()) if (model_dir / START_FILE).is_file() else None
+    if start is not None:  # scenario ids never change meaning from one version of a model to the next
+        TaskMap.load(model_dir / TASK_MAP_FILE).check_extends(
+            TaskMap(start["scenarios"]), f"the model it started from ({start['init_from']})")
+    return {"trained": {"dir": TRAINED_DIR, "digest": file_digest(model_dir / TRAINABLE_FILE, 12)},
+            "started_from": start}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,7 @@ def build_manifest(cfg: Config, tokenizer, layers: list[str], entries: dict[str,
         "calibration": None, "reference": None, "thresholds": None,
         "metrics": metrics,
         "source": source,
+        "trained": None, "started_from": None,  # the trained-model folder's copy and its start (serving.export.cli)
         "data_fingerprint": fingerprint,
         "config": "config.yaml",
     }
