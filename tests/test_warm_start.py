@@ -175,3 +175,20 @@ def test_what_a_warm_start_refuses(base, markets, tmp_path, one_rank):
         _cfg(tmp_path, f"train.init_from={base}", "train.adapt=task_only", "adapter.method=lora")
     with pytest.raises(ConfigError, match="not a trained-model folder"):
         train(_cfg(tmp_path, f"train.init_from={markets['known']}"), markets["new"], tmp_path / "nothing")
+
+def test_a_model_that_gains_a_task_computes_each_known_tasks_factors_bit_for_bit():
+    """Task t's factors U_t, A must not depend on how many tasks the model holds (a GEMM's rounding may depend on
+    its row count): a model that gains a scenario then scores the known ones exactly as before."""
+    from modeling.inject import adapter_layers
+    from modeling.warm_start import load_start
+    from tests.shared import BERT, randomize_adapters, tiny_adapted_model
+
+    small = tiny_adapted_model(BERT, "mean", ["query", "value"], 3)
+    randomize_adapters(small)
+    grown = tiny_adapted_model(BERT, "mean", ["query", "value"], 5)
+    load_start(grown, {n: p.detach().clone() for n, p in small.named_parameters() if p.requires_grad}, 3)
+    for name, layer in adapter_layers(small).items():
+        other = adapter_layers(grown)[name]
+        for t in range(3):
+            assert all(torch.equal(x, y) for x, y in zip(layer.lora_pair(t), other.lora_pair(t))), (name, t)
+
