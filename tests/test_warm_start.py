@@ -173,6 +173,8 @@ def test_what_a_warm_start_refuses(base, markets, tmp_path, one_rank):
         train(_cfg(tmp_path, f"train.init_from={base}", "train.adapt=task_only"), markets["known"], tmp_path / "same")
     with pytest.raises(ConfigError, match="adapter.method lora has none"):
         _cfg(tmp_path, f"train.init_from={base}", "train.adapt=task_only", "adapter.method=lora")
+    with pytest.raises(ConfigError, match="pin the method"):
+        _cfg(tmp_path, f"train.init_from={base}", "train.adapt=task_only", "train.compare=[mtl_lora, lora]")
     with pytest.raises(ConfigError, match="not a trained-model folder"):
         train(_cfg(tmp_path, f"train.init_from={markets['known']}"), markets["new"], tmp_path / "nothing")
 
@@ -192,3 +194,30 @@ def test_a_model_that_gains_a_task_computes_each_known_tasks_factors_bit_for_bit
         for t in range(3):
             assert all(torch.equal(x, y) for x, y in zip(layer.lora_pair(t), other.lora_pair(t))), (name, t)
 
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_shared_lora_continues_its_own_model_under_zero(base, markets, tmp_path, one_rank, stage):
+    """LoRA has no per-scenario parameters: a new market is served by its one update, fine-tuned (adapt=all)."""
+    from training.trainer import Trainer, train
+
+    start = train(_cfg(tmp_path, "adapter.method=lora", "train.max_steps=4", f"train.zero_stage={stage}"),
+                  markets["known"], tmp_path / "start")
+    cfg = _cfg(tmp_path, "adapter.method=lora", f"train.zero_stage={stage}", f"train.init_from={start.model_dir}",
+               "train.warm.steps=3")
+    trainer = Trainer(cfg, markets["new"], tmp_path / "grown").setup()
+    state = load_file(str(start.model_dir / "trainable.safetensors"))
+    live = trainer.gathered_trainable_state()
+    assert set(live) == set(state) and all(torch.equal(live[k], state[k]) for k in state)  # starts where it was
+    assert trainer.task_map.names == [*KNOWN, NEW] and trainer.run().steps == 3
+
+
+def test_compare_warm_starts_the_method_of_the_starting_model_only(base, tmp_path, capsys):
+    from job.steps import JobContext, JobPaths
+    from job.warm import compare_configs
+
+    cfg = _cfg(tmp_path, f"train.init_from={base}", "train.compare=[mtl_lora, lora]")
+    configs = compare_configs(JobContext(JobPaths(cfg), {}, lineage=None), resume=False)
+    assert configs["mtl_lora"].train.init_from == str(base) and configs["mtl_lora"].adapter.method == "mtl_lora"
+    assert configs["lora"].train.init_from == "" and configs["lora"].adapter.method == "lora"
+    assert "lora trains from scratch" in capsys.readouterr().out
