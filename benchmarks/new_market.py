@@ -113,8 +113,9 @@ class Bench:
         a = self.args
         data = new_market(self.wdc, self.out / "data" / f"new-{h}-k{k}-s{seed}", h, k, seed)
         start = {m: self.out / "runs" / f"base/{h}/{m}/s{seed}" / "model" for m in ("mtl_lora", "lora")}
-        arms = {"mtl_task_only": ("mtl_lora", [f"train.task_lr={a.task_lr}", *self.warm(a.warm_steps, 0.0, "task_only")]),
-                "mtl_task_only_lr": ("mtl_lora", self.warm(a.warm_steps, 0.0, "task_only")),
+        task_only = self.warm(a.warm_steps, 0.0, "task_only")
+        arms = {"mtl_task_only": ("mtl_lora", [f"train.task_lr={a.task_lr}", *task_only]),
+                "mtl_task_only_lr": ("mtl_lora", task_only),
                 "mtl_all": ("mtl_lora", self.warm(a.warm_steps, a.warm_lr)),
                 "lora_all": ("lora", self.warm(a.warm_steps, a.warm_lr))}
         for arm in a.arms:
@@ -197,7 +198,8 @@ def test_metrics(model_dir: Path, test_path: Path, precision: str) -> dict:
     table = pq.read_table(test_path)
     table = table.filter(pc.is_in(table["scenario"], value_set=pa.array(task_map.names, pa.string())))
     tok = load_tokenizer(cfg)
-    feats = build_features(table, tok, task_map, cfg.features.max_length, cache_dir=cfg.local_work_dir / "features_cache")
+    feats = build_features(table, tok, task_map, cfg.features.max_length,
+                           cache_dir=cfg.local_work_dir / "features_cache")
     device = torch.device("cpu")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         return evaluate(model, feats, task_map, 128, tok.pad_token_id, device)

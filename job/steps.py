@@ -293,8 +293,9 @@ def model_card(ctx: JobContext) -> dict:
     cfg = ctx.cfg
     return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
             "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
-            "scenarios": warm.model_scenarios(ctx.paths.train / "model"), "started_from": ctx.info("train").get("started_from"),
-            "training_run": ctx.info("train").get("run_id"), "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
+            "scenarios": warm.model_scenarios(ctx.paths.train / "model"),
+            "started_from": ctx.info("train").get("started_from"), "training_run": ctx.info("train").get("run_id"),
+            "test_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 
 def champion_now(ctx: JobContext) -> dict:

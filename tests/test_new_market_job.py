@@ -16,6 +16,7 @@ from job.steps import JobContext, JobPaths
 from kernel.config import config_from_dict, load_config
 from kernel.exit_codes import OK
 from monitoring.promote import evaluate, gate
+from serving.scoring.table import score_table
 from tests.shared import TINY_CONFIG as TINY
 
 
@@ -46,6 +47,11 @@ def test_a_new_market_joins_the_champion_overnight(tmp_path, capsys):
     assert promote["metrics"]["new_scenarios"] == ["us"]
     assert {s: d["delta"] for s, d in promote["metrics"]["delta"].items()} == {"de": 0.0, "jp": 0.0, "uk": 0.0}
     assert promote["metrics"]["candidate"]["us"]["n"] == pq.read_table(n2 / "data" / "test.parquet").num_rows
+    # Through export and batch scoring, the known markets' scores are bit-identical to the champion's.
+    old = pq.read_table(night1_test)
+    scores = [score_table(work / "runs" / night / "export", old)["score"].to_numpy(zero_copy_only=False)
+              for night in ("n1", "n2")]
+    assert len(scores[0]) == old.num_rows and np.isfinite(scores[0]).all() and np.array_equal(*scores)
     # Replayed: the champion alias now names this night's own model, which is not a new starting model.
     assert main(night2) == OK
     assert capsys.readouterr().out.count("up to date") == 7

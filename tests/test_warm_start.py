@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -77,15 +76,13 @@ def test_task_map_is_only_ever_appended_to():
             TaskMap(reordered).check_extends(tm, "the starting model")
 
 
-def test_task_only_keeps_every_known_market_bitwise_through_export_and_scoring(base, markets, tmp_path, one_rank):
-    """Only the new market's Λ_t and w_t train; the known markets' weights, exports and scores are bit-identical."""
-    from serving.export.cli import run as export
-    from serving.export.source import export_config
-    from serving.scoring.table import score_table
+def test_task_only_trains_only_the_new_market_and_keeps_every_known_row_bitwise(base, markets, tmp_path, one_rank):
+    """Only the new market's Λ_t and w_t train; every known market's weights are written bit for bit, even with
+    the engine holding the frozen ones in bf16. (Through export and scoring: tests/test_new_market_job.py.)"""
     from training.trainer import train
 
     cfg = _cfg(tmp_path, f"train.init_from={base}", "train.adapt=task_only", "train.warm.steps=8",
-               "train.task_lr=0.05", "train.precision=bf16")  # bf16: the engine holds frozen weights in bf16
+               "train.task_lr=0.05", "train.precision=bf16")
     result = train(cfg, markets["new"], tmp_path / "train")
     before = load_file(str(base / "model" / "trainable.safetensors"))
     after = load_file(str(result.model_dir / "trainable.safetensors"))
@@ -99,22 +96,6 @@ def test_task_only_keeps_every_known_market_bitwise_through_export_and_scoring(b
     assert TaskMap.load(result.model_dir / TASK_MAP_FILE).names == [*KNOWN, NEW]
     record = json.loads((result.model_dir / "start.json").read_text())
     assert record["path"] == str((base / "model").resolve()) and record["scenarios"] == KNOWN
-
-    exports = {}
-    for name, model_dir in (("base", base / "model"), ("grown", result.model_dir)):
-        exports[name] = tmp_path / f"export-{name}"
-        export(export_config(model_dir), model_dir, exports[name])
-    manifest = json.loads((exports["grown"] / "manifest.json").read_text())
-    assert manifest["started_from"]["trained_digest"] == record["trained_digest"]
-    assert (exports["grown"] / "trained" / "trainable.safetensors").read_bytes() == \
-        (result.model_dir / "trainable.safetensors").read_bytes()
-    test = pq.read_table(markets["test"])
-    old = test.filter(pc.is_in(test["scenario"], value_set=pa.array(KNOWN)))
-    scores = {n: score_table(d, old)["score"].to_numpy(zero_copy_only=False) for n, d in exports.items()}
-    assert len(scores["base"]) == old.num_rows and np.isfinite(scores["base"]).all()
-    assert np.array_equal(scores["base"], scores["grown"])  # bitwise: the same floats, row by row
-    new_rows = test.filter(pc.equal(test["scenario"], NEW))
-    assert np.isfinite(score_table(exports["grown"], new_rows)["score"].to_numpy(zero_copy_only=False)).all()
 
 
 def _fresh_new_rows(cfg, name: str) -> torch.Tensor:
@@ -196,11 +177,11 @@ def test_a_model_that_gains_a_task_computes_each_known_tasks_factors_bit_for_bit
 
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_shared_lora_continues_its_own_model_under_zero(base, markets, tmp_path, one_rank, stage):
+def test_shared_lora_continues_its_own_model_under_zero1(base, markets, tmp_path, one_rank):
     """LoRA has no per-scenario parameters: a new market is served by its one update, fine-tuned (adapt=all)."""
     from training.trainer import Trainer, train
 
+    stage = 1
     start = train(_cfg(tmp_path, "adapter.method=lora", "train.max_steps=4", f"train.zero_stage={stage}"),
                   markets["known"], tmp_path / "start")
     cfg = _cfg(tmp_path, "adapter.method=lora", f"train.zero_stage={stage}", f"train.init_from={start.model_dir}",
