@@ -12,7 +12,6 @@ Each step calls its stage's function with the typed config (never a command line
 """
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -20,16 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from job import warm
 from job.lineage import JobLineage, ingest_profile, log_input
 from job.state import listing
 from kernel import exit_codes, storage
 from kernel.atomic import publish_dir, staging_dir
 from kernel.config import Config, to_dict
 from kernel.errors import QuarantineRateExceeded
-from kernel.metric_names import TEST_SPLIT, TRAFFIC, metric_name
+from kernel.metric_names import EVAL_SET, TEST_SPLIT, TRAFFIC, metric_name
 from kernel.mlflow_client import mlflow_client
 from kernel.stage import Outcome
-from kernel.task_map import TASK_MAP_FILE, TaskMap
 from monitoring import check, promote
 from monitoring.history import recent_checks
 from pipeline import ingest
@@ -152,9 +151,7 @@ def run_compare(ctx: JobContext, resume: bool) -> Outcome:
     macro AUC (training.compare) becomes train/model, and the evidence goes to every method's MLflow run."""
     p, cfg = ctx.paths, ctx.cfg
     results = {}
-    for method in cfg.train.compare:
-        c = copy.deepcopy(cfg)
-        c.adapter.method = method
+    for method, c in warm.compare_configs(ctx, resume).items():  # a starting model: its own method starts from it
         out = p.train / method
         results[method] = launch.run(c, p.data, out, resume=resume and (out / "checkpoints" / "latest").is_file(),
                                      tags={**ctx.lineage.tags("train"), "compare_method": method}).info
@@ -260,7 +257,10 @@ def champion_scores(ctx: JobContext, candidate: str) -> dict | None:
     export_dir, version = resolve_model(f"models:/{cfg.tracking.registered_model}/{champ}", cfg.tracking_uri)
     out = ctx.paths.champion_scores
     storage.delete(out)
-    score(cfg, export_dir, [str(ctx.paths.score_input)], out, model_version=version, quiet=True)  # no gate here
+    outcome = score(cfg, export_dir, [str(ctx.paths.score_input)], out, model_version=version, quiet=True)  # no gate
+    if warm.champion_scored_nothing(outcome):
+        log.info(f"the champion ({version}) serves none of the scored scenarios (a new market): no comparison")
+        return None
     return {"scored": out, "version": version}
 
 
@@ -272,10 +272,12 @@ def run_promote(ctx: JobContext, resume: bool) -> Outcome:
     if champion_now(ctx).get("champion") == str(version):  # e.g. only a gate setting changed since it was promoted
         return Outcome({"passed": True, "reasons": [], "candidate_version": version, "champion_version": version,
                         "note": f"version {version} is already the champion"}, [])
-    eval_path = storage.join(ctx.paths.data, "test.parquet")
+    eval_paths = [str(storage.join(ctx.paths.data, "test.parquet")), *cfg.monitoring.gate_eval]
     with ctx.lineage.child("promote") as tracker:
-        log_input(tracker, eval_path, TEST_SPLIT, "evaluation")
-        outcome = promote.run(cfg, str(eval_path), candidate=version, about=model_card(ctx), eval_data=TEST_SPLIT)
+        for path in eval_paths:
+            log_input(tracker, path, TEST_SPLIT if path == eval_paths[0] else EVAL_SET, "evaluation")
+        outcome = promote.run(cfg, eval_paths, candidate=version, about=model_card(ctx), eval_data=TEST_SPLIT,
+                              require=warm.served_scenarios(ctx, champion_now(ctx).get("champion")))
         result = outcome.info
         tracker.set_tags({"candidate_version": version, "decision": "promoted" if result["passed"] else "rejected",
                           "data": TEST_SPLIT})
@@ -310,8 +312,9 @@ def model_card(ctx: JobContext) -> dict:
     cfg = ctx.cfg
     return {"method": cfg.adapter.method, "base_model": cfg.model.path if cfg.model.init != "random" else "random init",
             "pooling": cfg.model.pooling, "adapter": f"r={cfg.adapter.r}, n_up={cfg.adapter.n_up}, tau={cfg.adapter.tau}",
-            "scenarios": TaskMap.load(storage.join(ctx.paths.data, TASK_MAP_FILE)).names,
-            "training_run": ctx.info("train").get("run_id"), "scored_data": ctx.paths.score_data,
+            "scenarios": warm.model_scenarios(ctx.paths.train / "model"),
+            "started_from": ctx.info("train").get("started_from"), "training_run": ctx.info("train").get("run_id"),
+            "scored_data": ctx.paths.score_data,
             "scored_metrics": (ctx.info("monitor").get("summary") or {}).get("metrics")}
 
 
@@ -335,17 +338,19 @@ MONITOR_KEYS = [f"monitoring.{k}" for k in (
     "bootstrap_rounds", "psi_threshold", "max_quarantine_rate", "calibration_bins", "length_psi_threshold",
     "drift_bins", "drift_min_rows", "fail_on_unseen_scenarios", "alert_min_auc", "seed")] + ["serving.calibrate"]
 GATE_KEYS = ["monitoring.min_auc", "monitoring.auc_tolerance", "monitoring.bootstrap_rounds", "monitoring.seed",
-             "tracking.registered_model"]
+             "monitoring.gate_eval", "tracking.registered_model"]
 
 STEP_TABLE: dict[str, Step] = {s.name: s for s in [
     Step("generate", ["data.source", "data.synthetic"], [], run_generate),
     Step("ingest", INGEST_KEYS, ["generate"], run_ingest,
          inputs=lambda ctx: {} if ctx.cfg.data.source == "synthetic" else {"source": listing(ctx.cfg.data.source)}),
-    Step("train", ["features", "model", "adapter", "train", "tracking.experiment"], ["ingest"], run_train),
+    Step("train", ["features", "model", "adapter", "train", "tracking.experiment"], ["ingest"], run_train,
+         inputs=warm.start_input),
     Step("export", ["monitoring.calibration_method", "tracking.registered_model", "features.pair_format"],
          ["train", "ingest"], run_export),
     Step("score", ["serving", "data.columns", "data.filters", "data.score_input"], ["export", "ingest"], run_score,
          inputs=lambda ctx: {"score_input": listing(ctx.cfg.data.score_input)} if ctx.cfg.data.score_input else {}),
     Step("monitor", MONITOR_KEYS, ["score", "export"], run_monitor),
-    Step("promote", GATE_KEYS, ["export", "ingest"], run_promote, inputs=champion_now),
+    Step("promote", GATE_KEYS, ["export", "ingest"], run_promote,
+         inputs=lambda ctx: {**champion_now(ctx), "gate_eval": [listing(p) for p in ctx.cfg.monitoring.gate_eval]}),
 ]}

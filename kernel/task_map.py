@@ -4,6 +4,12 @@ reads that file, and the trained-model folder and the export carry byte-for-byte
     tm = TaskMap(["cameras", "computers"]);  tm.id_of("computers") == 1
     tm.ids(pa.array(["cameras", "computers"]))  -> np.array([0, 1])
     tm = TaskMap.load(data_dir / TASK_MAP_FILE);  tm.save(model_dir / TASK_MAP_FILE)   # a copy of that file
+    grown = tm.extended(["shoes", "cameras"])   # ["cameras", "computers", "shoes"]: append-only, ids kept
+    grown.check_extends(tm, "the trained model")  # DataError if grown reorders or drops tm's scenarios
+
+A model's task map travels with it (trained-model folder, export). A warm-started model extends its starting
+model's map: known scenarios keep their ids, new ones are appended in the order given; nothing is ever
+reordered or removed, so a scenario id means the same thing in every version of a model.
 """
 from __future__ import annotations
 
@@ -51,6 +57,19 @@ class TaskMap:
             unknown = pc.unique(pc.filter(arr, pc.is_null(idx))).to_pylist()
             raise UnknownScenario(f"scenarios {unknown[:10]} are not among the model's scenarios {self.names}")
         return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def extended(self, names: Sequence[str]) -> "TaskMap":
+        """This map with the scenarios of ``names`` it lacks appended (in ``names``' order); ids never move."""
+        new = [n for n in dict.fromkeys(names) if n not in self._index]
+        return self if not new else TaskMap(self.names + new)
+
+    def check_extends(self, old: "TaskMap", what: str) -> None:
+        """DataError unless this map is ``old`` followed by zero or more new scenarios (``what``: whose old map)."""
+        if self.names[:len(old)] != old.names:
+            moved = [f"{n!r}: {i} -> {self._index.get(n, 'removed')}" for i, n in enumerate(old.names)
+                     if self._index.get(n) != i]
+            raise DataError(f"task map {self.names} does not extend the task map of {what} {old.names}: scenario "
+                            f"ids would change meaning ({', '.join(moved)}); a task map is only ever appended to")
 
     def save(self, path: str | Path) -> None:
         """Write the map; a map read from a file is copied as it is (the file ingestion wrote stays the one)."""

@@ -5,8 +5,12 @@
         task_map.json          scenario -> task id
         trainable.safetensors  adapter parameters (A, B, lam, w per layer) and the head, by name
         metrics.json           validation metrics of the selected checkpoint
+        start.json             a warm-started model only: what it started from (training.warm_start)
 
-    save_trained(model, cfg, task_map, metrics, model_dir)
+An export carries a byte copy of this folder as ``<export>/trained/`` (TRAINED_DIR), so that a registered
+model can be warm-started from (``train.init_from``).
+
+    save_trained(model, cfg, task_map, metrics, model_dir, start=record)
     cfg, task_map, model = load_trained(model_dir)
 """
 from __future__ import annotations
@@ -23,6 +27,8 @@ from kernel.task_map import TASK_MAP_FILE, TaskMap
 from modeling.model import RelevanceModel, build_model
 
 TRAINABLE_FILE = "trainable.safetensors"
+START_FILE = "start.json"
+TRAINED_DIR = "trained"  # the trained-model folder's copy inside an export
 
 
 def trainable_state(model: RelevanceModel) -> dict[str, torch.Tensor]:
@@ -31,14 +37,17 @@ def trainable_state(model: RelevanceModel) -> dict[str, torch.Tensor]:
 
 def save_trained(
     model: RelevanceModel, cfg: Config, task_map: TaskMap, metrics: dict, model_dir: str | Path,
-    state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None, start: dict | None = None,
 ) -> Path:
-    """Write the folder atomically enough for readers: files are complete before metrics.json lands."""
+    """Write the folder atomically enough for readers: files are complete before metrics.json lands.
+    ``start``: what a warm-started model started from (start.json)."""
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state if state is not None else trainable_state(model), str(out / TRAINABLE_FILE))
     dump_config(cfg, out / "config.yaml")
     task_map.save(out / TASK_MAP_FILE)
+    if start is not None:
+        (out / START_FILE).write_text(json.dumps(start, indent=2, sort_keys=True))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return out
 

@@ -175,14 +175,19 @@ class MTLLoRALinear(nn.Module):
     def _up_t(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B̃_t Λ_t)ᵀ for every route, without the scaling s: (routes, r, out). For lora and per_task_lora: B_tᵀ.
 
-        Two tiny contractions for all T tasks at once: the mixing over n (one mm) and Λ_t (one bmm).
+        Two tiny contractions for all T tasks at once: the mixing over n and Λ_t (one bmm). The mixing is n
+        elementwise multiply-adds rather than one (T, n) x (n, out·r) GEMM: a GEMM's rounding may depend on how
+        many rows it has, and task t's factors must not depend on how many tasks the model holds (a model
+        that gains a scenario scores the others bit for bit as before; tests/test_warm_start.py).
         """
         b = self.B if dtype in (None, self.B.dtype) else self.B.to(dtype)  # (n | routes, out, r)
         if self.method != "mtl_lora":
             return b.transpose(1, 2)  # (routes, r, out), a view
-        p = self.mixing_weights().to(b.dtype)  # (T, n): softmax(w_t / τ), computed in fp32
+        p = self.mixing_weights().to(b.dtype)[:, :, None, None]  # (T, n, 1, 1): softmax(w_t / τ), computed in fp32
         lam = self.lam.to(b.dtype)  # (T, r, r) or (T, r)
-        b_mix = torch.mm(p, b.view(self.n_up, -1)).view(-1, b.shape[1], self.r)  # B̃_t = Σ_i p_ti B_i, (T, out, r)
+        b_mix = p[:, 0] * b[0]  # B̃_t = Σ_i p_ti B_i, (T, out, r), summed in the order i = 0, 1, ..., n-1
+        for i in range(1, self.n_up):
+            b_mix = b_mix + p[:, i] * b[i]
         if self.lambda_type == "full":
             return torch.bmm(lam.transpose(1, 2), b_mix.transpose(1, 2))  # Λ_tᵀ B̃_tᵀ, (T, r, out)
         return lam[:, :, None] * b_mix.transpose(1, 2)  # diag(λ_t) B̃_tᵀ

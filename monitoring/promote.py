@@ -13,7 +13,13 @@ resamples, see ``evaluation.metrics``). The gate passes when:
     the 95% CI of the change is below zero): a drop inside the noise is not a regression;
   * the macro AUC over the scenarios both models score does not fall;
   * no scenario's metric is missing for the candidate (no rows scored, non-finite scores, a single class);
-  * with no champion yet: every scenario's AUC is at least ``monitoring.min_auc``.
+  * with no champion yet: every scenario's AUC is at least ``monitoring.min_auc``;
+  * a scenario the champion has no metric for (a new market it does not serve) is held to the same floor:
+    its AUC is at least ``monitoring.min_auc``;
+  * every scenario in ``require`` (the job passes the champion's scenarios) has rows in the evaluation set:
+    a scenario that is not evaluated cannot be shown not to regress.
+The evaluation set may be several Parquet files or folders (the job adds ``monitoring.gate_eval`` to its test
+split, so that a run whose data holds only a new market still compares the known scenarios).
 Pass: ``previous`` -> the old champion, ``champion`` -> the candidate. Fail: no alias moves. Either way the
 candidate is tagged with the decision (who, when, metrics, reasons; see ``serving.registry.aliases``).
 ``--rollback`` points ``champion`` back at ``previous`` and clears ``previous``. Aliases only: no stages.
@@ -107,11 +113,16 @@ def evaluate(scenarios, labels, scores, cfg: Config) -> tuple[dict, dict]:
     return per, invalid
 
 
-def gate(cand: dict, cand_invalid: dict, champ: dict | None, cfg: Config) -> tuple[list[str], dict]:
-    """Reasons to reject (empty: pass) and the comparison record. ``champ`` None: first champion."""
+def gate(cand: dict, cand_invalid: dict, champ: dict | None, cfg: Config,
+         require: list[str] | None = None) -> tuple[list[str], dict]:
+    """Reasons to reject (empty: pass) and the comparison record. ``champ`` None: first champion. ``require``:
+    scenarios that must have been evaluated (see the module docstring)."""
     mon = cfg.monitoring
-    reasons, delta = [], {}
+    reasons, delta, new = [], {}, []
     names = sorted(set(cand) | set(cand_invalid) | set(champ or {}))
+    for name in sorted(set(require or []) - set(names)):
+        reasons.append(f"scenario {name!r}: no rows in the evaluation set, so it cannot be compared with the "
+                       "champion (add labelled rows of it: monitoring.gate_eval)")
     for name in names:
         c = cand.get(name)
         if name in cand_invalid or c is None:
@@ -124,8 +135,12 @@ def gate(cand: dict, cand_invalid: dict, champ: dict | None, cfg: Config) -> tup
                                "(no champion yet)")
             continue
         h = champ.get(name)
-        if h is None or h["auc"] is None:
-            continue  # nothing to compare against
+        if h is None or h["auc"] is None:  # the champion does not serve it (a new market): the first-champion floor
+            new.append(name)
+            if c["auc"] < mon.min_auc:
+                reasons.append(f"scenario {name!r}: AUC {c['auc']:.4f} < monitoring.min_auc {mon.min_auc} "
+                               "(the champion has no metric for it: a new scenario)")
+            continue
         d = c["auc"] - h["auc"]
         lo = hi = d
         if len(c["auc_samples"]) and len(c["auc_samples"]) == len(h["auc_samples"]):
@@ -142,7 +157,7 @@ def gate(cand: dict, cand_invalid: dict, champ: dict | None, cfg: Config) -> tup
         if macro["candidate"] < macro["champion"] - 1e-12:
             reasons.append(f"macro AUC fell: {macro['champion']:.4f} -> {macro['candidate']:.4f} "
                            f"over scenarios {common}")
-    return reasons, {"delta": delta, "auc_macro": macro}
+    return reasons, {"delta": delta, "auc_macro": macro, "new_scenarios": new}
 
 
 def _compact(per: dict | None) -> dict | None:
@@ -152,13 +167,14 @@ def _compact(per: dict | None) -> dict | None:
     return {name: {k: m[k] for k in keys} for name, m in per.items()}
 
 
-def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, name: str | None = None,
+def run(cfg: Config, eval_path: str | Path | list | None = None, *, candidate: str, name: str | None = None,
         tracking_uri: str | None = None, score_fn: ScoreFn | None = None, about: dict | None = None,
-        eval_data: str = EVAL_SET) -> Outcome:
+        eval_data: str = EVAL_SET, require: list[str] | None = None) -> Outcome:
     """The promotion gate of ``candidate`` (a version number or an alias) of registered model ``name``
     (default ``tracking.registered_model``) on the pinned, labelled ``eval_path`` (default
     ``data.score_input``): move the aliases on a pass; tag the candidate either way and write its description
-    (``registry.version_description``: ``about`` says what the model is). See the module docstring.
+    (``registry.version_description``: ``about`` says what the model is). ``eval_path`` may be a list (each
+    scored, the rows pooled); ``require``: scenarios that must be evaluated. See the module docstring.
     ``eval_data`` names the evaluation data in the description and the outcome (kernel.metric_names: eval_set,
     a pinned set; test_split, the ingest's test split, when the job gates on it).
 
@@ -180,30 +196,34 @@ def run(cfg: Config, eval_path: str | Path | None = None, *, candidate: str, nam
     cand_version = str(registry.resolve_version(client, name, candidate).version)
     scored: dict[str, tuple[dict, dict]] = {}
 
+    paths = [str(p) for p in eval_path] if isinstance(eval_path, (list, tuple)) else [str(eval_path)]
+
     def metrics_of(version: str) -> tuple[dict, dict]:
         if version not in scored:
-            result = score_fn(registry.model_uri(name, version), str(eval_path))
-            scored[version] = evaluate(*as_arrays(result, f"version {version}"), cfg)
+            parts = [as_arrays(score_fn(registry.model_uri(name, version), p), f"version {version} on {p}")
+                     for p in paths]
+            scored[version] = evaluate(*(np.concatenate([part[i] for part in parts]) for i in range(3)), cfg)
         return scored[version]
 
     metrics_of(cand_version)  # the candidate's scores do not depend on the champion: outside the lease
     mon = cfg.monitoring
     with PromotionLease(tracking_uri, name, ttl_s=mon.promotion_lease_s, wait_s=mon.promotion_wait_s) as lease:
-        result = _gate_and_switch(client, name, cand_version, metrics_of, lease, cfg)
+        result = _gate_and_switch(client, name, cand_version, metrics_of, lease, cfg, require)
     registry.record_decision(client, name, cand_version, "promotion", {
         "decision": "promoted" if result["passed"] else "rejected", "reasons": result["reasons"],
         "metrics": result["metrics"], "champion_version": result["champion_version"] or "",
         "compared": {"candidate": cand_version, "champion": result["champion_version"]},
-        "regated_from": result["regated_from"], "eval_path": str(eval_path), "eval_data": eval_data,
+        "regated_from": result["regated_from"], "eval_path": ",".join(paths), "eval_data": eval_data,
         "lease": lease.token})
-    result.update(eval_path=str(eval_path), eval_data=eval_data)
+    result.update(eval_path=",".join(paths), eval_data=eval_data)
     registry.describe_version(client, name, cand_version, about, result)
     return Outcome(result, [], EXIT_OK if result["passed"] else EXIT_REJECTED)
 
 
-def _gate_and_switch(client, name: str, cand_version: str, metrics_of, lease: PromotionLease, cfg: Config) -> dict:
+def _gate_and_switch(client, name: str, cand_version: str, metrics_of, lease: PromotionLease, cfg: Config,
+                     require: list[str] | None) -> dict:
     """Under the lease: gate against the champion, check the lease and that the champion did not move, and
-    on a pass move ``previous`` and ``champion``. The result as run() describes it."""
+    on a pass move ``previous`` and ``champion``. The result as run() describes it; ``require``: as run()."""
     regated: list[str | None] = []
     champ_version = _champion(client, name)
     for _ in range(MAX_REGATES + 1):
@@ -214,7 +234,8 @@ def _gate_and_switch(client, name: str, cand_version: str, metrics_of, lease: Pr
         else:
             if champ_version is not None:
                 champ_per, _ = metrics_of(champ_version)
-            reasons, comparison = gate(cand_per, cand_invalid, champ_per, cfg)
+            reasons, comparison = gate(cand_per, cand_invalid, champ_per, cfg,
+                                       require if champ_per is not None else None)
         lease.check()  # from here to the last alias write the lease must be ours (LeaseLost: nothing moved)
         now = _champion(client, name)
         if now == champ_version:

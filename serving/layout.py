@@ -14,6 +14,9 @@
         calibration.json           per-scenario calibration (optional, fitted on --valid)
         reference.json             score/length reference profile for drift monitoring (optional)
         registered.json            the registry's name and version, once registered (serving.registry.register)
+        trained/                   the trained-model folder (modeling.artifact): what a warm start continues
+                                   (train.init_from); the manifest's ``trained.digest`` is its weights' digest,
+                                   ``started_from`` what a warm-started model itself started from
 
 Pooling "cls"/"last": base/ and scenarios/<s>/ load with ``AutoModelForSequenceClassification`` and the
 score is ``sigmoid(logits[:, 0])``. Pooling "mean": no built-in transformers class pools by a masked mean over

@@ -23,6 +23,7 @@ kernel.exit_codes (2: bad arguments or config, 5: tracking server unreachable, 7
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -34,9 +35,11 @@ from pathlib import Path
 from kernel import exit_codes, storage
 from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import ConfigError
+from kernel.hashing import file_digest
 from kernel.logs import ENV_LEVEL, add_logging_args, logging_flags, setup_from_args
 from kernel.stage import Outcome, stage_tracker
 from kernel.tracking import open_tracker
+from modeling.artifact import START_FILE, TRAINABLE_FILE
 from training.trainer import train
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
@@ -167,7 +170,7 @@ def run(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool 
     """The train stage in this process (rank and world size come from the environment the launcher sets):
     ``training.trainer.train`` logged to a new MLflow run; ``tags`` go on that run (the job passes its parent
     run and stage), a resumed run keeps its own. Outcome info: run_id, model_dir, steps, val (the best
-    validation metrics)."""
+    validation metrics), trained_digest (of its weights), started_from (a warm start's record, else None)."""
     out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0))
     run_id_file = out_dir / "mlflow_run_id"
@@ -184,8 +187,11 @@ def run(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool 
 
     with stage_tracker(None, start) as tracker:
         result = train(cfg, data_dir, out_dir, resume=resume, tracker=tracker)
+    started = result.model_dir / START_FILE
     return Outcome({"run_id": result.run_id, "model_dir": str(result.model_dir), "steps": result.steps,
-                    "val": result.best_metrics}, [result.model_dir])
+                    "val": result.best_metrics, "trained_digest": file_digest(result.model_dir / TRAINABLE_FILE, 12),
+                    "started_from": json.loads(started.read_text()) if started.is_file() else None},
+                   [result.model_dir])
 
 
 def launch_processes(args: argparse.Namespace, topo: Topology, cfg: Config, out_dir: Path) -> int:

@@ -12,7 +12,12 @@ Layout written under ``out_dir``:
     model/               the best checkpoint by validation macro AUC, as a trained-model folder
     history.json         every validation of the run: step and full per-scenario metrics
     ds_config.json
+    start/               a warm-started run only: the model it started from (training.warm_start)
 A NaN/inf loss raises TrainingDiverged before the optimizer step; checkpoints already written stay good.
+
+Warm start (``train.init_from``): the model is built for the starting model's task map extended by the
+data's new scenarios, loaded from it (``modeling.warm_start``), and trained on the ``train.warm`` schedule;
+with ``train.adapt: task_only`` only the new scenarios' own parameters train.
 
 Evaluation reads the live engine's weights. The adapters cache their per-task factors for no-grad
 forwards; DeepSpeed writes updated weights through ``.data``, so every optimizer step is announced to them
@@ -47,13 +52,15 @@ from kernel.metric_names import VAL, metric_name
 from kernel.mlflow_client import NullTracker
 from kernel.provenance import git_commit
 from kernel.task_map import TASK_MAP_FILE, TaskMap
-from modeling.artifact import save_trained
+from modeling.artifact import TRAINABLE_FILE, save_trained
 from modeling.base import load_tokenizer
 from modeling.inject import adapter_param_count
 from modeling.model import build_model, enable_activation_checkpointing
+from modeling.warm_start import hold_known_tasks, load_start, saved_state
 from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import evaluate, flat_metrics
+from training.warm_start import StartPoint, prepare_start, run_schedule
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HISTORY_FILE = "history.json"
@@ -126,6 +133,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, data_dir: Path, out_dir: Path, tracker=None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.run_cfg = cfg  # the schedule this run follows: cfg's own, or train.warm's once a start is known
         self.data_dir = data_dir if storage.is_uri(data_dir) else Path(data_dir)  # ingested data: local or a URI
         self.tracker = tracker or NullTracker()
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -148,15 +156,22 @@ class Trainer:
         _seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg)
         self.pad_id = self.tokenizer.pad_token_id
-        self.task_map = task_map_for(cfg, self.data_dir)
+        self.start = self._prepare_start(resume)
+        data_map = task_map_for(cfg, self.data_dir)
+        # A warm start keeps its model's ids and appends the data's new scenarios; the data's own ids do not matter.
+        self.task_map = self.start.task_map.extended(data_map.names) if self.start else data_map
+        self.run_cfg = run_schedule(cfg, warm=self.start is not None)
         self.train_set = load_split_features(cfg, self.data_dir, "train", self.tokenizer, self.task_map)
         self.valid_set = load_split_features(cfg, self.data_dir, "valid", self.tokenizer, self.task_map)
         model = build_model(cfg, len(self.task_map), dtype=torch.float32)
+        self.held: dict[str, int] = {}
+        if self.start:
+            self._load_start(model)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model.backbone, model.router.checkpoint_context)
-        self.ds_config = deepspeed_config(cfg, self.env.world, self.env.on_gpu)
+        self.ds_config = deepspeed_config(self.run_cfg, self.env.world, self.env.on_gpu)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, cfg, self.env.on_gpu), config=self.ds_config)
+            model=model, optimizer=build_optimizer(model, self.run_cfg, self.env.on_gpu), config=self.ds_config)
         self.model = self.engine.module
         self.sampler = MixedScenarioSampler(
             self.train_set.task_ids, self.train_set.lengths, cfg.train.micro_batch_size,
@@ -172,6 +187,32 @@ class Trainer:
         self._hold_task_params()
         self._seen, self._t0, self.last_loss = 0, time.time(), float("nan")
         return self
+
+    def _prepare_start(self, resume: bool) -> StartPoint | None:
+        """The starting model's local copy: made by one process per machine, read by all."""
+        if not self.cfg.train.init_from:
+            return None
+        if self.env.local_rank == 0:
+            prepare_start(self.cfg, self.out_dir, resume=resume)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return prepare_start(self.cfg, self.out_dir, resume=True)
+
+    def _load_start(self, model) -> None:
+        """The starting model's adapter and head into ``model``; with task_only, the known scenarios held still."""
+        from safetensors.torch import load_file
+
+        known = len(self.start.task_map)
+        self.start_state = load_file(str(self.start.dir / TRAINABLE_FILE))
+        load_start(model, self.start_state, known, source=f"train.init_from {self.cfg.train.init_from!r}")
+        if self.cfg.train.adapt == "task_only":
+            self.held = hold_known_tasks(model, known)
+        if self.env.rank == 0:
+            new = self.task_map.names[known:]
+            log.info(f"warm start from {self.start.record.get('init_from')} ({self.start.record.get('version') or ''}"
+                     f"{self.start.record.get('path', '')}): {known} known scenarios, new: {new or 'none'}; "
+                     f"adapt {self.cfg.train.adapt}, {self.run_cfg.train.max_steps} steps at lr "
+                     f"{self.run_cfg.train.lr:g}")
 
     def _restore(self) -> None:
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir))
@@ -194,7 +235,8 @@ class Trainer:
         t.log_params(flat_params(self.cfg))
         paths = [storage.join(self.data_dir, f"{s}.parquet") for s in ("train", "valid")]
         both, each = fingerprint_files_and_each(paths)  # one read of each split, however large
-        t.set_tags({"git_commit": git_commit(), "data_fingerprint": both, "world_size": self.env.world})
+        t.set_tags({"git_commit": git_commit(), "data_fingerprint": both, "world_size": self.env.world,
+                    **self._start_tags()})
         for (split, context), path, digest in zip((("train", "training"), ("valid", "validation")), paths, each):
             schema, profile = describe_parquet(path)  # rows and label rate per scenario, beside the fingerprint
             t.log_dataset(str(path if storage.is_uri(path) else Path(path).resolve()), split, digest, context,
@@ -204,6 +246,15 @@ class Trainer:
                        "params/total": sum(p.numel() for p in model.parameters())})
         t.log_dict(to_dict(self.cfg), "config/config.yaml")
         t.log_artifact(self.out_dir / "ds_config.json", "config")
+
+    def _start_tags(self) -> dict:
+        """What the run started from, as MLflow tags (none for a run from scratch)."""
+        if not self.start:
+            return {}
+        r, known = self.start.record, len(self.start.task_map)
+        return {"init_from": r["init_from"], "init_version": r.get("version", ""), "init_path": r.get("path", ""),
+                "init_model_version": r.get("model_version", ""), "init_trained_digest": r["trained_digest"],
+                "adapt": self.cfg.train.adapt, "new_scenarios": ",".join(self.task_map.names[known:])}
 
     # --- one optimizer step ------------------------------------------------------------------------------
 
@@ -243,7 +294,7 @@ class Trainer:
 
     def _hold_task_params(self) -> None:
         """train.task_warmup_steps: the "task" group (Λ_t, w_t) gets lr 0 until that many steps are done."""
-        k = self.cfg.train.task_warmup_steps
+        k = self.run_cfg.train.task_warmup_steps
         if k and self.global_step < k:
             for group in self.engine.optimizer.param_groups:
                 if group.get("name") == "task":
@@ -256,7 +307,7 @@ class Trainer:
         rate = self._seen / max(time.time() - self._t0, 1e-9)
         self.tracker.log_metrics({"train/loss": self.last_loss, "train/lr": self.scheduler.get_last_lr()[0],
                                   "train/samples_per_s": rate}, step=step)
-        log.info(f"step {step}/{self.cfg.train.max_steps} loss {self.last_loss:.4f} {rate:.1f} samples/s")
+        log.info(f"step {step}/{self.run_cfg.train.max_steps} loss {self.last_loss:.4f} {rate:.1f} samples/s")
 
     def _log_diagnostics(self, grads: bool) -> None:
         """diag/... metrics (training.diagnostics) of the weights at this step, and with ``grads`` the gradient
@@ -292,10 +343,12 @@ class Trainer:
             per = " ".join(f"{k}={v['auc'] and round(v['auc'], 4)}" for k, v in metrics["scenarios"].items())
             log.info(f"step {step} val auc_macro {describe_macro(metrics)} {per}")
             if improved:
+                if self.held:  # task_only: every known row exactly as the start had it
+                    state = saved_state(state, self.start_state, self.held)
                 save_trained(self.model, self.cfg, self.task_map, {"step": step, **metrics}, self.model_dir,
-                             state=state)
+                             state=state, start=self.start.record if self.start else None)
             write_json_atomic(self.out_dir / HISTORY_FILE, self.history)
-        patience = self.cfg.train.early_stopping_patience
+        patience = self.run_cfg.train.early_stopping_patience
         return bool(patience) and self.best["bad_evals"] >= patience
 
     def gathered_trainable_state(self) -> dict[str, torch.Tensor]:
@@ -318,7 +371,7 @@ class Trainer:
             rng = states
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.global_step}", client_state={
             "sampler": self.sampler.state_dict(), "best": self.best, "history": self.history, "rng": rng})
-        keep = self.cfg.train.keep_checkpoints
+        keep = self.run_cfg.train.keep_checkpoints
         if self.env.rank == 0 and keep > 0:
             tags = sorted((p for p in self.ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
             for old in tags[:-keep]:
@@ -327,7 +380,7 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        t = self.cfg.train
+        t = self.run_cfg.train
         while self.global_step < t.max_steps:
             self.step()
             step = self.global_step

@@ -33,11 +33,12 @@ from kernel.config.schema import (
     SyntheticConfig,
     TrackingConfig,
     TrainConfig,
+    WarmConfig,
 )
 
 __all__ = [
     "AdapterConfig", "ColumnsConfig", "Config", "DataConfig", "FeaturesConfig", "ModelConfig", "MonitoringConfig",
-    "ServingConfig", "SplitConfig", "SyntheticConfig", "TrackingConfig", "TrainConfig",
+    "ServingConfig", "SplitConfig", "SyntheticConfig", "TrackingConfig", "TrainConfig", "WarmConfig",
     "add_config_args", "apply_overrides", "config_from_dict", "config_path", "dump_config", "flat_params",
     "load_config", "to_dict",
 ]

@@ -105,6 +105,21 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     for name in ("head_lr", "task_lr"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name}: must be >= 0 (0: same as train.lr), got {getattr(t, name)}")
+    w = t.warm
+    for name in ("steps", "lr", "warmup_steps"):
+        if getattr(w, name) < 0:
+            errors.append(f"train.warm.{name}: must be >= 0, got {getattr(w, name)}")
+    if t.adapt == "task_only" and not t.init_from:
+        errors.append("train.adapt: task_only trains the new scenarios of a starting model; set train.init_from")
+    if t.adapt == "task_only" and t.compare:
+        errors.append(f"train.adapt: task_only adds scenarios to one starting model; train.compare {t.compare} "
+                      "trains several methods: pin the method (train.compare=[])")
+    if t.adapt == "task_only" and cfg.adapter.method == "lora" and not t.compare:
+        errors.append("train.adapt: task_only trains per-scenario parameters, and adapter.method lora has none "
+                      "(one update serves every scenario). Use train.adapt=all to fine-tune the shared adapter and "
+                      "head on the new rows (every scenario's scores may move), or serve the new scenario through "
+                      "the shared adapter as it is: serving.unknown_scenario=fallback with "
+                      "serving.fallback_scenario=<a known scenario> (LoRA scores every scenario alike)")
     if cfg.remote_work_dir and cfg.tracking.enabled and not cfg.tracking.uri:
         errors.append(f"tracking.uri: required with an object-store work_dir ({cfg.work_dir}): the default sqlite "
                       "database needs a local file; give a tracking server (or a sqlite path), or "

@@ -129,6 +129,16 @@ class AdapterConfig:
 
 
 @dataclass
+class WarmConfig:
+    """The schedule of a warm-started run (``train.init_from`` set); the from-scratch keys stay for scratch runs.
+    Defaults from docs/new_market.md: a third of the from-scratch steps matched its quality there."""
+
+    steps: int = 100  # optimizer steps of a warm-started run; 0: train.max_steps
+    lr: float = 0.0  # peak lr of every group; 0: train.lr (train.task_lr/head_lr still apply when set)
+    warmup_steps: int = 10  # linear warm-up of the warm schedule (then linear decay to 0 at ``steps``)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 300
     micro_batch_size: int = 32
@@ -160,6 +170,17 @@ class TrainConfig:
     # Log training.diagnostics (mixing entropy, sharing of B_i, Λ drift, gradient norms per group) as MLflow
     # metrics diag/... at step 0 and every this many optimizer steps; 0: off (no cost).
     diagnostics_every: int = 0
+    # Warm start (training.warm_start): "" trains from scratch; else the model this run starts from, whose
+    # adapter, head and task map it continues: models:/<name>@<alias>, models:/<name>/<version>, an export
+    # folder, a training output folder or a trained-model folder. Scenarios it does not know are appended to
+    # its task map with fresh task parameters; ids never change meaning. The schedule is ``train.warm``.
+    init_from: str = ""
+    # What a warm-started run trains. all: everything trainable (adapters and head); task_only: only the
+    # per-scenario parameters of the scenarios the starting model does not know (MTL-LoRA Λ_t and w_t,
+    # per-task LoRA A_t and B_t): every shared parameter and the head stay frozen, so the known scenarios'
+    # scores stay bitwise identical. Shared LoRA has no per-scenario parameters: task_only is an error there.
+    adapt: Literal["all", "task_only"] = "all"
+    warm: WarmConfig = field(default_factory=WarmConfig)
 
 
 @dataclass
@@ -253,6 +274,10 @@ class MonitoringConfig:
     seed: int = 0  # bootstrap resampling
     promotion_lease_s: float = 60.0  # a promotion's lease on the registered model (renewed; serving.registry.lease)
     promotion_wait_s: float = 900.0  # how long a promotion waits for another one's lease before exit 8
+    # Labelled evaluation sets (canonical Parquet files or folders, e.g. an earlier run's data/test.parquet) that
+    # the job's promotion gate scores besides this run's test split. The gate compares every scenario the
+    # champion serves, so a run whose data holds only a new market needs the known markets' rows from here.
+    gate_eval: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -43,7 +43,9 @@ writable (checked first), or the disk filled up: the previous export stays whole
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -54,13 +56,13 @@ from kernel.config import Config, add_config_args, dump_config, load_config
 from kernel.errors import DataError
 from kernel.environment import check_writable, writing
 from kernel.exit_codes import OK, run_cli
-from kernel.hashing import fingerprint_files
+from kernel.hashing import file_digest, fingerprint_files
 from kernel.logs import add_logging_args, setup_from_args
 from kernel.mlflow_client import VERSION_TAG
 from kernel.provenance import provenance
 from kernel.stage import Outcome
-from kernel.task_map import TASK_MAP_FILE
-from modeling.artifact import load_trained
+from kernel.task_map import TASK_MAP_FILE, TaskMap
+from modeling.artifact import START_FILE, TRAINABLE_FILE, TRAINED_DIR, load_trained
 from modeling.base import load_tokenizer
 from serving.export.checkpoints import write_checkpoints
 from serving.export.manifest import build_manifest
@@ -114,6 +116,7 @@ def run(cfg: Config, model_dir: str | Path, out: str | Path, *, valid: str | Pat
         fingerprint = tags.get("data_fingerprint") or (fingerprint_files([valid]) if valid else None)
         manifest = build_manifest(cfg, tokenizer, layers, entries, digest=factors_digest(stage),
                                   metrics=trained_metrics(model_dir), source=source, fingerprint=fingerprint)
+        manifest.update(carry_trained(model_dir, stage))
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         dump_config(cfg, stage / CONFIG_FILE)
         task_map.save(stage / TASK_MAP_FILE)  # a copy of the file ingestion wrote
@@ -149,7 +152,19 @@ def write_onnx(stage: Path, tokenizer, manifest: dict, cfg: Config, valid: str |
         gate_precisions(stage, read_validation(valid), manifest, cfg, fitted_on=storage.name(valid))
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         for line in served_summary(manifest):
-            print(f"precision gate: {line}")
+            log.info(f"precision gate: {line}")
+
+
+def carry_trained(model_dir: Path, stage: Path) -> dict:
+    """Copy the trained-model folder into the export (``trained/``: what a warm start continues) and return the
+    manifest's entries for it: its digest, and what the model itself started from (a warm-started model)."""
+    shutil.copytree(model_dir, stage / TRAINED_DIR, ignore=shutil.ignore_patterns(".*"))
+    start = json.loads((model_dir / START_FILE).read_text()) if (model_dir / START_FILE).is_file() else None
+    if start is not None:  # scenario ids never change meaning from one version of a model to the next
+        TaskMap.load(model_dir / TASK_MAP_FILE).check_extends(
+            TaskMap(start["scenarios"]), f"the model it started from ({start['init_from']})")
+    return {"trained": {"dir": TRAINED_DIR, "digest": file_digest(model_dir / TRAINABLE_FILE, 12)},
+            "started_from": start}
 
 
 def build_parser() -> argparse.ArgumentParser:

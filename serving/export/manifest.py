@@ -51,6 +51,7 @@ def build_manifest(cfg: Config, tokenizer, layers: list[str], entries: dict[str,
         "onnx": None,  # serving.export.onnx_graphs (graphs per scenario), serving.export.precision_gate (gate, serve)
         "metrics": metrics,
         "source": source,
+        "trained": None, "started_from": None,  # the trained-model folder's copy and its start (serving.export.cli)
         "data_fingerprint": fingerprint,
         "config": "config.yaml",
     }

@@ -112,6 +112,11 @@ def version_description(name: str, version: str, about: dict | None, result: dic
                      f"{about.get('pooling')} pooling; trained in run `{about.get('training_run')}`.")
         if about.get("scenarios"):
             lines.append("Scenarios: " + ", ".join(about["scenarios"]) + ".")
+        start = about.get("started_from")
+        if start:  # a warm start (train.init_from): what it continued
+            lines.append(f"Warm-started from `{start.get('init_from')}`"
+                         + (f" (version {start['version']})" if start.get("version") else "")
+                         + f", which served {', '.join(start.get('scenarios') or [])}.")
     cand = (result.get("metrics") or {}).get("candidate") or {}
     delta = (result.get("metrics") or {}).get("delta") or {}
     champ = result.get("champion_version")
