@@ -193,6 +193,9 @@ class ServingConfig:
     # group larger than this is a unit alone). Each unit gets its own output, quarantine and marker, so
     # one large file is scored in parallel; changing it between a run and its --resume redoes the file.
     unit_rows: int = 50_000
+    # GPUs each Ray actor requests when the cluster has GPUs (--engine ray): a fraction puts several actors
+    # on one GPU (0.5: two per GPU, each with its own copy of the model), above 1 a whole number; 0: none.
+    gpus_per_actor: float = 1.0
     dtype: Literal["fp32", "bf16"] = "fp32"  # scoring precision (bf16: probabilities within 2e-2 of fp32)
     # Batch scoring fails (exit 6, DATA_GATE) when quarantined / rows_in of the whole job exceeds this;
     # the scores and the quarantine are still written. A rate equal to the threshold passes.
