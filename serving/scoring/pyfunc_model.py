@@ -13,6 +13,11 @@ the project code it imports travels with the model (``code_paths``). The scores 
 Input columns: query, title (strings), scenario (string), description and url (optional strings, "" when
 absent). Rows of a scenario the model does not know get null scores unless the export's config routes them
 to a fallback scenario.
+
+Loaded once per process: MLflow builds a new pyfunc object, and calls ``load_context``, wherever it loads the
+model (``mlflow.pyfunc.spark_udf`` does so for every task in local mode), but the weights are read only the
+first time in a process (serving.scoring.table.scorer_for keeps them), so a Spark executor's Python worker
+holds one copy for all its tasks and batches. ``ADS_RELEVANCE_LOAD_LOG`` records both (table.log_event).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ class RelevancePyfunc(PythonModel):
 
         from kernel.config import load_config
         from serving.registry.cache import resolve_model
-        from serving.scoring.scorer import BatchScorer
+        from serving.scoring.table import log_event, scorer_for
 
         export_dir, version = resolve_model(Path(context.artifacts["export"]))
         meta = export_dir.parents[1] / "registered_model_meta"  # <model>/artifacts/<export>: MLflow's record
@@ -42,7 +47,8 @@ class RelevancePyfunc(PythonModel):
             if m.get("model_name") and m.get("model_version"):
                 version = f"{m['model_name']}/{m['model_version']}"
         cfg = load_config(export_dir / "config.yaml")
-        self.scorer = BatchScorer(export_dir, cfg.serving, version)
+        log_event("pyfunc_loaded", export=str(export_dir), version=version)
+        self.scorer = scorer_for(export_dir, cfg.serving, version)  # the weights: once per process
         self.chunk = cfg.serving.chunk_rows
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -52,8 +58,9 @@ class RelevancePyfunc(PythonModel):
         n = len(model_input)
         cols = {c: model_input[c].fillna("").astype(str).tolist() if c in model_input.columns else [""] * n
                 for c in INPUT_COLUMNS}
-        from serving.scoring.table import score_chunks
+        from serving.scoring.table import log_event, score_chunks
 
+        log_event("predict", rows=n)
         table = pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
         return score_chunks(self.scorer, table, self.chunk).select(list(OUTPUT_COLUMNS)).to_pandas()
 
