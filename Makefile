@@ -21,10 +21,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Headless Chromium renders the monitoring report in a test (a Debian package: installed once, as root).
+# Debian packages the tests need, installed once, as root: headless Chromium renders the monitoring report;
+# a Java 17 runtime runs the local Spark session that scores a DataFrame through the registered model.
 system:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 	  || { echo "the tests need chromium: apt-get install -y chromium (as root)"; exit 1; }
+	@command -v java >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null; } \
+	  || { echo "the tests need Java 17: apt-get install -y openjdk-17-jre-headless (as root)"; exit 1; }
 
 demo: setup
 	$(PY) -m job.run --config configs/demo.yaml

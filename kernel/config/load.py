@@ -128,6 +128,10 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append("model.random_config: required when model.init is 'random'")
     if cfg.serving.unknown_scenario == "fallback" and not cfg.serving.fallback_scenario:
         errors.append("serving.fallback_scenario: required when serving.unknown_scenario is 'fallback'")
+    g = cfg.serving.gpus_per_actor
+    if g < 0 or (g > 1 and g != int(g)):
+        errors.append(f"serving.gpus_per_actor: must be a fraction in [0, 1] (several actors per GPU) or a whole "
+                      f"number of GPUs, got {g}")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -252,6 +252,9 @@ class ServingConfig:
     threads: int = 0
     onnx: OnnxExportConfig = field(default_factory=OnnxExportConfig)
     precision_gate: PrecisionGateConfig = field(default_factory=PrecisionGateConfig)
+    # GPUs each Ray actor requests when the cluster has GPUs (--engine ray): a fraction puts several actors
+    # on one GPU (0.5: two per GPU, each with its own copy of the model), above 1 a whole number; 0: none.
+    gpus_per_actor: float = 1.0
     # Batch scoring fails (exit 6, DATA_GATE) when quarantined / rows_in of the whole job exceeds this;
     # the scores and the quarantine are still written. A rate equal to the threshold passes.
     max_quarantine_rate: float = 0.05

@@ -157,6 +157,23 @@ def resolve_model(model: str | Path, tracking_uri: str | None = None,
     return target, f"{name}/{mv.version}"
 
 
+def node_reference(model: str | Path, version: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(reference, tracking URI) from which another machine resolves the very model that ``model`` resolved
+    to here as ``version``: ``models:/<name>/<version>`` (an alias pinned to the version it named, so a
+    promotion during the job changes nothing) with the registry's URI, an object-store export's URI, or a
+    folder's absolute path (which other machines reach only through storage they share with this one)."""
+    text = str(model)
+    if text.startswith("models:/"):
+        name = parse_model_ref(text)[0]
+        pinned = version.rsplit("/", 1)[1] if version.startswith(f"{name}/") else None
+        if not pinned:
+            raise DataError(f"--model {text}: resolved to {version!r}, not a version of {name}")
+        return f"models:/{name}/{pinned}", registry_uri(tracking_uri, f"--model {text}")
+    if storage.is_uri(text):
+        return text, None
+    return str(Path(text).resolve()), None
+
+
 def _install(local: Path, target: Path, identity: dict, what: str) -> None:
     """Check a downloaded export's factors against its manifest's model version, point its adapters at
     ``target`` and publish it there whole (a stale or damaged copy is replaced; a copy another process

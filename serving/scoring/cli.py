@@ -66,7 +66,7 @@ from kernel.errors import DataError, QuarantineRateExceeded
 from kernel.exit_codes import run_cli
 from kernel.logs import add_logging_args, setup_from_args
 from kernel.stage import Outcome
-from serving.registry.cache import folder_version, resolve_model
+from serving.registry.cache import folder_version, node_reference, resolve_model
 from serving.scoring import outputs
 from serving.scoring.engines import run_units
 from serving.scoring.plan import Inputs, Unit, units_for_rank
@@ -81,9 +81,12 @@ RESUME_HINT = "the finished units are kept: rerun the same command with --resume
 def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | Path, *,
         model_version: str | None = None, resume: bool = False, engine: str = "local", workers: int = 1,
         ray_address: str = "local", ray_threads: int = 1, rank: int = 0, world_size: int = 1,
-        quiet: bool = False) -> Outcome:
+        quiet: bool = False, model_ref: str = "", tracking_uri: str | None = None) -> Outcome:
     """Score ``inputs`` into ``output`` (a local folder or an object-store URI) with the local export folder
     ``model``; scores carry ``model_version`` (default: the folder's own, serving.registry.cache).
+    ``model_ref`` (+ ``tracking_uri``): where other machines resolve the same model (``models:/<name>/<N>``
+    or an object-store URI; serving.registry.cache.node_reference): Ray actors load it from there on their
+    own node; without it they load ``model``'s absolute path, which must then be on shared storage.
 
     Outcome.info: the job's summary (``summarize``) plus ``max_quarantine_rate`` and ``quarantine_breach``
     (the gate's message, or None). exit_code: DATA_GATE when the units judged (the whole job; a rank started
@@ -94,7 +97,7 @@ def run(cfg: Config, model: str | Path, inputs: list[str | Path], output: str | 
     plan = Inputs(cfg, [str(i) for i in inputs])  # fails fast on bad values, inputs or columns: no folder yet
     out = output if storage.is_uri(output) else Path(output)
     job = Job(cfg, [str(i) for i in inputs], Path(model), model_version or folder_version(Path(model)), out,
-              resume, quiet)
+              resume, quiet, model_ref, tracking_uri)
     created = not storage.exists(out)
     if not storage.is_uri(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -220,10 +223,12 @@ def _work(args: argparse.Namespace) -> int:
     require_inputs(args.input)
     check_writable(args.output, "--output")  # before the model is fetched
     export_dir, version = resolve_model(args.model, args.tracking_uri, args.cache_dir)
+    ref, tracking_uri = node_reference(args.model, version, args.tracking_uri)  # what Ray actors resolve
     cfg = load_config(args.config or export_dir / "config.yaml", args.overrides)
     outcome = run(cfg, export_dir, args.input, args.output, model_version=args.model_version or version,
                   resume=args.resume, engine=args.engine, workers=args.workers, ray_address=args.ray_address,
-                  ray_threads=args.ray_threads, rank=args.rank, world_size=args.world_size, quiet=args.quiet)
+                  ray_threads=args.ray_threads, rank=args.rank, world_size=args.world_size, quiet=args.quiet,
+                  model_ref=ref, tracking_uri=tracking_uri)
     summary = outcome.info
     if args.rank == 0 or args.world_size == 1:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items())) or "none"

@@ -19,6 +19,11 @@ behaviour: an unknown scenario is scored as ``serving.fallback_scenario`` when t
 there (status "fallback"), else it gets no score, status "quarantined" and reason "unknown_scenario"; a row
 that fails ingestion's checks (e.g. an empty query) gets status "quarantined" and that check's reason.
 ``score`` and ``decision`` mean what they mean in the batch output (serving.scoring.scorer).
+
+Loaded once per process: MLflow builds a new pyfunc object, and calls ``load_context``, wherever it loads the
+model (``mlflow.pyfunc.spark_udf`` does so for every task in local mode), but the weights are read only the
+first time in a process (serving.scoring.table.scorer_for keeps them), so a Spark executor's Python worker
+holds one copy for all its tasks and batches. ``ADS_RELEVANCE_LOAD_LOG`` records both (table.log_event).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ class RelevancePyfunc(PythonModel):
 
         from kernel.config import load_config
         from serving.registry.cache import resolve_model
-        from serving.scoring.scorer import BatchScorer
+        from serving.scoring.table import log_event, scorer_for
 
         export_dir, version = resolve_model(Path(context.artifacts["export"]))
         meta = export_dir.parents[1] / "registered_model_meta"  # <model>/artifacts/<export>: MLflow's record
@@ -48,13 +53,15 @@ class RelevancePyfunc(PythonModel):
             if m.get("model_name") and m.get("model_version"):
                 version = f"{m['model_name']}/{m['model_version']}"
         cfg = load_config(export_dir / "config.yaml")
-        self.scorer = BatchScorer(export_dir, cfg.serving, version)
+        log_event("pyfunc_loaded", export=str(export_dir), version=version)
+        self.scorer = scorer_for(export_dir, cfg.serving, version)  # the weights: once per process
         self.data = cfg.data
         self.chunk = cfg.serving.chunk_rows
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from serving.scoring.table import score_user_rows
+        from serving.scoring.table import log_event, score_user_rows
 
+        log_event("predict", rows=len(model_input))
         table = pa.Table.from_pandas(model_input.reset_index(drop=True), preserve_index=False)
         scored = score_user_rows(self.scorer, self.data, table, self.chunk)
         return scored.select(list(OUTPUT_COLUMNS)).to_pandas()

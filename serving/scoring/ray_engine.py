@@ -8,12 +8,20 @@ file, one item and one block per unit), so one large file spreads over every act
 a callable class runs ``UnitScorer`` actors in a fixed pool of --workers; each builds one BatchScorer
 in its constructor and scores one unit per call with the single-process code (``serving.scoring.worker.score_unit``),
 committing the unit's output, quarantine and marker before the call returns. Outputs, markers and
-``--resume`` therefore behave as on one process, and the scores are the same. The output folder must be
-reachable from every node (a shared file system).
+``--resume`` therefore behave as on one process, and the scores are the same. The inputs and the output
+folder must be reachable from every node (an object store or a shared file system).
+
+The model: actors are given its reference, never the driver's copy. A registry model goes to them as
+``models:/<name>/<version>`` (an alias pinned to the version the driver resolved) with the tracking URI,
+an exported folder on an object store as its ``s3://`` (``gs://``, ...) URI; each actor resolves it through
+the checked registry cache of its own node (serving.registry.cache), so actors on one node share one
+download. A folder given as ``--model`` is passed as its absolute path: it must be on storage every node
+mounts. Each actor checks that what it loaded is the content the driver resolved (the export's digest).
 
 Resources: each actor requests ``threads`` CPUs (torch or ONNX Runtime runs that many threads in it:
-serving.threads; 1 by default, so N actors on N cores do not oversubscribe) and one GPU when the cluster
-has GPUs (Ray sets the actor's CUDA_VISIBLE_DEVICES; without the request Ray would hide the GPUs from it).
+serving.threads; 1 by default, so N actors on N cores do not oversubscribe) and ``serving.gpus_per_actor``
+GPUs when the cluster has GPUs (1 by default; 0.5 puts two actors, two models, on each GPU; Ray sets the
+actor's CUDA_VISIBLE_DEVICES, and without the request it would hide the GPUs from the actor).
 
 ``--ray-address local`` (the default) starts a private Ray on this machine bound to 127.0.0.1, no
 dashboard; ``auto`` or ``host:port`` joins a running cluster.
@@ -54,8 +62,10 @@ import numpy as np
 from kernel import storage
 from kernel.config import config_from_dict, to_dict
 from kernel.environment import RAY_DEATHS
-from kernel.errors import ConfigError, WorkerLost
+from kernel.errors import ConfigError, DataError, WorkerLost
 from kernel.logs import progress_enabled
+from serving.layout import read_manifest
+from serving.registry.cache import resolve_model
 from serving.scoring import outputs
 from serving.scoring.plan import Inputs
 from serving.scoring.scorer import BatchScorer
@@ -73,10 +83,11 @@ class UnitScorer:
     """A Ray Data actor: one BatchScorer for its lifetime; each call scores (and commits) its units.
 
     Every actor plans the units itself from the same inputs and config (the plan is deterministic), so a
-    work item is just the unit's ordinal.
+    work item is just the unit's ordinal. ``model``: the reference the actor resolves on its node
+    (``model_on_node``).
     """
 
-    def __init__(self, cfg: dict, export_dir: str, model_version: str, inputs: list[str], out: str,
+    def __init__(self, cfg: dict, model: dict, model_version: str, inputs: list[str], out: str,
                  threads: int = 1):
         import torch
 
@@ -88,7 +99,7 @@ class UnitScorer:
         if threads > 0:  # the actor's CPUs bound both engines' threads (serving.threads), whatever the config says
             self.cfg.serving.threads = threads
         self.data = Inputs(self.cfg, inputs)
-        self.scorer = BatchScorer(export_dir, self.cfg.serving, model_version)
+        self.scorer = BatchScorer(model_on_node(model), self.cfg.serving, model_version)
         self.out = out if storage.is_uri(out) else Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -104,8 +115,29 @@ class UnitScorer:
                 "scored": np.asarray(scored, np.int64), "pid": np.asarray(pids, np.int64)}
 
 
-def init_ray(address: str = "local"):
-    """Connect to ``address`` ('auto': a running cluster) or start a local Ray bound to 127.0.0.1.
+def model_reference(job: Job) -> dict:
+    """What an actor is told about the model: the reference any node resolves (``job.model_ref``, else the
+    folder's absolute path), the registry's tracking URI, and the content (the export's digest) it must find."""
+    return {"ref": job.model_ref or str(Path(job.model).resolve()), "tracking_uri": job.tracking_uri,
+            "content": read_manifest(Path(job.model))["model_version"]}
+
+
+def model_on_node(model: dict) -> Path:
+    """The export folder on this node for ``model`` (model_reference): resolved through this node's registry
+    cache (a download checked against the registry and the export's digest), or the shared folder itself.
+    Raises DataError when its content is not the one the driver resolved (e.g. an export republished at the
+    same object-store URI during the job)."""
+    export_dir, _ = resolve_model(model["ref"], model["tracking_uri"])
+    found = read_manifest(export_dir)["model_version"]
+    if found != model["content"]:
+        raise DataError(f"model {model['ref']}: this node resolved it to {found}, the job scores with "
+                        f"{model['content']}; it changed during the job: rerun with --resume")
+    return export_dir
+
+
+def init_ray(address: str = "local", num_gpus: int | None = None):
+    """Connect to ``address`` ('auto': a running cluster) or start a local Ray bound to 127.0.0.1, which
+    offers ``num_gpus`` GPUs (default: the CUDA devices torch sees here).
 
     Ray advertises its node IP and binds its servers to it; a ``127.0.0.1`` given to ``ray.init`` is
     rewritten to the machine's external address unless Ray runs in its single-machine mode. That mode is
@@ -127,7 +159,7 @@ def init_ray(address: str = "local"):
         import torch
 
         # The GPUs torch sees here are the local Ray's GPUs, whatever Ray's own detection finds.
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = num_gpus if num_gpus is not None else torch.cuda.device_count() if torch.cuda.is_available() else 0
         with _dropping(AUTH_LOGGER, AUTH_ON_BY_DEFAULT):
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_gpus=gpus,
                      log_to_driver=False, configure_logging=False)
@@ -140,11 +172,12 @@ def init_ray(address: str = "local"):
     return ray
 
 
-def actor_resources(ray, threads: int) -> dict:
-    """What each actor requests: ``threads`` CPUs, and one GPU when the cluster has GPUs (the local Ray
-    gets this machine's CUDA devices in init_ray). Without the request Ray hides every GPU from the actor."""
+def actor_resources(ray, threads: int, gpus_per_actor: float = 1.0) -> dict:
+    """What each actor requests: ``threads`` CPUs, and ``gpus_per_actor`` GPUs (serving.gpus_per_actor; a
+    fraction shares a GPU between actors) when the cluster has GPUs (the local Ray gets this machine's CUDA
+    devices in init_ray). Without the request Ray hides every GPU from the actor."""
     gpus = ray.cluster_resources().get("GPU", 0)
-    return {"num_cpus": max(1, threads), "num_gpus": 1 if gpus >= 1 else 0}
+    return {"num_cpus": max(1, threads), "num_gpus": gpus_per_actor if gpus > 0 else 0}
 
 
 def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", threads: int = 1) -> list[dict]:
@@ -154,15 +187,15 @@ def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", thre
     if not todo:
         return []
     ray = init_ray(address)
-    resources = actor_resources(ray, threads)
+    resources = actor_resources(ray, threads, job.cfg.serving.gpus_per_actor)
     size = max(1, min(actors, len(todo)))
     if address == "local":  # a pool this machine cannot hold would wait for resources that never come
         have = ray.cluster_resources()
         for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
             if resources[key] and size * resources[key] > have.get(name, 0):
                 raise ConfigError(f"--workers {size} Ray actors need {size * resources[key]:g} {name}s "
-                                  f"({resources[key]:g} each, --ray-threads for CPUs); this machine's Ray has "
-                                  f"{have.get(name, 0):g}")
+                                  f"({resources[key]:g} each: --ray-threads for CPUs, serving.gpus_per_actor "
+                                  f"for GPUs); this machine's Ray has {have.get(name, 0):g}")
     context = ray.data.DataContext.get_current()
     # Start scoring once every actor holds its model: the first units then go one to each actor, and a
     # cluster that cannot place the pool fails with a timeout instead of waiting forever.
@@ -178,7 +211,7 @@ def run_on_ray(job: Job, plan: Inputs, actors: int, address: str = "local", thre
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
             ds = ds.map_batches(
                 UnitScorer,
-                fn_constructor_kwargs={"cfg": to_dict(job.cfg), "export_dir": str(Path(job.model).resolve()),
+                fn_constructor_kwargs={"cfg": to_dict(job.cfg), "model": model_reference(job),
                                        "model_version": job.model_version,
                                        "inputs": inputs,
                                        "out": str(job.out) if storage.is_uri(job.out) else str(Path(job.out).resolve()),

@@ -41,7 +41,10 @@ class Job:
 
     inputs: the input paths as given (each process plans the same units from them); model: the local export
     folder; model_version: what the scores carry; out: the output folder (a local path or an object-store
-    URI); resume: skip the units this model version already finished.
+    URI); resume: skip the units this model version already finished. model_ref and tracking_uri: where any
+    machine resolves the same model (serving.registry.cache.node_reference: ``models:/<name>/<version>`` with
+    the registry's URI, an object-store URI, or a folder); "" when the job was given a folder only. Processes
+    on other machines (Ray actors) load the model from there, never from ``model``, a path on this machine.
     """
 
     cfg: Config
@@ -51,6 +54,8 @@ class Job:
     out: Path | str
     resume: bool = False
     quiet: bool = False
+    model_ref: str = ""
+    tracking_uri: str | None = None
 
     def todo(self, units: list[Unit]) -> list[Unit]:
         """The units still to score: every one, or with ``resume`` those not finished by this model version."""
