@@ -209,8 +209,8 @@ def rss(export_dir: Path, work: Path, rows: int, threads: int) -> dict:
                              cwd=REPO, capture_output=True, text=True, check=True)
         shutil.rmtree(dest, ignore_errors=True)
         peak = int(next(x for x in res.stdout.splitlines() if x.startswith("MAXRSS")).split()[1]) / 1024
-        rate = float(next(x for x in res.stdout.splitlines() if x.startswith("scored")).split(" rows/s")[0]
-                     .rsplit(" ", 1)[1])
+        rate = float(next(x for x in res.stderr.splitlines() if "scored " in x and " rows/s" in x)  # a log record
+                     .split(" rows/s")[0].rsplit(" ", 1)[1])
         out[n] = {"peak_rss_mib": round(peak, 1), "rows_per_s": rate}
         print(f"  {n:>7} rows: peak RSS {peak:7.1f} MiB, {rate:7.1f} rows/s end to end (with model load)", flush=True)
     ratio = out[10 * rows]["peak_rss_mib"] / out[rows]["peak_rss_mib"]

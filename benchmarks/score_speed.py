@@ -189,7 +189,8 @@ def rss(args) -> dict:
         lines = res.stdout.strip().splitlines()
         peak = int(next(x for x in lines if x.startswith("MAXRSS")).split()[1]) / 1024
         end = int(next(x for x in lines if x.startswith("ENDRSS")).split()[1]) / 1024
-        rate = next(x for x in lines if x.startswith("scored")).split(" rows/s")[0].rsplit(" ", 1)[1]
+        rate = next(x for x in res.stderr.splitlines() if "scored " in x and " rows/s" in x  # a log record
+                    ).split(" rows/s")[0].rsplit(" ", 1)[1]
         out[n] = {"peak_rss_mib": round(peak, 1), "end_rss_mib": round(end, 1), "rows_per_s": float(rate)}
         print(f"  {n:>8} rows: peak RSS {peak:7.1f} MiB (at exit {end:7.1f} MiB), {float(rate):8.1f} rows/s "
               "end to end", flush=True)
