@@ -72,6 +72,30 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
     return Path(path)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: str | Path) -> None:
+    """Give every file under ``root`` (or ``root`` itself) the mode the umask allows: 0666 & ~umask (0777 for
+    executables). safetensors and the writers built on it create files 0600 whatever the umask, which would
+    keep another service account from reading a shared model."""
+    mask, root = current_umask(), Path(root)
+    for p in [root] if root.is_file() else root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            full = 0o777 if p.stat().st_mode & 0o111 else 0o666
+            os.chmod(p, full & ~mask)
+
+
 @contextmanager
 def staging_dir(final_dir: str | Path) -> Iterator[Path]:
     """A fresh hidden folder beside ``final_dir``; always removed on exit (published files moved out first)."""
@@ -94,6 +118,7 @@ def publish_dir(stage: Path, final_dir: str | Path, replace: bool = True) -> boo
     """
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    honour_umask(stage)
     if final.exists() and not replace:
         shutil.rmtree(stage, ignore_errors=True)
         return False

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernel.atomic import honour_umask
 from kernel.config import Config, dump_config, load_config
 from kernel.errors import DataError
 from kernel.task_map import TASK_MAP_FILE, TaskMap
@@ -49,6 +50,7 @@ def save_trained(
     if start is not None:
         (out / START_FILE).write_text(json.dumps(start, indent=2, sort_keys=True))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    honour_umask(out / TRAINABLE_FILE)  # safetensors writes 0600
     return out
 
 

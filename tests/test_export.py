@@ -102,3 +102,22 @@ def test_bf16_scoring_within_stated_tolerance(tmp_path):
         scored, unknown = scorer.score(table)
         assert unknown.num_rows == 0
         np.testing.assert_allclose(scored["score"].to_numpy(), ref, atol=tol, rtol=0)
+
+
+def test_exported_and_trained_files_follow_the_umask(tmp_path):
+    """safetensors (and transformers through it) create files 0600 whatever the umask, so another service
+    account could not read a shared export. Every file the trainer and the export write follows the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o002)  # a group-shared deployment
+    try:
+        model_dir = trained_folder(tmp_path, "cls", "bert")
+        out = tmp_path / "export"
+        export(model_dir, out)
+    finally:
+        os.umask(old)
+    files = [p for root in (model_dir, out) for p in root.rglob("*") if p.is_file()]
+    assert sum(p.suffix == ".safetensors" for p in files) >= 5
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert {m for m in modes.values()} == {"0o664"}, {p: m for p, m in modes.items() if m != "0o664"}
