@@ -9,7 +9,8 @@ that applies, in the order of ``REASONS`` (the last two are decided later, acros
 Accepted columns: query, title, description, url (str; "" when absent), label (int8 0/1; null at
 scoring time without a label column), scenario, weight (float32), the pass-through keys, source_file,
 source_row, truncated (bool: a text field was cut to ``data.max_chars``); at scoring time also
-label_invalid (see below). Quarantined rows keep their raw values as strings, plus ``reason`` and
+label_invalid (see below), and query_len and title_len (int32: characters of the text as read, before any
+cut, so that drift monitoring sees extreme inputs). Quarantined rows keep their raw values as strings, plus ``reason`` and
 ``column`` (the user's column that failed the check; "" for cross-row reasons: duplicate,
 conflicting_label, and for a constant scenario).
 
@@ -56,13 +57,22 @@ _ACCEPTS = {"text": {"text"}, "label": {"int", "float", "bool", "text"}, "weight
             "scenario": {"text", "int"}, "key": {"text", "int"}}
 
 
+SCORING_LENGTHS = ("query_len", "title_len")  # scoring time: characters as read (before the max_chars cut)
+
+
 def accepted_schema(key_types: dict[str, pa.DataType], label_invalid: bool = False) -> pa.Schema:
-    """The accepted rows; ``label_invalid`` (scoring time only) appends that bool column."""
+    """The accepted rows; ``label_invalid`` (scoring time only) appends that bool column and the true lengths."""
     fields = [(f, pa.string()) for f in TEXT_FIELDS]
     fields += [("label", pa.int8()), ("scenario", pa.string()), ("weight", pa.float32())]
     fields += list(key_types.items())
     fields += [("source_file", pa.string()), ("source_row", pa.int64()), ("truncated", pa.bool_())]
-    return pa.schema(fields + ([("label_invalid", pa.bool_())] if label_invalid else []))
+    scoring = [("label_invalid", pa.bool_())] + [(name, pa.int32()) for name in SCORING_LENGTHS]
+    return pa.schema(fields + (scoring if label_invalid else []))
+
+
+def true_lengths(raw: dict[str, pa.Array]) -> list[pa.Array]:
+    """Characters of the query and title as read (null: 0), before any cut to max_chars."""
+    return [pc.cast(pc.fill_null(pc.utf8_length(raw[f]), 0), pa.int32()) for f in ("query", "title")]
 
 
 def quarantine_schema(keys: list[str]) -> pa.Schema:
@@ -207,7 +217,7 @@ class ColumnMapping:
         accepted = pa.RecordBatch.from_arrays(
             [text[f] for f in TEXT_FIELDS] + [label, sc, weight] + keys
             + [source_file, pa.array(rows), pa.array(truncated)]
-            + ([] if self.require_label else [pa.array(label_invalid, pa.bool_())]),
+            + ([] if self.require_label else [pa.array(label_invalid, pa.bool_()), *true_lengths(raw)]),
             schema=self.schema(),
         )
         if ok.all():

@@ -17,7 +17,16 @@ import pytest
 from serving.layout import read_manifest
 from serving.scoring.cli import main
 from serving.scoring.table import score_table
-from tests.serving_testkit import SCENARIOS, canonical, export, sigmoid, tiny_config, trained_folder, training_logits, wdc_raw
+from tests.serving_testkit import (
+    SCENARIOS,
+    canonical,
+    export,
+    sigmoid,
+    tiny_config,
+    trained_folder,
+    training_logits,
+    wdc_raw,
+)
 from tests.shared import log_messages
 
 
@@ -350,3 +359,24 @@ def test_rescoring_with_another_unit_size_or_over_the_old_layout_keeps_one_score
     pq.write_table(read_output(out).slice(0, 1), out / "part-00000-0000-other.parquet")
     assert main(common + ["--resume", "serving.unit_rows=30"]) == 0
     assert (out / "part-00000-0000-other.parquet").is_file()
+
+
+def test_query_len_and_title_len_are_the_lengths_as_read_not_after_the_cut(tmp_path, exported):
+    """Text over data.max_chars is cut before scoring; query_len and title_len must still show the input's
+    own length (drift monitoring watches for extreme inputs), and the rows stay scored."""
+    _, export_dir = exported
+    raw = wdc_raw(per_category=3, categories=["cameras"])
+    left, right = raw["left"].to_pylist(), raw["right"].to_pylist()
+    left[0], right[1] = "q" * 100_000, "t " * 2_500
+    raw = raw.set_column(raw.schema.get_field_index("left"), "left", pa.array(left, pa.string()))
+    raw = raw.set_column(raw.schema.get_field_index("right"), "right", pa.array(right, pa.string()))
+    (tmp_path / "in").mkdir()
+    pq.write_table(raw, tmp_path / "in" / "long.parquet")
+    out = tmp_path / "scores"
+    assert main(["--model", str(export_dir), "--input", str(tmp_path / "in"), "--output", str(out), "--quiet",
+                 "data.max_chars=1000"]) == 0
+    scored = read_output(out)
+    assert scored.num_rows == 3 and scored["status"].to_pylist() == ["scored"] * 3
+    assert scored["query_len"].to_pylist() == [len(q) for q in left]
+    assert scored["title_len"].to_pylist() == [len(t) for t in right]
+    assert scored["query_len"].to_pylist()[0] == 100_000 and scored["title_len"].to_pylist()[1] == 5_000

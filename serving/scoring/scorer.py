@@ -193,8 +193,10 @@ class BatchScorer:
         for name in SCORE_COLUMNS:
             table = table.append_column(name, scores[name])
         table = table.append_column("model_version", pa.repeat(pa.scalar(self.model_version, pa.string()), n))
-        table = table.append_column("query_len", pc.cast(pc.utf8_length(table.column("query")), pa.int32()))
-        return table.append_column("title_len", pc.cast(pc.utf8_length(table.column("title")), pa.int32()))
+        for name, text in (("query_len", "query"), ("title_len", "title")):
+            if name not in table.column_names:  # rows from ingestion's scoring checks carry the uncut lengths
+                table = table.append_column(name, pc.cast(pc.utf8_length(table.column(text)), pa.int32()))
+        return table
 
     def score(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(scored rows, rows of unknown scenarios to quarantine); both keep the input's columns.
