@@ -10,6 +10,9 @@
 #      (benchmarks/train_speed.py; skipped with a message when deepspeed is not importable)
 #
 #     bash benchmarks/gpu_adapter.sh          # from anywhere; OUT=dir also writes dir/adapter_gpu.txt
+#
+# Scoring on the GPU has its own command (about 2 minutes; needs pyarrow besides the above):
+#     python3 benchmarks/gpu_score.py --device cuda --preset minilm --rows 65536 --batch 256
 #     COMPILE_SCOPE=model bash benchmarks/gpu_adapter.sh   # compile the whole model instead (slow to compile)
 #     COMPILE_MODE=reduce-overhead bash benchmarks/gpu_adapter.sh   # CUDA graphs (static shapes, no breaks)
 #

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 

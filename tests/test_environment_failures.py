@@ -17,7 +17,7 @@ import pytest
 
 from serving.scoring.cli import main
 from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
-from tests.shared import REPO
+from tests.shared import REPO, log_messages
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 
@@ -66,7 +66,7 @@ def test_a_file_size_limit_mid_job_is_8_naming_the_file_and_resume_finishes(tmp_
     out = tmp_path / "scores"
     run = cli("serving.score", args + ["--output", str(out)], preexec=limited)
     assert run.returncode == 8, run.stderr[-3000:]
-    lines = [x for x in run.stderr.splitlines() if x.startswith("error:")]
+    lines = [m for m in log_messages(run.stderr) if m.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert lines[0].startswith("error: resource unavailable: file too large (a file-size limit such as ulimit -f) "
                                f"writing {out / 'part-00000-0002-in.parquet'}"), lines[0]
@@ -95,7 +95,7 @@ def test_an_output_the_user_may_not_write_is_8_before_any_work(tmp_path, model):
         locked.chmod(0o755)
     for run, flag, path in ((score, "--output", locked / "scores"), (exported, "--out", locked / "export")):
         assert run.returncode == 8, run.stderr[-3000:]
-        lines = [x for x in run.stderr.splitlines() if x.startswith("error:")]
+        lines = [m for m in log_messages(run.stderr) if m.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
         assert lines[0].startswith(f"error: resource unavailable: {flag} {path}: permission denied (cannot write "
                                    f"in {locked})"), lines[0]

@@ -9,8 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from kernel import exit_codes
-from kernel.errors import (DataError, QuarantineRateExceeded, ResourceUnavailable, ServiceUnavailable,
-                           TrainingDiverged, WorkerLost)
+from kernel.errors import (
+    DataError,
+    QuarantineRateExceeded,
+    ResourceUnavailable,
+    ServiceUnavailable,
+    TrainingDiverged,
+    WorkerLost,
+)
 from tests.shared import REPO, TINY_CONFIG, log_messages
 
 TINY = TINY_CONFIG
@@ -127,9 +133,10 @@ def test_environment_failures_are_8_with_one_line_naming_the_path(error, words, 
 
     assert exit_codes.run_cli(work, resume_hint="rerun with --resume") == exit_codes.RESOURCE_UNAVAILABLE
     err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith("error: resource unavailable: ") and err.strip().endswith("rerun with --resume")
-    assert all(w in err.lower() for w in (w.lower() for w in words)), err
+    (message,) = log_messages(err)  # one log record, one line, no traceback
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message.startswith("error: resource unavailable: ") and message.endswith("rerun with --resume")
+    assert all(w in message.lower() for w in (w.lower() for w in words)), message
 
 
 def test_a_dead_ray_actor_is_8_not_a_bug(capsys):

@@ -31,8 +31,7 @@ def test_a_new_market_joins_the_champion_overnight(tmp_path, capsys):
               "train.init_from=models:/tiny@champion", "train.adapt=task_only", "train.warm.steps=6",
               "train.task_lr=0.05", f"monitoring.gate_eval=[{night1_test}]"]
     assert main(night2) == OK
-    out = capsys.readouterr().out
-    assert "3 known scenarios, new: ['us']" in out
+    assert "3 known scenarios, new: ['us']" in capsys.readouterr().err  # the trainer's log
     n2 = work / "runs" / "n2"
     manifest = json.loads((n2 / "export" / "manifest.json").read_text())
     assert manifest["started_from"]["version"] == "1" and manifest["started_from"]["scenarios"] == ["de", "jp", "uk"]
@@ -54,7 +53,7 @@ def test_a_new_market_joins_the_champion_overnight(tmp_path, capsys):
     assert len(scores[0]) == old.num_rows and np.isfinite(scores[0]).all() and np.array_equal(*scores)
     # Replayed: the champion alias now names this night's own model, which is not a new starting model.
     assert main(night2) == OK
-    assert capsys.readouterr().out.count("up to date") == 7
+    assert capsys.readouterr().err.count("up to date") == 7
 
 
 def _registry_with_two_versions(tmp_path) -> tuple[str, MlflowClient]:

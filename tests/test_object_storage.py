@@ -100,11 +100,10 @@ def test_mlflow_keeps_the_registered_model_on_s3_and_scoring_reads_it_back(tmp_p
 def test_an_export_published_on_s3_scores_like_the_local_one(tmp_path, s3_bucket, monkeypatch):
     import numpy as np
 
+    from serving.export.cli import main as export_main
     from serving.registry.cache import resolve_model
     from serving.scoring.table import score_table
     from tests.serving_testkit import canonical, export, trained_folder
-
-    from serving.export.cli import main as export_main
 
     model = trained_folder(tmp_path, "mean")
     export(model, tmp_path / "local-export")

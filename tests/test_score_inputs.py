@@ -63,7 +63,7 @@ def test_a_resume_after_inputs_were_removed_or_rewritten_keeps_only_the_current_
     shutil.move(folder / "b.parquet", tmp_path / "b.parquet")  # b is gone; c moves up in the file order
     write(folder / "a.parquet", 5, 40)  # a is rewritten: other rows, 15 of them
     assert main(args + ["--output", str(out), "--resume"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the result and the notes are log records
     keys = scored_keys(out)
     assert len(keys) == len(set(keys)) == 15 + 30  # rows out == rows in: nothing of b, nothing of the old a
     assert {f.rsplit("/", 1)[-1] for f, _ in keys} == {"a.parquet", "c.parquet"}
@@ -82,7 +82,7 @@ def test_a_resume_after_inputs_were_removed_or_rewritten_keeps_only_the_current_
     (out / "_done" / "part-00007-0000-z.json").write_text(json.dumps(other))
     assert main(args + ["--output", str(out), "--resume"]) == 0
     assert (out / "_done" / "part-00007-0000-z.json").is_file()
-    assert "removed" not in capsys.readouterr().out
+    assert "removed" not in capsys.readouterr().err
 
 
 def test_a_corrupt_data_page_is_quarantined_and_the_rest_of_the_file_scored(tmp_path, export_dir, capsys):
@@ -94,7 +94,7 @@ def test_a_corrupt_data_page_is_quarantined_and_the_rest_of_the_file_scored(tmp_
     args = ["--model", str(export_dir), "--input", str(folder), "--quiet", f"serving.unit_rows={GROUP}"]
     out = tmp_path / "scores"
     assert main(args + ["--output", str(out), "serving.max_quarantine_rate=0.1"]) == 0  # 10 of 180 rows
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the result and the notes are log records
     keys = scored_keys(out)
     bad = str(folder / "b.parquet")
     assert len(keys) == 170 and [r for f, r in keys if f == bad] == [*range(20), *range(30, 60)]

@@ -13,6 +13,7 @@ import pytest
 
 from serving.scoring.cli import main
 from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
+from tests.shared import log_messages
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' to run the Ray engine test")
 
@@ -143,8 +144,9 @@ def test_an_actor_killed_mid_job_is_8_in_one_line_naming_it_and_resume_finishes(
     assert killed and code == 8, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err[-3000:]
-    assert lines[0].startswith("error: resource unavailable: a Ray scoring actor (pid ") and str(killed[0]) in lines[0]
-    assert lines[0].endswith("rerun the same command with --resume")
+    (message,) = log_messages(err)
+    assert message.startswith("error: resource unavailable: a Ray scoring actor (pid ") and str(killed[0]) in message
+    assert message.endswith("rerun the same command with --resume")
     finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "_done").glob("*.json")}
     assert 1 <= len(finished) < 24
     assert main(args + ["--resume"]) == 0

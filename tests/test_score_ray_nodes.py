@@ -30,9 +30,14 @@ def ray_with_one_gpu(s3_server):
     from serving.scoring.ray_engine import init_ray
 
     ray.shutdown()  # a Ray left by another module would not offer the GPU
+    mp = pytest.MonkeyPatch()
+    # An earlier Ray driver in this process that had no GPU set CUDA_VISIBLE_DEVICES="" here, and a raylet
+    # refuses to offer a GPU that the variable hides.
+    mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     init_ray("local", num_gpus=1)
     yield
     ray.shutdown()
+    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -66,16 +66,16 @@ def test_spark_udf_scores_like_serving_and_each_worker_reads_the_weights_once(sp
     from pyspark.sql import functions as F
 
     session, log = spark
-    rows = canonical(wdc_raw("test", per_category=24))  # 72 rows of the three known scenarios
+    raw = wdc_raw("test", per_category=24)  # 72 rows of the three known scenarios, in the user's own columns
     # What serving scores for these rows (in this process, before the executors log anything).
-    reference = score_table(registered["root"] / "export", rows).to_pandas()
+    reference = score_table(registered["root"] / "export", canonical(raw)).to_pandas()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
-    frame = rows.select(["query", "title", "description", "url", "scenario"]).to_pandas()
+    user_columns = ("left", "right", "category")  # the export's data.columns: the model carries its mapping
+    frame = raw.select(list(user_columns)).to_pandas()
     frame.insert(0, "row", np.arange(len(frame)))
     df = session.createDataFrame(frame).repartition(PARTITIONS)  # round robin: every partition has rows
     udf = mlflow.pyfunc.spark_udf(session, "models:/relevance@champion", env_manager="local")
-    scored = df.withColumn("prediction", udf(*[F.col(c) for c in ("query", "title", "description", "url",
-                                                                     "scenario")]))
+    scored = df.withColumn("prediction", udf(*[F.col(c) for c in user_columns]))
     got = scored.select("row", "prediction.*").toPandas().sort_values("row").reset_index(drop=True)
 
     assert len(got) == len(frame)

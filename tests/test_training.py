@@ -150,9 +150,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_dir):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("step 16 val"):
+        if log_message(line) is not None and log_message(line).startswith("step 16 val"):
             proc.send_signal(signal.SIGSTOP)  # frozen right here (checkpoint 24 is 8 steps away)
             break
+    else:
+        pytest.fail("the run ended without logging its step-16 evaluation:\n" + "".join(seen)[-3000:])
     assert proc.poll() is None, "".join(seen)[-3000:]
     # Network hygiene: a one-process CPU run listens on loopback only (rendezvous store, gloo), never on *.
     listening = listening_addresses(proc.pid)

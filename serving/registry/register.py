@@ -20,6 +20,7 @@ import pandas as pd
 
 from kernel.atomic import write_json_atomic
 from kernel.config import load_config
+from kernel.metric_names import VAL, metric_name
 from kernel.mlflow_client import artifact_location, fluent_uri, mlflow_client, source_tags
 from serving.layout import REGISTERED_FILE, read_manifest
 
@@ -80,19 +81,17 @@ def _requirements() -> list[str]:
 
 
 def gate_metrics(manifest: dict) -> dict[str, float]:
-    """The precision gate's figures as MLflow metrics: ``gate.<scenario>.<candidate>.max_abs_dp`` and
-    ``.auc_change`` (and ``.passed`` 0/1) per scenario and candidate; scenario names are made metric-safe."""
-    import re
-
+    """The precision gate's figures as MLflow metrics, measured on the validation split:
+    ``val/gate_<candidate>_max_abs_dp/<scenario>``, ``..._auc_change`` and ``..._passed`` (0/1) per scenario and
+    candidate (kernel.metric_names)."""
     out = {}
     gate = (manifest.get("onnx") or {}).get("gate") or {}
     for scenario, res in (gate.get("scenarios") or {}).items():
-        safe = re.sub(r"[^A-Za-z0-9_\-. /]", "_", scenario)
         for cand, r in res["candidates"].items():
             for k in ("max_abs_dp", "auc_change"):
                 if r.get(k) is not None:
-                    out[f"gate.{safe}.{cand}.{k}"] = float(r[k])
-            out[f"gate.{safe}.{cand}.passed"] = float(r["passed"])
+                    out[metric_name(VAL, f"gate_{cand}_{k}", scenario)] = float(r[k])
+            out[metric_name(VAL, f"gate_{cand}_passed", scenario)] = float(r["passed"])
     return out
 
 
