@@ -89,7 +89,8 @@ def traffic(work: Path, rows: int, seed: int = 0) -> Path:
         return path
     cols = ["left", "right", "label", "category"]
     pool = pa.concat_tables([pq.read_table(f, columns=cols) for f in sorted(WDC_ROOT.glob("*/test.parquet"))])
-    take = np.random.default_rng(seed).permutation(np.resize(np.arange(pool.num_rows), rows))
+    # A shuffle of the whole pool (repeated when rows exceed it), so that every category is in the traffic.
+    take = np.resize(np.random.default_rng(seed).permutation(pool.num_rows), rows)
     tmp = path.with_suffix(".tmp")
     pq.write_table(pool.take(take), tmp, row_group_size=1024)
     tmp.rename(path)

@@ -70,6 +70,18 @@ def export(model_dir: Path, out, overrides: list[str] | None = None, **options) 
     return run(export_config(model_dir, overrides=overrides or []), model_dir, out, **options).info
 
 
+def registered_champion(root: Path, overrides: list[str]) -> str:
+    """A tiny mean-pooling model trained under ``root``, exported with --valid (30 WDC validation rows a
+    category: calibration, thresholds, the precision gate) and ``overrides``, and registered as
+    relevance@champion in ``root``/mlflow.db. The tracking URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    valid = root / "valid.parquet"
+    pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
+    export(trained_folder(root, "mean"), root / "export", valid=valid, tracking_uri=uri, name="relevance",
+           alias="champion", overrides=overrides)
+    return uri
+
+
 def wdc_raw(split: str = "test", per_category: int = 12, categories: list[str] | None = None,
             offset: int = 0) -> pa.Table:
     """Real rows in their own column names (left, right, label, category)."""

@@ -19,23 +19,19 @@ import pytest
 
 from serving.scoring.cli import main as score_main
 from tests.mlflow_testkit import free_port
-from tests.serving_testkit import canonical, export, trained_folder, wdc_raw
+from tests.serving_testkit import canonical, registered_champion, wdc_raw
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A tiny mean-pooling model exported with calibration and registered as relevance@champion (sqlite)."""
     root = tmp_path_factory.mktemp("pyfunc")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    valid = root / "valid.parquet"
-    pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
     # Scored on ONNX Runtime (serving.engine=auto on CPU), one int8 candidate gated on the validation rows. The
     # served precision is pinned to fp32: dynamic int8 scales activations per batch, so its scores depend on
     # which rows share a batch (within the gate's tolerance), and these tests compare paths that batch rows
     # differently to 1e-6.
-    export(trained_folder(root, "mean"), root / "export", valid=valid, tracking_uri=uri, name="relevance",
-           alias="champion", overrides=["serving.calibrate=true", "serving.onnx.export=true",
-                                        "serving.onnx.candidates=[int8_dynamic]", "serving.precision=fp32"])
+    uri = registered_champion(root, ["serving.calibrate=true", "serving.onnx.export=true",
+                                     "serving.onnx.candidates=[int8_dynamic]", "serving.precision=fp32"])
     raw = wdc_raw("test", per_category=7, categories=["cameras", "computers", "shoes", "watches"])
     traffic = root / "traffic.parquet"
     pq.write_table(raw, traffic)  # the user's own columns, mapped by the export's data.columns

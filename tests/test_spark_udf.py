@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serving.scoring.table import LOAD_LOG_ENV, score_table
-from tests.serving_testkit import canonical, export, trained_folder, wdc_raw
+from tests.serving_testkit import canonical, registered_champion, wdc_raw
 
 PARTITIONS = 6
 BATCH_ROWS = 8  # spark.sql.execution.arrow.maxRecordsPerBatch: rows per pandas batch handed to the model
@@ -51,14 +51,7 @@ def spark(tmp_path_factory):
 def registered(tmp_path_factory):
     """A tiny mean-pooling model exported with calibration and registered as relevance@champion (sqlite)."""
     root = tmp_path_factory.mktemp("spark-model")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    valid = root / "valid.parquet"
-    import pyarrow.parquet as pq
-
-    pq.write_table(canonical(wdc_raw("valid", per_category=30)), valid)
-    export(trained_folder(root, "mean"), root / "export", valid=valid, tracking_uri=uri, name="relevance",
-           alias="champion", overrides=["serving.calibrate=true"])
-    return {"root": root, "uri": uri}
+    return {"root": root, "uri": registered_champion(root, ["serving.calibrate=true"])}
 
 
 def test_spark_udf_scores_like_serving_and_each_worker_reads_the_weights_once(spark, registered, monkeypatch):
