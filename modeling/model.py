@@ -38,7 +38,9 @@ def pooled_logits(backbone: nn.Module, pooling: str, head: nn.Module | None, inp
         kwargs["token_type_ids"] = token_type_ids
     if pooling == "mean":
         hidden = backbone(**kwargs).last_hidden_state  # (b, L, d)
-        return head(masked_mean(hidden, attention_mask)).squeeze(-1).float()
+        pooled = masked_mean(hidden, attention_mask)
+        weight = getattr(head, "weight", None)  # a bf16 head over an encoder whose last states are fp32
+        return head(pooled.to(weight.dtype) if weight is not None else pooled).squeeze(-1).float()
     return backbone(**kwargs).logits.squeeze(-1).float()
 
 

@@ -145,7 +145,17 @@ def test_engine_and_precision_choice_and_their_errors():
                  "onnx": {"graphs": graphs, "serve": {"a": {"onnxruntime": "int8_static", "torch": "fp32"},
                                                       "b": {"onnxruntime": "fp32", "torch": "fp32"}}}}
     without = {"scenarios": {"a": {}, "b": {}}, "onnx": None}
-    assert choose_engine(ServingConfig(), with_onnx, "cpu") == "onnxruntime"
+    assert choose_engine(ServingConfig(), with_onnx, "cpu") == "onnxruntime"  # no speed measured: ONNX Runtime
+    # Measured at export (the gate's rows): auto follows the faster engine, each in what it serves per scenario
+    # (a: int8_static on ONNX Runtime, b: fp32; the slowest scenario's rate counts).
+    for ort, torch_fp32, expected in (({"fp32": 70.0, "int8_static": 120.0}, 60.0, "onnxruntime"),
+                                      ({"fp32": 55.0, "int8_static": 120.0}, 60.0, "torch"),
+                                      ({"fp32": 60.0, "int8_static": 90.0}, 60.0, "onnxruntime")):
+        measured = {**with_onnx, "onnx": {**with_onnx["onnx"], "gate": {"rows_per_s": {
+            "onnxruntime": ort, "torch": {"fp32": torch_fp32}}}}}
+        assert choose_engine(ServingConfig(), measured, "cpu") == expected, (ort, torch_fp32)
+        assert choose_engine(ServingConfig(precision="int8"), measured, "cpu") == "onnxruntime"
+        assert choose_engine(ServingConfig(engine="onnxruntime"), measured, "cpu") == "onnxruntime"
     assert choose_engine(ServingConfig(), with_onnx, "cuda") == "torch"
     assert choose_engine(ServingConfig(), without, "cpu") == "torch"
     assert choose_engine(ServingConfig(precision="bf16"), with_onnx, "cpu") == "torch"

@@ -112,7 +112,9 @@ def gate_precisions(stage: Path, valid: pa.Table, manifest: dict, cfg: Config, f
     labels = table["label"].to_numpy(zero_copy_only=False).astype(np.int64)
     names = np.asarray(table["scenario"].to_pylist(), dtype=object)
     p_ref, sec = _scores(stage, cfg, table, "onnxruntime", "fp32")
-    speed = {"onnxruntime": {"fp32": table.num_rows / sec}}
+    # torch fp32 too: serving.engine=auto serves on CPU whichever engine is faster here (runtime.measured_faster)
+    speed = {"onnxruntime": {"fp32": table.num_rows / sec},
+             "torch": {"fp32": table.num_rows / _scores(stage, cfg, table, "torch", "fp32")[1]}}
     results = {s: {"rows": int((names == s).sum()), "positives": int(labels[names == s].sum()),
                    "auc_fp32": auc(labels[names == s], p_ref[names == s]), "candidates": {}} for s in scenarios}
     for cand in ocfg.candidates:
@@ -122,8 +124,6 @@ def gate_precisions(stage: Path, valid: pa.Table, manifest: dict, cfg: Config, f
                 results[s]["candidates"][cand] = {"max_abs_dp": None, "auc": None, "auc_change": None, "passed": False,
                                                   "why": NO_FAST_BF16}
             continue
-        if cand == "bf16" and "fp32" not in speed.setdefault("torch", {}):
-            speed["torch"]["fp32"] = table.num_rows / _scores(stage, cfg, table, "torch", "fp32")[1]
         if engine == "onnxruntime" and any(cand not in g for g in onnx["graphs"].values()):
             continue  # int8_static without calibration rows
         p, sec = _scores(stage, cfg, table, engine, cand)

@@ -8,8 +8,10 @@ export's own validation fit) scores through serving.scoring.scorer, which loads 
 ``serving.engine``, ``serving.precision`` and ``serving.threads`` mean the same everywhere.
 
 serving.engine
-    auto          ONNX Runtime on CPU when the export holds ONNX graphs; torch on CUDA, for
-                  ``serving.precision=bf16``, or for an export without graphs
+    auto          on CPU the engine the export's gate measured faster on the exporting machine (manifest
+                  ``onnx.gate.rows_per_s``: ONNX Runtime in the precisions it serves against torch in
+                  fp32), ONNX Runtime when there is no measurement (exported without --valid); torch on
+                  CUDA, for ``serving.precision=bf16``, or for an export without graphs
     onnxruntime   the export's graphs (fp32, and the int8 graphs the export kept), on the CPU
     torch         the compact artifact (base + factors, serving.scoring.model) in fp32 or bf16
 serving.precision
@@ -60,7 +62,26 @@ def choose_engine(serving: ServingConfig, manifest: dict, device: str | None = N
             raise ConfigError(f"serving.precision={serving.precision} needs ONNX Runtime on CPU, and the "
                               f"{'device is CUDA' if cuda else 'export has no ONNX graphs'}")
         return "torch"
-    return "onnxruntime"
+    if serving.precision.startswith("int8"):
+        return "onnxruntime"
+    return "torch" if measured_faster(manifest) == "torch" else "onnxruntime"
+
+
+def measured_faster(manifest: dict) -> str | None:
+    """The engine that scored the gate's rows faster at export, each in what it serves (per scenario, the
+    slowest scenario's precision counts); None without both figures. ONNX Runtime's fp32 kernels beat torch's on
+    many CPUs but not on all (on AVX2-only EPYCs torch's BLAS was faster), so auto follows the measurement."""
+    onnx = manifest.get("onnx") or {}
+    speed, serve = (onnx.get("gate") or {}).get("rows_per_s") or {}, onnx.get("serve") or {}
+    rates = {}
+    for engine in ("onnxruntime", "torch"):
+        per = speed.get(engine) or {}
+        served = [(serve.get(s) or {}).get(engine, "fp32") for s in manifest.get("scenarios", {})] or ["fp32"]
+        if all(p in per for p in served):
+            rates[engine] = min(per[p] for p in served)
+    if len(rates) < 2:
+        return None
+    return max(rates, key=lambda e: (rates[e], e == "onnxruntime"))  # a tie goes to ONNX Runtime
 
 
 def choose_precisions(serving: ServingConfig, manifest: dict, engine: str) -> dict[str, str]:
