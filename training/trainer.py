@@ -26,14 +26,12 @@ forwards; DeepSpeed writes updated weights through ``.data``, so every optimizer
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -60,6 +58,7 @@ from modeling.warm_start import hold_known_tasks, load_start, saved_state
 from training.distributed import DistEnv, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import evaluate, flat_metrics
+from training.rng import rng_state, seed_everything, set_rng_state
 from training.warm_start import StartPoint, prepare_start, run_schedule
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,22 +104,6 @@ def load_split_features(cfg: Config, data_dir: Path, split: str, tokenizer, task
     )
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def _all_finite(loss: torch.Tensor) -> bool:
     flag = torch.tensor([float(torch.isfinite(loss).all())])
     if torch.distributed.is_initialized():
@@ -153,7 +136,7 @@ class Trainer:
         cfg = self.cfg
         self.env: DistEnv = init_distributed()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg)
         self.pad_id = self.tokenizer.pad_token_id
         self.start = self._prepare_start(resume)
@@ -219,7 +202,7 @@ class Trainer:
         self.sampler.load_state_dict(client["sampler"])
         self.best, self.history = client["best"], client["history"]
         rng = client["rng"]
-        _set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)
+        set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)
         if self.env.rank == 0:
             tag = (self.ckpt_dir / "latest").read_text().strip()
             log.info(f"resumed from {self.ckpt_dir / tag} at step {self.engine.global_steps}")
@@ -364,7 +347,7 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        rng = _rng_state()
+        rng = rng_state()
         if self.env.world > 1:
             states: list = [None] * self.env.world
             torch.distributed.all_gather_object(states, rng)
