@@ -44,6 +44,7 @@ from benchmarks.quality_data import dataset_overrides, prepare
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, load_config
 from kernel.errors import RelevanceError
+from modeling.hardware import training_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("mtl_task_only", "mtl_task_only_lr", "mtl_all", "lora_all")
@@ -175,7 +176,7 @@ def train_and_score(cfg: Config, data: Path, run_dir: Path, test_path: Path) -> 
     train_s = time.perf_counter() - t0
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # DeepSpeed states: large, not needed
     t1 = time.perf_counter()
-    test = test_metrics(result.model_dir, test_path, cfg.train.precision)
+    test = test_metrics(result.model_dir, test_path, training_precision(cfg.train.precision))
     return {"steps": result.steps, "train_s": round(train_s, 1), "test_s": round(time.perf_counter() - t1, 1),
             "val_auc_macro": (result.best_metrics or {}).get("auc_macro"),
             "test_auc": {s: e["auc"] for s, e in test["scenarios"].items()}, "test_auc_macro": test["auc_macro"],

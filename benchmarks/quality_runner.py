@@ -38,6 +38,7 @@ from kernel.atomic import write_json_atomic
 from kernel.config import Config, load_config
 from kernel.errors import ConfigError, TrainingDiverged
 from kernel.metric_names import TEST_SPLIT
+from modeling.hardware import training_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -347,7 +348,7 @@ def _select_and_test(results: dict, dataset: str, budget: Budget, method: str, p
         if t["lr"] == lr and t["seed"] in seeds and "test_auc_macro" not in t and t.get("model_dir"):
             tracker = MlflowTracker(uri, experiment)
             tracker.run_id = t["run_id"]  # the trial's own (finished) run gets its test metrics
-            t.update(score_trial(t, data_dir, cfg.train.precision, tracker))
+            t.update(score_trial(t, data_dir, training_precision(cfg.train.precision), tracker))
             print(f"   {dataset}/{budget.name}/{method}: lr {lr:g} chosen on validation; "
                   f"seed {t['seed']} test macro AUC {t['test_auc_macro']:.4f}", flush=True)
             n += 1

@@ -53,6 +53,21 @@ def test_deepspeed_config_is_derived(world, stage):
     assert ds["gradient_clipping"] == cfg.train.grad_clip
 
 
+def test_training_precision_auto_is_bf16_only_where_bf16_is_fast():
+    """bf16 training on a CPU without oneDNN's bf16 path (AVX2 only) ran ~50x slower than fp32: auto avoids it."""
+    import torch
+
+    from modeling.hardware import fast_bf16, training_precision
+
+    fast = torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert fast_bf16() == fast
+    assert training_precision("auto") == ("bf16" if fast else "fp32")
+    assert [training_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    ds = deepspeed_config(load_config(CONFIGS / "tiny.yaml", ["train.precision=auto"]), world_size=1, on_gpu=False)
+    assert ds["bf16"]["enabled"] == fast and not ds["fp16"]["enabled"]
+    assert load_config(CONFIGS / "demo.yaml").train.precision == "auto"
+
+
 def test_deepspeed_config_rejects_impossible_combinations():
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         deepspeed_config(load_config(CONFIGS / "tiny.yaml", ["train.precision=fp16"]), 1, on_gpu=False)

@@ -21,6 +21,7 @@ import torch
 
 from kernel.config import Config
 from kernel.errors import ConfigError
+from modeling.hardware import training_precision
 from modeling.model import RelevanceModel, is_adapter_param, is_task_param
 
 
@@ -39,9 +40,10 @@ def group_lrs(cfg: Config) -> dict[str, float]:
 
 def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
     t = cfg.train
+    precision = training_precision(t.precision)
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
-    if t.precision == "fp16" and not on_gpu:
+    if precision == "fp16" and not on_gpu:
         raise ConfigError("train.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if t.offload_optimizer and t.zero_stage < 1:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
@@ -61,8 +63,8 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 12},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 12},
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {

@@ -52,6 +52,7 @@ from kernel.provenance import git_commit
 from kernel.task_map import TASK_MAP_FILE, TaskMap
 from modeling.artifact import TRAINABLE_FILE, save_trained
 from modeling.base import load_tokenizer
+from modeling.hardware import training_precision
 from modeling.inject import adapter_param_count
 from modeling.model import build_model, enable_activation_checkpointing
 from modeling.warm_start import hold_known_tasks, load_start, saved_state
@@ -165,7 +166,7 @@ class Trainer:
         else:
             self._start_fresh(model)
         self._batches = iter(self.sampler)
-        self._dtype = _DTYPES[cfg.train.precision]
+        self._dtype = _DTYPES[training_precision(cfg.train.precision)]
         self._diag_every = max(0, cfg.train.diagnostics_every)  # training.diagnostics cadence; 0: off
         self._hold_task_params()
         self._seen, self._t0, self.last_loss = 0, time.time(), float("nan")

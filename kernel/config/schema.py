@@ -155,7 +155,7 @@ class TrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: bf16 where fast (modeling.hardware), else fp32
     activation_checkpointing: bool = False
     offload_optimizer: bool = False
     eval_every: int = 100

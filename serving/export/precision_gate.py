@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from features.tokenize import build_features
 from kernel.atomic import write_json_atomic
 from kernel.config import Config
+from modeling.hardware import fast_bf16
 from serving.export.onnx_graphs import INT8_VARIANTS, write_int8
 from serving.layout import MANIFEST_FILE
 from serving.scoring.scorer import BatchScorer
@@ -146,18 +147,6 @@ def gate_precisions(stage: Path, valid: pa.Table, manifest: dict, cfg: Config, f
 
 NO_FAST_BF16 = ("not measured: no fast bf16 kernels on the exporting machine (oneDNN needs AVX-512 or AMX; "
                 "elsewhere torch's bf16 matmul is 10-50x slower than fp32)")
-
-
-def fast_bf16() -> bool:
-    """Whether torch runs bf16 matmuls fast here: CUDA, or oneDNN's bf16 path (AVX-512 / AVX512-BF16 / AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def fastest_passed(candidates: dict[str, dict], speed: dict[str, float]) -> str:
