@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-
 def _tmp_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

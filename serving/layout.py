@@ -30,9 +30,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kernel.storage import read_json
 from kernel.errors import DataError
 from kernel.hashing import file_digest
+from kernel.storage import read_json
 from kernel.task_map import TASK_MAP_FILE, TaskMap
 
 MANIFEST_FILE = "manifest.json"

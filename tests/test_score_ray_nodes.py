@@ -94,8 +94,9 @@ def test_actors_resolve_the_model_on_their_node_two_actors_share_one_gpu(source,
     # The actors' own node cache holds the copy they loaded, checked against the registry or the commit marker.
     copies = [json.loads(p.read_text())["identity"] for p in default_cache_dir().glob("*/_registry.json")]
     if source == "registry":
-        assert {"registry": published["uri"], "name": "relevance", "version": "1"}.items() <= next(
-            c for c in copies if c.get("name") == "relevance").items()
+        # (other modules' models named relevance share the session's cache: match this registry's copy)
+        wanted = {"registry": published["uri"], "name": "relevance", "version": "1"}.items()
+        assert any(wanted <= c.items() for c in copies), copies
     else:
         assert any(c.get("uri") == model for c in copies)
     got, want = scores(out), published["local"]

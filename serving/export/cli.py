@@ -53,8 +53,8 @@ import pyarrow.parquet as pq
 from kernel import storage
 from kernel.atomic import publish_dir, write_json_atomic
 from kernel.config import Config, add_config_args, dump_config, load_config
-from kernel.errors import DataError
 from kernel.environment import check_writable, writing
+from kernel.errors import DataError
 from kernel.exit_codes import OK, run_cli
 from kernel.hashing import file_digest, fingerprint_files
 from kernel.logs import add_logging_args, setup_from_args
