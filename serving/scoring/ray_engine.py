@@ -54,6 +54,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -259,7 +260,9 @@ def _without_deaths(name: str):
     one line (WorkerLost), so those records are kept off the console handlers of logger ``name`` for the
     block (Ray's log files under the session folder still get them)."""
     def keep(record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
+        # Ray Data also logs plain lines ("Exception occurred in Ray Data or Ray Core internal code ...")
+        # while it handles the death: a filter runs in the logging call, so sys.exc_info() is that death.
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
         return error is None or not any({c.__name__ for c in type(e).__mro__} & RAY_DEATHS for e in _chain(error))
 
     handlers = [h for h in logging.getLogger(name).handlers
