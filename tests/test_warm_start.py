@@ -197,6 +197,7 @@ def test_compare_warm_starts_the_method_of_the_starting_model_only(base, tmp_pat
     from job.steps import JobContext, JobPaths
     from job.warm import compare_configs
 
+    caplog.set_level("INFO", logger="job.warm")  # alone, no CLI has set the log level yet: WARNING
     cfg = _cfg(tmp_path, f"train.init_from={base}", "train.compare=[mtl_lora, lora]")
     configs = compare_configs(JobContext(JobPaths(cfg), {}, lineage=None), resume=False)
     assert configs["mtl_lora"].train.init_from == str(base) and configs["mtl_lora"].adapter.method == "mtl_lora"
