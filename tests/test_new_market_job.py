@@ -24,7 +24,9 @@ def test_a_new_market_joins_the_champion_overnight(tmp_path, capsys):
     """Night 1: three markets, promoted. Night 2: only the new market's rows; task_only from the champion; the
     gate compares the known markets on night 1's test split (bit-identical) and holds the new one to min_auc."""
     work = tmp_path / "job"
-    job = ["--config", str(TINY), f"work_dir={work}"]
+    # A gate that int8 passes: night 1 serves some markets in int8, and night 2 must serve them alike.
+    job = ["--config", str(TINY), f"work_dir={work}", "serving.precision_gate.max_abs_dp=1.0",
+           "serving.precision_gate.max_auc_change=1.0"]
     assert main([*job, "--run-date", "n1", "data.filters={scenario: [de, jp, uk]}"]) == OK
     night1_test = work / "runs" / "n1" / "data" / "test.parquet"
     night2 = [*job, "--run-date", "n2", "data.filters={scenario: [us]}", "data.synthetic.seed=11",
@@ -46,6 +48,9 @@ def test_a_new_market_joins_the_champion_overnight(tmp_path, capsys):
     assert promote["metrics"]["new_scenarios"] == ["us"]
     assert {s: d["delta"] for s, d in promote["metrics"]["delta"].items()} == {"de": 0.0, "jp": 0.0, "uk": 0.0}
     assert promote["metrics"]["candidate"]["us"]["n"] == pq.read_table(n2 / "data" / "test.parquet").num_rows
+    served = [json.loads((work / "runs" / night / "export" / "manifest.json").read_text())["onnx"]["serve"]
+              for night in ("n1", "n2")]
+    assert {s: served[1][s] for s in ("de", "jp", "uk")} == served[0]
     # Through export and batch scoring, the known markets' scores are bit-identical to the champion's.
     old = pq.read_table(night1_test)
     scores = [score_table(work / "runs" / night / "export", old)["score"].to_numpy(zero_copy_only=False)

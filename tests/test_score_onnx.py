@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -133,6 +135,54 @@ def test_failing_scenario_is_scored_in_fp32_and_passing_one_in_its_precision(gat
     np.testing.assert_array_equal(auto[names == low], logits_of(direct, table)[names == low])
     with pytest.raises(DataError, match=f"scenario '{high}'"):  # int8 forced where no graph was kept
         scorer_of(export_dir, engine="onnxruntime", precision="int8_dynamic")
+
+
+def test_a_warm_started_export_serves_its_unchanged_scenarios_as_the_starting_export_did(gated, tmp_path):
+    """A new market's export has no validation rows for the known scenarios: one whose fp32 graph is the starting
+    export's keeps that export's precision (rebuilt from fp32), so its scores do not move; a changed graph, a
+    calibrated precision, a looser starting gate, or a scenario with rows of its own is gated as usual."""
+    from training.warm_start import served_precisions
+
+    src, valid = gated
+    start_manifest = read_manifest(src)
+    start_manifest["onnx"]["serve"] = {s: {"onnxruntime": "int8_dynamic", "torch": "fp32"} for s in SCENARIOS}
+    cfg = load_config(src / "config.yaml")
+    cfg.serving.onnx = dataclasses.replace(cfg.serving.onnx, candidates=["int8_dynamic", "int8_static"],
+                                           keep_failed=False)
+    rows = pq.read_table(valid)
+    only_shoes = rows.filter(pc.equal(rows["scenario"], "shoes"))  # cameras, computers: no rows in this export
+    as_strict = {"max_abs_dp": cfg.serving.precision_gate.max_abs_dp, "max_auc_change": 0.0}
+
+    def regate(start_gate: dict, cameras: str = "int8_dynamic") -> tuple[Path, dict]:
+        served = served_precisions(start_manifest)
+        served["scenarios"]["computers"]["fp32_digest"] = "0" * 16  # its graph changed since
+        served["scenarios"]["cameras"]["serve"]["onnxruntime"] = cameras
+        export_dir = tmp_path / f"export-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, export_dir)
+        manifest = read_manifest(export_dir)
+        manifest["started_from"] = {"init_from": "models:/m@champion", "served": {**served, "gate": start_gate}}
+        gate_precisions(export_dir, only_shoes, manifest, cfg, fitted_on="valid.parquet")
+        (export_dir / "manifest.json").write_text(json.dumps(manifest))
+        return export_dir, manifest
+
+    export_dir, manifest = regate(as_strict)
+    serve, results = manifest["onnx"]["serve"], manifest["onnx"]["gate"]["scenarios"]
+    assert serve["cameras"] == {"onnxruntime": "int8_dynamic", "torch": "fp32"}
+    verdict = results["cameras"]["candidates"]["int8_dynamic"]
+    assert verdict["passed"] and verdict["inherited"] == start_manifest["model_version"]
+    assert (export_dir / manifest["onnx"]["graphs"]["cameras"]["int8_dynamic"]).is_file()
+    assert serve["computers"]["onnxruntime"] == "fp32" and "int8_dynamic" not in manifest["onnx"]["graphs"]["computers"]
+    assert "inherited" not in results["shoes"]["candidates"]["int8_dynamic"]  # it has rows: judged here
+    assert results["shoes"]["rows"] > 0 and results["shoes"]["candidates"]["int8_dynamic"]["max_abs_dp"] is not None
+    # The inherited graph scores exactly as the starting export's own int8_dynamic graph.
+    test = canonical(wdc_raw("test", per_category=6))
+    cameras = test.filter(pc.equal(test["scenario"], "cameras"))
+    np.testing.assert_array_equal(logits_of(scorer_of(export_dir, engine="onnxruntime", precision="auto"), cameras),
+                                  logits_of(scorer_of(src, engine="onnxruntime", precision="int8_dynamic"), cameras))
+    for start_gate, served_in in ((as_strict, "int8_static"),  # calibrated on the old rows: not rebuilt here
+                                  ({**as_strict, "max_abs_dp": 2 * as_strict["max_abs_dp"]}, "int8_dynamic")):
+        _, other = regate(start_gate, served_in)
+        assert other["onnx"]["serve"]["cameras"]["onnxruntime"] == "fp32"
 
 
 def test_engine_and_precision_choice_and_their_errors():

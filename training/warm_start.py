@@ -91,13 +91,32 @@ def trained_folder(folder: Path) -> Path:
                       f"folder (model/) or an export folder ({TRAINED_DIR}/)")
 
 
-def _expected_digest(folder: Path) -> tuple[str | None, str]:
-    """(digest of the trained state an export recorded, its model version) for the export holding ``folder``."""
+def _export_manifest(folder: Path) -> dict | None:
+    """The manifest of the export holding the trained-model folder ``folder`` (None: not inside an export)."""
     manifest = folder.parent / MANIFEST
     if folder.name != TRAINED_DIR or not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text())
+
+
+def _expected_digest(manifest: dict | None) -> tuple[str | None, str]:
+    """(digest of the trained state an export recorded, its model version)."""
+    if manifest is None:
         return None, ""
-    m = json.loads(manifest.read_text())
-    return (m.get("trained") or {}).get("digest"), str(m.get("model_version", ""))
+    return (manifest.get("trained") or {}).get("digest"), str(manifest.get("model_version", ""))
+
+
+def served_precisions(manifest: dict | None) -> dict | None:
+    """What the starting export serves each scenario in, and the digest of each scenario's fp32 graph: an
+    export of the warm-started model serves a scenario whose graph is unchanged the same way
+    (serving.export.precision_gate). None when the export has no gate's choice."""
+    onnx = (manifest or {}).get("onnx") or {}
+    digests, serve, gate = onnx.get("fp32_digest"), onnx.get("serve"), onnx.get("gate")
+    if not (digests and serve and gate):
+        return None
+    return {"model_version": str(manifest.get("model_version", "")),
+            "gate": {k: gate[k] for k in ("max_abs_dp", "max_auc_change")},
+            "scenarios": {s: {"fp32_digest": digests[s], "serve": serve[s]} for s in serve if s in digests}}
 
 
 def _download_registered(ref: str, tracking_uri: str, into: Path) -> tuple[Path, dict]:
@@ -138,13 +157,17 @@ def resolve_start(ref: str, tracking_uri: str | None, into: Path) -> tuple[Path,
             raise ConfigError(f"train.init_from {ref!r}: no such folder (and not a models:/ reference)")
         folder = trained_folder(path)
         record["path"] = str(folder.resolve())
-    expected, model_version = _expected_digest(folder)
+    manifest = _export_manifest(folder)
+    expected, model_version = _expected_digest(manifest)
     digest = file_digest(folder / TRAINABLE_FILE, 12)
     if expected is not None and digest != expected:
         raise DataError(f"train.init_from {ref!r}: {folder / TRAINABLE_FILE} has digest {digest}, its export "
                         f"recorded {expected} (a damaged or altered export)")
     record.update(model_version=model_version, trained_digest=digest,
                   scenarios=TaskMap.load(folder / TASK_MAP_FILE).names)  # its task map: the new one extends it
+    served = served_precisions(manifest)
+    if served is not None:
+        record["served"] = served
     return folder, record
 
 

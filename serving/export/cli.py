@@ -147,6 +147,8 @@ def write_onnx(stage: Path, tokenizer, manifest: dict, cfg: Config, valid: str |
                         "graphs": write_fp32_graphs(stage, tokenizer, cfg.serving.onnx.opset,
                                                     keep_unfused=bool(valid) and "int8_static" in cfg.serving.onnx.candidates),
                         "gate": None, "serve": None}
+    # What a warm-started model's export compares to tell an unchanged scenario (serving.export.precision_gate).
+    manifest["onnx"]["fp32_digest"] = {s: file_digest(stage / g["fp32"], 16) for s, g in manifest["onnx"]["graphs"].items()}
     write_json_atomic(stage / MANIFEST_FILE, manifest)
     if valid and cfg.serving.onnx.candidates:
         gate_precisions(stage, read_validation(valid), manifest, cfg, fitted_on=storage.name(valid))

@@ -16,6 +16,13 @@ times each precision over all the gate's rows (rows/s on this machine, serving.t
 scenario and engine, ``serve`` names the fastest precision that passed (fp32 when none did, or when fp32
 itself was faster). What ``serving.precision=auto`` scores with is that choice (serving.scoring.runtime).
 Graphs of failed candidates are deleted unless serving.onnx.keep_failed.
+
+A warm-started model (manifest ``started_from``, training.warm_start) often has no validation rows for the
+scenarios it already knew (a new market added with train.adapt=task_only). Such a scenario whose fp32 graph is
+byte-identical to the starting export's is served in the precision that export chose for it, when that
+precision is rebuilt from the fp32 graph alone (int8_dynamic, int8_partial, bf16: not int8_static, which is
+calibrated on rows) and the starting export's gate was at least as strict as this one: its production scores
+do not move. Its verdict says ``inherited`` and from which model version.
 """
 from __future__ import annotations
 
@@ -139,10 +146,37 @@ def gate_precisions(stage: Path, valid: pa.Table, manifest: dict, cfg: Config, f
                     "scenarios": results}
     onnx["serve"] = {s: {e: fastest_passed(results[s]["candidates"], d) for e, d in speed.items()}
                      for s in scenarios}
+    inherit_unchanged(onnx, results, manifest.get("started_from"), gate_cfg)
     if not ocfg.keep_failed:
         for s, files in onnx["graphs"].items():
             for cand in [c for c in files if c != "fp32" and not results[s]["candidates"].get(c, {}).get("passed")]:
                 (stage / files.pop(cand)).unlink(missing_ok=True)
+
+
+REBUILT_FROM_FP32 = ("fp32", "int8_dynamic", "int8_partial", "bf16")  # the same fp32 graph gives the same scores
+
+
+def inherit_unchanged(onnx: dict, results: dict, start: dict | None, gate_cfg) -> None:
+    """Serve each scenario the gate had no rows for, and whose fp32 graph the starting export also had, as the
+    starting export did (see the module docstring); its verdicts and ``serve`` entry are rewritten."""
+    served = (start or {}).get("served")
+    if not served:
+        return
+    as_strict = (served["gate"]["max_abs_dp"] <= gate_cfg.max_abs_dp
+                 and served["gate"]["max_auc_change"] <= gate_cfg.max_auc_change)
+    for s, res in results.items():
+        before = served["scenarios"].get(s)
+        if res["rows"] or before is None or before["fp32_digest"] != onnx["fp32_digest"].get(s) or not as_strict:
+            continue
+        for engine, precision in before["serve"].items():
+            if precision not in REBUILT_FROM_FP32 or (precision != "fp32" and precision not in res["candidates"]):
+                continue  # int8_static, or a candidate this export does not build: fp32 as for any unjudged one
+            if precision != "fp32":
+                res["candidates"][precision] = {
+                    "max_abs_dp": None, "auc": None, "auc_change": None, "passed": True,
+                    "inherited": served["model_version"],
+                    "why": f"inherited from {served['model_version']}: the same fp32 graph, no validation rows here"}
+            onnx["serve"][s][engine] = precision
 
 
 NO_FAST_BF16 = ("not measured: no fast bf16 kernels on the exporting machine (oneDNN needs AVX-512 or AMX; "
@@ -162,8 +196,9 @@ def served_summary(manifest: dict) -> list[str]:
     lines = []
     for s, res in (gate.get("scenarios") or {}).items():
         refused = "; ".join(f"{c}: {r['why']}" for c, r in res["candidates"].items() if not r["passed"])
+        inherited = "; ".join(f"{c} {r['why']}" for c, r in res["candidates"].items() if r.get("inherited"))
         lines.append(f"{s}: onnxruntime {serve[s].get('onnxruntime')}, torch {serve[s].get('torch', 'fp32')}"
-                     + (f" (refused {refused})" if refused else ""))
+                     + (f" ({inherited})" if inherited else "") + (f" (refused {refused})" if refused else ""))
     return lines
 
 
