@@ -13,6 +13,9 @@ Only adapter parameters and the head train; every base weight is frozen.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
@@ -93,8 +96,7 @@ def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32)
         backbone = (AutoModel if pooling == "mean" else AutoModelForSequenceClassification).from_config(hf)
     else:
         cls = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
-        backbone = drop_gguf_quantizer(cls.from_pretrained(
-            resolve_model_path(cfg.model.path), config=hf, gguf_file=gguf_file(cfg)))
+        backbone = drop_gguf_quantizer(load_pretrained(cls, resolve_model_path(cfg.model.path), hf, gguf_file(cfg)))
     backbone.to(dtype)
     backbone.requires_grad_(False)
     head = None
@@ -108,6 +110,42 @@ def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32)
         own_head = name.startswith("head.") if pooling == "mean" else _is_hf_head(name)
         p.requires_grad_(is_adapter_param(name) or own_head)
     return model
+
+
+log = logging.getLogger(__name__)
+HF_LOADER_LOGGER = "transformers.modeling_utils"  # where from_pretrained logs its multi-line LOAD REPORT
+
+
+def load_pretrained(cls, path, hf, gguf: str | None) -> nn.Module:
+    """``cls.from_pretrained`` with its load report in one line: a head that the checkpoint lacks (a sentence
+    encoder under a classification head) is expected and trains, so it is INFO; any other missing or
+    unexpected weight is a WARNING that names them."""
+    with _without_load_report():
+        backbone, info = cls.from_pretrained(path, config=hf, gguf_file=gguf, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    heads = [k for k in missing if any(h in k for h in HEAD_PARAM_KEYS)]
+    others, unexpected = [k for k in missing if k not in heads], sorted(info.get("unexpected_keys") or [])
+    if heads:
+        log.info(f"base {path}: {len(heads)} head weights not in the checkpoint, newly initialised (they train): "
+                 + ", ".join(heads))
+    if others or unexpected:
+        log.warning(f"base {path}: " + "; ".join(
+            f"{what} {', '.join(keys[:8])}{f' and {len(keys) - 8} more' if len(keys) > 8 else ''}"
+            for what, keys in (("missing (newly initialised)", others), ("unused", unexpected)) if keys))
+    return backbone
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    loader = logging.getLogger(HF_LOADER_LOGGER)
+    loader.addFilter(keep)
+    try:
+        yield
+    finally:
+        loader.removeFilter(keep)
 
 
 def _is_hf_head(name: str) -> bool:

@@ -101,3 +101,22 @@ def test_every_entry_point_takes_the_logging_flags(module):
     options = importlib.import_module(module).build_parser()._option_string_actions
     assert {"--log-level", "--log-format", "--quiet"} <= set(options)
     assert options["--log-level"].type("debug") == "DEBUG" and "json" in options["--log-format"].choices
+
+
+def test_a_base_without_a_classification_head_is_one_info_line_not_a_load_report(tmp_path, capsys):
+    """A sentence encoder under a classification head: the head's weights are missing from the checkpoint by
+    design. transformers prints a multi-line LOAD REPORT warning; the model's loader says it in one line."""
+    from transformers import BertConfig, BertModel
+
+    from kernel.config import config_from_dict
+    from modeling.model import build_model
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=64)).save_pretrained(tmp_path / "encoder")
+    setup_logging("INFO", "text")
+    capsys.readouterr()
+    build_model(config_from_dict({"model": {"path": str(tmp_path / "encoder"), "pooling": "cls"}}), 2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line and line.strip()]
+    assert not any("LOAD REPORT" in line or "MISSING" in line for line in lines), lines
+    (line,) = [line for line in lines if "newly initialised" in line]
+    assert " INFO " in line and "classifier.weight" in line and "classifier.bias" in line
