@@ -147,6 +147,17 @@ def drop_records(logger: str, *fragments: str) -> None:
         target.addFilter(_MessageFilter(fragments))
 
 
+@contextmanager
+def records_dropped(logger: str, *fragments: str) -> Iterator[None]:
+    """``drop_records`` for the block only: a line that the caller reports in its own words meanwhile."""
+    target, keep = logging.getLogger(logger), _MessageFilter(fragments)
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
 def _resolve(value: str | None, env: str, default: str, allowed: tuple[str, ...]) -> str:
     """The flag's value, else the inherited one from ``env`` when it is one of ``allowed``, else ``default``
     (argparse already refused a bad flag; a bad environment value must not stop a job before it logs)."""

@@ -13,7 +13,6 @@ Only adapter parameters and the head train; every base weight is frozen.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from kernel.config import Config
+from kernel.logs import records_dropped
 from modeling.base import base_config, drop_gguf_quantizer, gguf_file, resolve_model_path
 from modeling.inject import inject_adapters
 from modeling.modeling_ads_relevance import masked_mean
@@ -120,7 +120,7 @@ def load_pretrained(cls, path, hf, gguf: str | None) -> nn.Module:
     """``cls.from_pretrained`` with its load report in one line: a head that the checkpoint lacks (a sentence
     encoder under a classification head) is expected and trains, so it is INFO; any other missing or
     unexpected weight is a WARNING that names them."""
-    with _without_load_report():
+    with records_dropped(HF_LOADER_LOGGER, "LOAD REPORT"):
         backbone, info = cls.from_pretrained(path, config=hf, gguf_file=gguf, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     heads = [k for k in missing if any(h in k for h in HEAD_PARAM_KEYS)]
@@ -133,19 +133,6 @@ def load_pretrained(cls, path, hf, gguf: str | None) -> nn.Module:
             f"{what} {', '.join(keys[:8])}{f' and {len(keys) - 8} more' if len(keys) > 8 else ''}"
             for what, keys in (("missing (newly initialised)", others), ("unused", unexpected)) if keys))
     return backbone
-
-
-@contextlib.contextmanager
-def _without_load_report():
-    def keep(record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
-
-    loader = logging.getLogger(HF_LOADER_LOGGER)
-    loader.addFilter(keep)
-    try:
-        yield
-    finally:
-        loader.removeFilter(keep)
 
 
 def _is_hf_head(name: str) -> bool:

@@ -64,7 +64,7 @@ from kernel import storage
 from kernel.config import config_from_dict, to_dict
 from kernel.environment import RAY_DEATHS
 from kernel.errors import ConfigError, DataError, WorkerLost
-from kernel.logs import progress_enabled
+from kernel.logs import progress_enabled, records_dropped
 from serving.layout import read_manifest
 from serving.registry.cache import resolve_model
 from serving.scoring import outputs
@@ -161,7 +161,7 @@ def init_ray(address: str = "local", num_gpus: int | None = None):
 
         # The GPUs torch sees here are the local Ray's GPUs, whatever Ray's own detection finds.
         gpus = num_gpus if num_gpus is not None else torch.cuda.device_count() if torch.cuda.is_available() else 0
-        with _dropping(AUTH_LOGGER, AUTH_ON_BY_DEFAULT):
+        with records_dropped(AUTH_LOGGER, AUTH_ON_BY_DEFAULT):
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_gpus=gpus,
                      log_to_driver=False, configure_logging=False)
         nodes = {n["NodeManagerAddress"] for n in ray.nodes()}
@@ -283,20 +283,6 @@ def _no_restarts(ray) -> dict:
     if "max_restarts" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {"max_restarts": 0}
     return {}
-
-
-@contextlib.contextmanager
-def _dropping(logger_name: str, message_start: str):
-    """Drop the records of logger ``logger_name`` whose message starts with ``message_start``, for the block."""
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(message_start)
-
-    log = logging.getLogger(logger_name)
-    log.addFilter(keep)
-    try:
-        yield
-    finally:
-        log.removeFilter(keep)
 
 
 @contextlib.contextmanager
