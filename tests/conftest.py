@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
+
+# Under pytest-xdist the workers share the cores: each one's OpenMP threads (torch, and every process it
+# starts) get its share, set before torch loads. Two workers of 2 threads each on 2 cores spin against each
+# other, and a test that takes 3 s alone took 60.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest
 
@@ -11,8 +19,12 @@ from tests.shared import BERT, LLAMA, TINY_CONFIG, WDC
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_caches(tmp_path_factory):
-    """Registry downloads and transformers' remote-code modules go under the session's tmp folder."""
+    """Registry downloads and transformers' remote-code modules go under the session's tmp folder. DeepSpeed's
+    compiled CPU ops stay in the machine's torch extensions folder: content-keyed and locked while built, they
+    are built once per machine, not once per session (about a minute each time)."""
     mp = pytest.MonkeyPatch()
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR") or str(home_cache / "torch_extensions"))
     cache = tmp_path_factory.mktemp("xdg-cache")
     mp.setenv("XDG_CACHE_HOME", str(cache))
     mp.setenv("HF_MODULES_CACHE", str(cache / "hf-modules"))
