@@ -132,7 +132,8 @@ class AdapterConfig:
 class WarmConfig:
     """The schedule of a warm-started run (``train.init_from`` set); the from-scratch keys stay for scratch runs.
     The default steps are a third of the demo's from-scratch schedule (the issue's goal for a nightly warm
-    start); benchmarks.new_market measures what they buy, and has not been run to the end yet."""
+    start); benchmarks.new_market measures what they buy (docs/new_market.md: one seed so far, not yet enough
+    to set these from)."""
 
     steps: int = 100  # optimizer steps of a warm-started run; 0: train.max_steps
     lr: float = 0.0  # peak lr of every group; 0: train.lr (train.task_lr/head_lr still apply when set)
