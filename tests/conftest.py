@@ -101,3 +101,14 @@ def s3_bucket(s3_server, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-b"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_to_itself(tmp_path_factory):
+    """The Ray test files run one at a time, on whichever pytest-xdist worker has them: each starts and stops
+    local Ray clusters, and a driver must not meet another file's cluster."""
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "ray-tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
