@@ -5,13 +5,6 @@ import copy
 import os
 from pathlib import Path
 
-# Under pytest-xdist the workers share the cores: each one's OpenMP threads (torch, and every process it
-# starts) get its share, set before torch loads. Two workers of 2 threads each on 2 cores spin against each
-# other, and a test that takes 3 s alone took 60.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
-
 import pytest
 
 from tests.shared import BERT, LLAMA, TINY_CONFIG, WDC
