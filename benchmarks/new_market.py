@@ -38,12 +38,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.in_process import exit_code, set_device
 from benchmarks.new_market_data import all_markets, known_markets, new_market, nightly_days
-from benchmarks.quality import _set_device
 from benchmarks.quality_data import dataset_overrides, prepare
 from kernel.atomic import write_json_atomic
 from kernel.config import Config, load_config
-from kernel.errors import RelevanceError
+from kernel.errors import ConfigError
+from kernel.logs import setup_logging
 from modeling.hardware import training_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,20 +209,22 @@ def test_metrics(model_dir: Path, test_path: Path, precision: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    setup_logging(step="new-market")  # the product's log lines; no progress bars in a log file
+
+    def work() -> None:
         if not args.report_only:
-            _set_device("cpu")
+            set_device("cpu")
             Bench(args).run()
         from benchmarks.new_market_report import write_report
 
-        results = json.loads((Path(args.out) / "results.json").read_text())
+        path = Path(args.out) / "results.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no results yet (run without --report-only first)")
+        results = json.loads(path.read_text())
         for path in write_report(results, Path(args.out), Path(args.docs) if args.docs else None):
             print(f"wrote {path}")
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
+    return exit_code(work)
 
 if __name__ == "__main__":
     sys.exit(main())

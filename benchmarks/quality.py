@@ -68,14 +68,13 @@ from __future__ import annotations
 # The command's parts: benchmarks.protocol (the rules, the plan), benchmarks.quality_data (the datasets),
 # benchmarks.quality_runner (training and testing the trials, results.json), benchmarks.quality_report.
 import argparse
-import os
-import socket
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.in_process import exit_code, set_device
 from benchmarks.protocol import (
     DEFAULT_ES_MAX_STEPS,
     DEFAULT_LRS,
@@ -90,7 +89,7 @@ from benchmarks.protocol import (
 from benchmarks.quality_data import DATASETS, grid_cell
 from benchmarks.quality_runner import DEFAULT_CONFIG, SEC_PER_STEP, run_benchmark
 from kernel.config import add_config_args, load_config
-from kernel.errors import ConfigError, RelevanceError
+from kernel.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,23 +173,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(datasets, methods, variants, budgets, lrs, list(args.seeds), (k, n))
 
 
-def _set_device(device: str) -> None:
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    # One in-process DeepSpeed "world" of size 1 for every run.
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(argv)
@@ -199,15 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [v for v in args.variants if "=" in v and ":" not in v.split("=", 1)[0]]
     args.variants = [v for v in args.variants if v not in overrides]
     args.overrides = [*args.overrides, *overrides]
-    try:
+
+    def work() -> None:
         if args.steps is not None and args.steps < 1:
             raise ConfigError("--steps must be >= 1")
-        _set_device(args.device)
+        set_device(args.device)
         run_benchmark(args, argv, make_plan(args))
-    except RelevanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(work)
 
 
 if __name__ == "__main__":

@@ -96,10 +96,14 @@ def s3_bucket(s3_server, request) -> str:
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def ray_to_itself(tmp_path_factory):
-    """The Ray test files run one at a time, on whichever pytest-xdist worker has them: each starts and stops
-    local Ray clusters, and a driver must not meet another file's cluster."""
+@pytest.fixture(autouse=True, scope="module")
+def _ray_files_one_at_a_time(request, tmp_path_factory):
+    """The test files marked ``starts_ray`` run one at a time, on whichever pytest-xdist worker has them: each
+    starts and stops local Ray clusters, and a driver must not meet another file's cluster. Autouse here, so
+    the lock is held before the file's own module fixtures start Ray."""
+    if request.node.get_closest_marker("starts_ray") is None:
+        yield
+        return
     import fcntl
 
     with open(tmp_path_factory.getbasetemp().parent / "ray-tests.lock", "a") as lock:

@@ -15,10 +15,7 @@ from serving.scoring.cli import main
 from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
 from tests.shared import log_messages
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_ray_file_at_a_time(ray_to_itself):
-    yield
+pytestmark = pytest.mark.starts_ray
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' to run the Ray engine test")
 

@@ -20,10 +20,7 @@ from serving.registry.cache import default_cache_dir, node_reference
 from serving.scoring import cli
 from tests.serving_testkit import SCENARIOS, export, trained_folder, wdc_raw
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_ray_file_at_a_time(ray_to_itself):
-    yield
+pytestmark = pytest.mark.starts_ray
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' to run the Ray engine test")
 
