@@ -61,7 +61,7 @@ def load_trained(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> t
             raise DataError(f"{d} is not a trained-model folder: {name} is missing")
     cfg = load_config(d / "config.yaml")
     task_map = TaskMap.load(d / TASK_MAP_FILE)
-    model = build_model(cfg, len(task_map), dtype=dtype)
+    model = build_model(cfg, len(task_map), dtype=dtype, trained_weights_follow=True)
     state = load_file(str(d / TRAINABLE_FILE))
     missing = set(model.trainable_parameters()) - set(state)
     if missing:

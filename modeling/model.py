@@ -87,8 +87,11 @@ def enable_activation_checkpointing(backbone: nn.Module, context_fn=None) -> Non
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32) -> RelevanceModel:
-    """Load (or randomly build) the base, freeze it, inject adapters, unfreeze adapters and head."""
+def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32, *,
+                trained_weights_follow: bool = False) -> RelevanceModel:
+    """Load (or randomly build) the base, freeze it, inject adapters, unfreeze adapters and head.
+    ``trained_weights_follow``: the caller loads a trained model's adapters and head over it next, so a head
+    missing from the base checkpoint is no news (a DEBUG line, not INFO)."""
     hf = base_config(cfg)
     pooling = cfg.model.pooling
     if cfg.model.init == "random":
@@ -96,7 +99,8 @@ def build_model(cfg: Config, num_tasks: int, dtype: torch.dtype = torch.float32)
         backbone = (AutoModel if pooling == "mean" else AutoModelForSequenceClassification).from_config(hf)
     else:
         cls = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
-        backbone = drop_gguf_quantizer(load_pretrained(cls, resolve_model_path(cfg.model.path), hf, gguf_file(cfg)))
+        backbone = drop_gguf_quantizer(load_pretrained(cls, resolve_model_path(cfg.model.path), hf, gguf_file(cfg),
+                                                       trained_head_follows=trained_weights_follow))
     backbone.to(dtype)
     backbone.requires_grad_(False)
     head = None
@@ -116,16 +120,19 @@ log = logging.getLogger(__name__)
 HF_LOADER_LOGGER = "transformers.modeling_utils"  # where from_pretrained logs its multi-line LOAD REPORT
 
 
-def load_pretrained(cls, path, hf, gguf: str | None) -> nn.Module:
+def load_pretrained(cls, path, hf, gguf: str | None, trained_head_follows: bool = False) -> nn.Module:
     """``cls.from_pretrained`` with its load report in one line: a head that the checkpoint lacks (a sentence
-    encoder under a classification head) is expected and trains, so it is INFO; any other missing or
-    unexpected weight is a WARNING that names them."""
+    encoder under a classification head) is expected and trains, so it is INFO (DEBUG where the trained head
+    is loaded over it next); any other missing or unexpected weight is a WARNING that names them."""
     with records_dropped(HF_LOADER_LOGGER, "LOAD REPORT"):
         backbone, info = cls.from_pretrained(path, config=hf, gguf_file=gguf, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     heads = [k for k in missing if any(h in k for h in HEAD_PARAM_KEYS)]
     others, unexpected = [k for k in missing if k not in heads], sorted(info.get("unexpected_keys") or [])
-    if heads:
+    if heads and trained_head_follows:
+        log.debug(f"base {path}: {len(heads)} head weights not in the checkpoint; the trained model's replace them: "
+                  + ", ".join(heads))
+    elif heads:
         log.info(f"base {path}: {len(heads)} head weights not in the checkpoint, newly initialised (they train): "
                  + ", ".join(heads))
     if others or unexpected:

@@ -120,3 +120,32 @@ def test_a_base_without_a_classification_head_is_one_info_line_not_a_load_report
     assert not any("LOAD REPORT" in line or "MISSING" in line for line in lines), lines
     (line,) = [line for line in lines if "newly initialised" in line]
     assert " INFO " in line and "classifier.weight" in line and "classifier.bias" in line
+
+
+def test_loading_a_trained_model_says_nothing_of_the_base_checkpoint_head_it_replaces(tmp_path, capsys):
+    """Export, scoring and a warm start rebuild the base, then load the trained head over it: the base's
+    missing head is no news there (DEBUG), and the trained head is what the model holds."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from kernel.config import config_from_dict
+    from kernel.task_map import TaskMap
+    from modeling.artifact import load_trained, save_trained
+    from modeling.model import build_model
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=64)).save_pretrained(tmp_path / "encoder")
+    cfg = config_from_dict({"model": {"path": str(tmp_path / "encoder"), "pooling": "cls"}})
+    trained = build_model(cfg, 2)
+    with torch.no_grad():
+        trained.backbone.classifier.weight.fill_(0.25)
+    save_trained(trained, cfg, TaskMap(["a", "b"]), {}, tmp_path / "model")
+    setup_logging("INFO", "text")
+    capsys.readouterr()
+    _, _, model = load_trained(tmp_path / "model")
+    assert not [line for line in capsys.readouterr().err.splitlines() if "head weights" in line]
+    assert torch.equal(model.backbone.classifier.weight, torch.full_like(model.backbone.classifier.weight, 0.25))
+    setup_logging("DEBUG", "text")
+    load_trained(tmp_path / "model")
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "head weights" in line]
+    assert " DEBUG " in line and "classifier.weight" in line
