@@ -14,7 +14,7 @@ from pathlib import Path
 import tomllib
 from mlflow import MlflowClient
 
-from tests.shared import REPO
+from tests.shared import LOG_LINE, REPO
 
 SCRIPTS = ["ads-relevance-job", "ads-relevance-ingest", "ads-relevance-train", "ads-relevance-export",
            "ads-relevance-score", "ads-relevance-check", "ads-relevance-promote"]
@@ -47,7 +47,8 @@ def test_the_wheel_runs_the_tiny_job_from_outside_the_checkout_and_records_its_v
     assert all((venv / "bin" / s).is_file() for s in SCRIPTS)
     elsewhere = tmp_path / "elsewhere"  # no configs/, no checkout: only the installed package
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"DS_ACCELERATOR": "cpu"}
+    # As an operator's shell has it: no PYTHONPATH, and no DS_ACCELERATOR (which `make` exports).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DS_ACCELERATOR")}
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import kernel, job; print(kernel.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
     assert Path(where.strip()).is_relative_to(venv)  # the wheel's code, not the checkout's
@@ -55,6 +56,12 @@ def test_the_wheel_runs_the_tiny_job_from_outside_the_checkout_and_records_its_v
                           "train.eval_every=4", "monitoring.bootstrap_rounds=5"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr[-3000:]
+    # Every line of the log is the project's format (timestamp, level, step; a record's further lines
+    # indented): no library prints in a format of its own.
+    foreign = [line for line in job.stderr.splitlines()
+               if line.strip() and not LOG_LINE.match(line) and not line.startswith("  ")]
+    foreign += [line for line in job.stdout.splitlines() if line.startswith("[20")]  # "[2026-12-07 10:00:00,1]"
+    assert not foreign, foreign  # stdout holds the summary only
     work = elsewhere / "runs" / "tiny"  # the shipped config's work_dir, relative to where the job runs
     summary = json.loads((work / "summary.json").read_text())
     assert (summary["version"], summary["git_commit"]) == (version, "unknown")  # no checkout: no commit

@@ -74,6 +74,13 @@ def _store(rank: int, world: int, addr: str, port: int, timeout: datetime.timede
     return dist.TCPStore(addr, port, world, True, timeout=timeout, master_listen_fd=listener.detach())
 
 
+def choose_accelerator() -> None:
+    """Tell DeepSpeed its accelerator (``DS_ACCELERATOR``: cuda where torch sees a GPU, else cpu) before it is
+    first imported, unless the environment already says: left to guess, it logs a warning of its own format
+    on every CPU run. Child processes (the launcher's workers) inherit the choice."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) once, then DeepSpeed on top of it."""
     import deepspeed

@@ -40,6 +40,7 @@ from kernel.logs import ENV_LEVEL, add_logging_args, logging_flags, setup_from_a
 from kernel.stage import Outcome, stage_tracker
 from kernel.tracking import open_tracker
 from modeling.artifact import START_FILE, TRAINABLE_FILE
+from training.distributed import choose_accelerator
 from training.trainer import train
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_from_args(args, "train")
 
     def work() -> int:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+        choose_accelerator()
         cfg = load_config(args.config, args.overrides)
         data_dir = args.data or storage.join(cfg.work_dir, "data")  # a local folder or an object-store URI
         out_dir = Path(args.out or cfg.local_work_dir / "train")  # checkpoints: always on local disk
@@ -223,12 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.OK
 
     return exit_codes.run_cli(work, resume_hint="the checkpoints are kept: rerun with --resume to continue")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

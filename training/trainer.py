@@ -56,7 +56,7 @@ from modeling.hardware import training_precision
 from modeling.inject import adapter_param_count
 from modeling.model import build_model, enable_activation_checkpointing
 from modeling.warm_start import hold_known_tasks, load_start, saved_state
-from training.distributed import DistEnv, init_distributed
+from training.distributed import DistEnv, choose_accelerator, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import evaluate, flat_metrics
 from training.rng import rng_state, seed_everything, set_rng_state
@@ -128,6 +128,7 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------------------
 
     def setup(self, resume: bool = False) -> "Trainer":
+        choose_accelerator()
         import deepspeed
 
         adopt_library_loggers()  # DeepSpeed's logger prints to stdout in a format of its own
