@@ -14,10 +14,11 @@ LoRA from scratch on the other three (``base``, ``--steps``), then add the held-
     lora_all        LoRA from its own three-market model, fine-tuned on the k rows (LoRA has no task parameters)
     ref_<method>    the reference: each method from scratch on the three markets in full plus the k rows
 
-A warm run trains ``--warm-steps`` steps at its lr (``--warm-lr``, default train.lr; ``--task-lr`` for
-task_only); only the new market's rows are read. Every model is scored on the WDC test split of the markets it
-knows. Reported: the new market's test AUC, each known market's AUC change against the three-market model, and
-the cost (optimizer steps; wall seconds of training, set-up and validation included).
+A warm run trains ``--warm-steps`` steps (25 unless said; an arm at another count is named ``<arm>@<steps>``)
+at its lr (``--warm-lr``, default train.lr; ``--task-lr`` for task_only); only the new market's rows are read.
+Every model is scored on the WDC test split of the markets it knows. Reported: the new market's test AUC, each
+known market's AUC change against the three-market model, and the cost (optimizer steps; wall seconds of
+training, set-up and validation included).
 
 Nightly (``--nightly``): the training rows split into two "days"; yesterday's model is MTL-LoRA from scratch
 on day 1; today it continues on day 2 for each of ``--night-fractions`` of the from-scratch schedule, against
@@ -49,6 +50,7 @@ from modeling.hardware import training_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("mtl_task_only", "mtl_task_only_lr", "mtl_all", "lora_all")
+WARM_STEPS = 25  # the warm schedule of an arm named without "@<steps>": a tenth of the from-scratch 250
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-ks", type=int, nargs="+", default=[100, 1000], help="k of the from-scratch references")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--steps", type=int, default=250, help="the from-scratch schedule")
-    p.add_argument("--warm-steps", type=int, default=25, help="steps of a run that adds a market")
+    p.add_argument("--warm-steps", type=int, nargs="+", default=[WARM_STEPS],
+                   help=f"steps of a run that adds a market; an arm run at other than {WARM_STEPS} is named "
+                        "<arm>@<steps>")
     p.add_argument("--warm-lr", type=float, default=0.0, help="lr of mtl_all and lora_all (0: train.lr)")
     p.add_argument("--task-lr", type=float, default=1e-2, help="lr of mtl_task_only's Λ_t, w_t")
     p.add_argument("--nightly", action=argparse.BooleanOptionalAction, default=True)
@@ -115,15 +119,17 @@ class Bench:
         a = self.args
         data = new_market(self.wdc, self.out / "data" / f"new-{h}-k{k}-s{seed}", h, k, seed)
         start = {m: self.out / "runs" / f"base/{h}/{m}/s{seed}" / "model" for m in ("mtl_lora", "lora")}
-        task_only = self.warm(a.warm_steps, 0.0, "task_only")
-        arms = {"mtl_task_only": ("mtl_lora", [f"train.task_lr={a.task_lr}", *task_only]),
-                "mtl_task_only_lr": ("mtl_lora", task_only),
-                "mtl_all": ("mtl_lora", self.warm(a.warm_steps, a.warm_lr)),
-                "lora_all": ("lora", self.warm(a.warm_steps, a.warm_lr))}
-        for arm in a.arms:
-            method, extra = arms[arm]
-            self.trial(f"add/{h}/k{k}/s{seed}/{arm}",
-                       self.cfg(method, seed, f"train.init_from={start[method]}", *extra), data)
+        for steps in a.warm_steps:
+            task_only = self.warm(steps, 0.0, "task_only")
+            arms = {"mtl_task_only": ("mtl_lora", [f"train.task_lr={a.task_lr}", *task_only]),
+                    "mtl_task_only_lr": ("mtl_lora", task_only),
+                    "mtl_all": ("mtl_lora", self.warm(steps, a.warm_lr)),
+                    "lora_all": ("lora", self.warm(steps, a.warm_lr))}
+            suffix = "" if steps == WARM_STEPS else f"@{steps}"
+            for arm in a.arms:
+                method, extra = arms[arm]
+                self.trial(f"add/{h}/k{k}/s{seed}/{arm}{suffix}",
+                           self.cfg(method, seed, f"train.init_from={start[method]}", *extra), data)
         if k in a.ref_ks:
             full = all_markets(self.wdc, self.out / "data" / f"all-{h}-k{k}-s{seed}", h, k, seed)
             for method in ("mtl_lora", "lora"):

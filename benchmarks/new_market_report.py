@@ -43,12 +43,26 @@ def _grid(trials: dict) -> tuple[list[str], list[int], list[int]]:
     return holdouts, sorted({int(k) for _, k, _ in found}), sorted({int(s) for _, _, s in found})
 
 
+def _arms(trials: dict, h: str, k: int) -> list[str]:
+    """The arms run for ``h`` at ``k``: each in ARM_NAMES' order, followed by its runs at other step counts
+    (``<arm>@<steps>``, fewest steps first), then the references."""
+    found = {key.split("/")[-1] for key in trials if key.startswith(f"add/{h}/k{k}/")}
+    arms = []
+    for arm in (a for a in ARM_NAMES if not a.startswith("ref/")):
+        arms += [arm, *sorted((f for f in found if f.startswith(f"{arm}@")), key=lambda f: int(f.split("@")[1]))]
+    return arms + ["ref/mtl_lora", "ref/lora"]
+
+
+def arm_name(arm: str) -> str:
+    base, _, steps = arm.partition("@")
+    return ARM_NAMES[base] + (f", {steps} steps" if steps else "")
+
+
 def new_market_rows(trials: dict, h: str, k: int, seeds: list[int]) -> list[dict]:
     """One row per arm (and reference) of holdout ``h`` at ``k`` new rows: what the tables print."""
     rows = []
-    names = [a for a in ARM_NAMES if not a.startswith("ref/")] + ["ref/mtl_lora", "ref/lora"]
-    for arm in names:
-        ref_method = arm[4:] if arm.startswith("ref/") else ARM_METHOD[arm]
+    for arm in _arms(trials, h, k):
+        ref_method = arm[4:] if arm.startswith("ref/") else ARM_METHOD[arm.partition("@")[0]]
         runs, vs_ref, known_moves, cost = [], [], [], []
         for s in seeds:
             t = trials.get(f"ref/{h}/k{k}/s{s}/{ref_method}" if arm.startswith("ref/") else f"add/{h}/k{k}/s{s}/{arm}")
@@ -64,7 +78,7 @@ def new_market_rows(trials: dict, h: str, k: int, seeds: list[int]) -> list[dict
                 known_moves.append([t["test_auc"][m] - a for m, a in start["test_auc"].items()])
         if runs:
             flat = [d for moves in known_moves for d in moves]
-            rows.append({"arm": arm, "name": ARM_NAMES[arm], "seeds": len(runs),
+            rows.append({"arm": arm, "name": arm_name(arm), "seeds": len(runs),
                          "new": [t["test_auc"][h] for t in runs], "vs_ref": vs_ref,
                          "known_max": max((abs(d) for d in flat), default=None),
                          "known_mean": statistics.mean(flat) if flat else None,
@@ -145,7 +159,7 @@ def plot(results: dict, path: Path) -> Path:
                 by_arm.setdefault(r["arm"], []).append((k, statistics.mean(r["new"])))
         for arm, pts in by_arm.items():
             style = "--" if arm.startswith("ref/") else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=ARM_NAMES[arm])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=arm_name(arm))
         ax.set_xscale("log")
         ax.set_xlabel("labelled rows of the new market (k)")
         ax.set_ylabel(f"{h} test AUC (mean over seeds)")
