@@ -122,7 +122,7 @@ class Bench:
         for steps in a.warm_steps:
             task_only = self.warm(steps, 0.0, "task_only")
             arms = {"mtl_task_only": ("mtl_lora", [f"train.task_lr={a.task_lr}", *task_only]),
-                    "mtl_task_only_lr": ("mtl_lora", task_only),
+                    "mtl_task_only_lr": ("mtl_lora", ["train.warm.task_lr_scale=1", *task_only]),
                     "mtl_all": ("mtl_lora", self.warm(steps, a.warm_lr)),
                     "lora_all": ("lora", self.warm(steps, a.warm_lr))}
             suffix = "" if steps == WARM_STEPS else f"@{steps}"

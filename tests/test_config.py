@@ -93,6 +93,26 @@ def test_optimizer_groups_follow_the_method():
         load_config(CONFIGS / "tiny.yaml", ["train.task_lr=-1"])
 
 
+def test_a_task_only_warm_start_trains_the_new_task_parameters_at_ten_times_the_runs_lr_unless_told():
+    """The new scenarios' Λ_t, w_t train at train.warm.task_lr_scale × the warm schedule's lr; train.task_lr,
+    when set, wins; per-task LoRA's A_t, B_t stay at the run's lr."""
+    from training.ds_config import group_lrs
+    from training.warm_start import run_schedule
+
+    def lrs(*extra):
+        cfg = load_config(CONFIGS / "tiny.yaml", ["train.init_from=some/model", "train.adapt=task_only",
+                                                  "train.lr=1e-3", *extra])
+        return group_lrs(run_schedule(cfg, warm=True))
+
+    assert lrs() == {"task": pytest.approx(1e-2)}
+    assert lrs("train.warm.lr=2e-4") == {"task": pytest.approx(2e-3)}  # the warm schedule's lr, scaled
+    assert lrs("train.warm.task_lr_scale=1") == {"task": pytest.approx(1e-3)}
+    assert lrs("train.task_lr=5e-2") == {"task": pytest.approx(5e-2)}
+    assert lrs("adapter.method=per_task_lora") == {"adapters": pytest.approx(1e-3)}
+    with pytest.raises(ConfigError, match="train.warm.task_lr_scale: must be > 0"):
+        lrs("train.warm.task_lr_scale=0")
+
+
 @pytest.mark.parametrize("method", ["mtl_lora", "lora", "per_task_lora"])
 def test_every_trainable_parameter_is_in_exactly_one_group(method):
     import torch

@@ -203,3 +203,14 @@ def test_compare_warm_starts_the_method_of_the_starting_model_only(base, tmp_pat
     assert configs["mtl_lora"].train.init_from == str(base) and configs["mtl_lora"].adapter.method == "mtl_lora"
     assert configs["lora"].train.init_from == "" and configs["lora"].adapter.method == "lora"
     assert any("lora trains from scratch" in r.getMessage() for r in caplog.records)
+
+
+def test_adapt_all_on_data_without_a_known_scenario_warns_that_they_will_move(caplog):
+    from training.warm_start import warn_if_known_absent
+
+    with caplog.at_level("WARNING", logger="training.warm_start"):
+        message = warn_if_known_absent("all", ["de", "jp"], ["fr"])
+        assert warn_if_known_absent("all", ["de", "jp"], ["fr", "jp"]) is None  # a known market trains too
+        assert warn_if_known_absent("task_only", ["de", "jp"], ["fr"]) is None  # they cannot move
+    assert [r.getMessage() for r in caplog.records] == [message]
+    assert "de, jp" in message and "fr alone" in message and "train.adapt=task_only" in message

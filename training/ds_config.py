@@ -27,10 +27,13 @@ from modeling.model import RelevanceModel, is_adapter_param, is_task_param
 
 def group_lrs(cfg: Config) -> dict[str, float]:
     """Peak learning rate per optimizer group, in group order; a 0 lr means "same as train.lr". A task_only
-    warm start trains one group: MTL-LoRA's task group, or per-task LoRA's adapters (its A_t, B_t)."""
+    warm start trains one group: MTL-LoRA's task group (at train.task_lr, else train.warm.task_lr_scale ×
+    train.lr), or per-task LoRA's adapters (its A_t, B_t, at train.lr)."""
     t = cfg.train
     if t.init_from and t.adapt == "task_only":
-        return {"task": t.task_lr or t.lr} if cfg.adapter.method == "mtl_lora" else {"adapters": t.lr}
+        if cfg.adapter.method == "mtl_lora":
+            return {"task": t.task_lr or t.warm.task_lr_scale * t.lr}
+        return {"adapters": t.lr}
     lrs = {"adapters": t.lr}
     if cfg.adapter.method == "mtl_lora":
         lrs["task"] = t.task_lr or t.lr

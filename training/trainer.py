@@ -60,7 +60,7 @@ from training.distributed import DistEnv, choose_accelerator, init_distributed
 from training.ds_config import build_optimizer, deepspeed_config
 from training.evaluate import evaluate, flat_metrics
 from training.rng import rng_state, seed_everything, set_rng_state
-from training.warm_start import StartPoint, prepare_start, run_schedule
+from training.warm_start import StartPoint, prepare_start, run_schedule, warn_if_known_absent
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HISTORY_FILE = "history.json"
@@ -145,6 +145,8 @@ class Trainer:
         data_map = task_map_for(cfg, self.data_dir)
         # A warm start keeps its model's ids and appends the data's new scenarios; the data's own ids do not matter.
         self.task_map = self.start.task_map.extended(data_map.names) if self.start else data_map
+        if self.start and self.env.rank == 0:
+            warn_if_known_absent(cfg.train.adapt, self.start.task_map.names, data_map.names)
         self.run_cfg = run_schedule(cfg, warm=self.start is not None)
         self.train_set = load_split_features(cfg, self.data_dir, "train", self.tokenizer, self.task_map)
         self.valid_set = load_split_features(cfg, self.data_dir, "valid", self.tokenizer, self.task_map)

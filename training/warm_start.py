@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from modeling.warm_start import architecture_mismatches
 
 START_DIR = "start"  # under the training output folder
 MANIFEST = "manifest.json"  # an export's (serving.layout.MANIFEST_FILE; training does not import serving)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -215,3 +218,18 @@ def run_schedule(cfg: Config, warm: bool) -> Config:
     if t.adapt == "task_only":
         t.weight_decay = 0.0
     return run
+
+
+def warn_if_known_absent(adapt: str, known: list[str], in_data: list[str]) -> str | None:
+    """adapt=all on data that holds none of the starting model's scenarios: the shared adapters and the head
+    then learn from the new scenarios' rows alone, and the known scenarios drift. The warning (also returned)
+    names them and the two ways out."""
+    if adapt != "all" or set(known) & set(in_data):
+        return None
+    message = (f"train.adapt=all, and the data holds none of the starting model's {len(known)} scenarios "
+               f"({', '.join(known)}): the shared weights train on {', '.join(in_data)} alone, and the known "
+               "scenarios' scores will move (docs/new_market.md: up to 0.036 AUC after 100 steps on 100 new rows). "
+               "train.adapt=task_only keeps them bit for bit; the promotion gate compares them given "
+               "monitoring.gate_eval")
+    log.warning(message)
+    return message

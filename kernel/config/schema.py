@@ -138,6 +138,9 @@ class WarmConfig:
     steps: int = 100  # optimizer steps of a warm-started run; 0: train.max_steps
     lr: float = 0.0  # peak lr of every group; 0: train.lr (train.task_lr/head_lr still apply when set)
     warmup_steps: int = 10  # linear warm-up of the warm schedule (then linear decay to 0 at ``steps``)
+    # MTL-LoRA with adapt=task_only: the new scenarios' Λ_t and w_t train at this × the run's lr, unless
+    # train.task_lr is set. They are a few hundred numbers learning from few rows (docs/new_market.md).
+    task_lr_scale: float = 10.0
 
 
 @dataclass
