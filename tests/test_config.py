@@ -142,3 +142,21 @@ def test_a_config_shipped_with_the_package_loads_by_name_from_anywhere(tmp_path,
     assert load_config("tiny").work_dir == "mine"
     with pytest.raises(ConfigError, match="shipped with the package: demo, smollm2, tiny"):
         load_config("nope")
+
+
+def test_a_warm_start_runs_its_fraction_of_the_schedule_unless_given_steps():
+    """train.warm.steps=0 (the default): round(train.warm.fraction × train.max_steps), at least 1; explicit
+    steps win; a run from scratch keeps its own schedule."""
+    from training.warm_start import run_schedule
+
+    def steps(warm=True, *extra):
+        cfg = load_config(CONFIGS / "tiny.yaml", ["train.init_from=some/model", "train.max_steps=250", *extra])
+        return run_schedule(cfg, warm=warm).train.max_steps
+
+    assert steps() == 75  # 0.3 × 250
+    assert steps(True, "train.warm.fraction=0.1") == 25
+    assert steps(True, "train.warm.fraction=0.001") == 1
+    assert steps(True, "train.warm.steps=40", "train.warm.fraction=0.1") == 40
+    assert steps(False) == 250
+    with pytest.raises(ConfigError, match="train.warm.fraction: must be > 0"):
+        steps(True, "train.warm.fraction=0")

@@ -206,13 +206,13 @@ def _mkdir(path: Path) -> Path:
 
 def run_schedule(cfg: Config, warm: bool) -> Config:
     """The config whose train section the run follows: ``cfg`` for a run from scratch; for a warm start, a copy
-    with ``train.warm``'s steps, lr and warm-up (and, for task_only, no weight decay: decay would move the
+    with ``train.warm``'s steps (or its fraction of train.max_steps), lr and warm-up (and, for task_only, no weight decay: decay would move the
     known scenarios' rows, whose gradient is held at zero)."""
     if not warm:
         return cfg
     run = copy.deepcopy(cfg)
     t, w = run.train, run.train.warm
-    t.max_steps = w.steps or t.max_steps
+    t.max_steps = w.steps or max(1, round(w.fraction * t.max_steps))
     t.lr = w.lr or t.lr
     t.warmup_steps = min(w.warmup_steps, t.max_steps)
     if t.adapt == "task_only":

@@ -109,8 +109,9 @@ def _validate(cfg: Config, errors: list[str]) -> None:
     for name in ("steps", "lr", "warmup_steps"):
         if getattr(w, name) < 0:
             errors.append(f"train.warm.{name}: must be >= 0, got {getattr(w, name)}")
-    if w.task_lr_scale <= 0:
-        errors.append(f"train.warm.task_lr_scale: must be > 0, got {w.task_lr_scale}")
+    for name in ("fraction", "task_lr_scale"):
+        if getattr(w, name) <= 0:
+            errors.append(f"train.warm.{name}: must be > 0, got {getattr(w, name)}")
     if t.adapt == "task_only" and not t.init_from:
         errors.append("train.adapt: task_only trains the new scenarios of a starting model; set train.init_from")
     if t.adapt == "task_only" and t.compare:
