@@ -206,8 +206,8 @@ def _mkdir(path: Path) -> Path:
 
 def run_schedule(cfg: Config, warm: bool) -> Config:
     """The config whose train section the run follows: ``cfg`` for a run from scratch; for a warm start, a copy
-    with ``train.warm``'s steps (or its fraction of train.max_steps), lr and warm-up (and, for task_only, no weight decay: decay would move the
-    known scenarios' rows, whose gradient is held at zero)."""
+    with ``train.warm``'s steps (or its fraction of train.max_steps), lr and warm-up (and, for task_only, no
+    weight decay: decay would move the known scenarios' rows, whose gradient is held at zero)."""
     if not warm:
         return cfg
     run = copy.deepcopy(cfg)

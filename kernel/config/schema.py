@@ -138,7 +138,7 @@ class WarmConfig:
     steps: int = 0  # optimizer steps of a warm-started run; 0: ``fraction`` × train.max_steps
     fraction: float = 0.3  # the warm schedule's share of train.max_steps when ``steps`` is 0
     lr: float = 0.0  # peak lr of every group; 0: train.lr (train.task_lr/head_lr still apply when set)
-    warmup_steps: int = 10  # linear warm-up of the warm schedule (then linear decay to 0 at ``steps``)
+    warmup_steps: int = 10  # linear warm-up of the warm schedule (then linear decay to 0 at its last step)
     # MTL-LoRA with adapt=task_only: the new scenarios' Λ_t and w_t train at this × the run's lr, unless
     # train.task_lr is set. They are a few hundred numbers learning from few rows (docs/new_market.md).
     task_lr_scale: float = 10.0
