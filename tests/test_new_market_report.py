@@ -38,6 +38,25 @@ def test_each_arm_is_paired_by_seed_with_its_reference_and_its_start():
     assert "| MTL-LoRA, task_only, 100 steps | 2 |" in tables({"trials": trials()})
 
 
+def test_within_the_goal_counts_the_seeds_no_more_than_0_01_below_retraining():
+    t = trials()
+    # Seed 1's task_only falls 0.015 short instead of 0.02; seed 0's stays 0.02 short. A gap of exactly 0.01
+    # counts (at most 0.01 below), anything more does not.
+    t["add/x/k100/s1/mtl_task_only"]["test_auc"]["x"] = 0.70 - 0.015
+    t["add/x/k100/s0/mtl_all"]["test_auc"]["x"] = 0.80 - 0.01
+    rows = {r["arm"]: r for r in new_market_rows(t, "x", 100, [0, 1])}
+    by_hand = {arm: sum(t[f"add/x/k100/s{s}/{arm}"]["test_auc"]["x"] - t[f"ref/x/k100/s{s}/mtl_lora"]["test_auc"]["x"]
+                        >= -0.01 - 1e-12 for s in (0, 1))
+               for arm in ("mtl_task_only", "mtl_task_only@100", "mtl_all")}
+    assert by_hand == {"mtl_task_only": 0, "mtl_task_only@100": 2, "mtl_all": 2}
+    assert {arm: rows[arm]["within"] for arm in by_hand} == by_hand
+    lines = tables({"trials": t}).splitlines()
+    task_only = next(line for line in lines if line.startswith("| MTL-LoRA, task_only | "))
+    assert task_only.split(" | ")[4] == "0 of 2"
+    ref = next(line for line in lines if line.startswith("| MTL-LoRA from scratch | "))
+    assert ref.split(" | ")[4] == "–"
+
+
 def test_the_nightly_rows_pair_each_warm_start_with_that_seeds_scratch_run():
     (scratch, warm) = nightly_rows(trials())
     assert scratch["key"] == "scratch" and warm["key"] == "warm0.1" and warm["steps"] == 25
