@@ -99,6 +99,24 @@ def test_pyfunc_in_a_fresh_process_takes_the_mapped_columns_and_says_why_a_row_h
     assert not (got["score"][known] == got["score_raw"][known]).all()  # calibration is on in the export's config
 
 
+def test_each_registered_version_scores_under_its_own_name_even_when_one_folder_is_registered_twice(registered):
+    """The export folder registered again (version 2) already holds version 1's registration record; each
+    version, loaded through the registry, must still stamp its rows with its own name/version (and nothing in
+    MLflow >= 3.18 tells the model which registered version it was loaded as)."""
+    import mlflow
+
+    from kernel.mlflow_client import fluent_uri
+    from serving.registry.register import register_export
+
+    again = register_export(registered["root"] / "export", registered["uri"], "serving-tests", "relevance")
+    assert again["version"] != "1"
+    rows = registered["raw"][["left", "right", "category"]].head(4)  # cameras: a scenario the model knows
+    with fluent_uri(registered["uri"]):
+        for version in ("1", again["version"]):
+            got = mlflow.pyfunc.load_model(f"models:/relevance/{version}").predict(rows)
+            assert set(got["status"]) == {"scored"} and set(got["model_version"]) == {f"relevance/{version}"}
+
+
 def test_the_pyfunc_routes_unknown_scenarios_to_the_configured_fallback_like_serving_score(registered):
     """With serving.unknown_scenario=fallback (what the fixture's serving.score ran with), the rows of
     watches score as shoes, flagged, exactly as in the batch output."""

@@ -136,10 +136,16 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
                   "model_version": manifest["model_version"],
                   "data_fingerprint": manifest.get("data_fingerprint") or ""},
             model_id=info.model_id)
-    if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
     registered = {"name": name, "version": str(mv.version), "alias": alias, "run_id": training_run or export_run,
                   "export_run_id": export_run, "registry": tracking_uri, "model_version": manifest["model_version"],
                   "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}"}
     write_json_atomic(out / REGISTERED_FILE, registered)
+    # The same record inside the logged model's copy of the export, so that the pyfunc, wherever it is loaded,
+    # knows the registry's name/version for the rows it scores (serving.registry.cache.folder_version). MLflow
+    # does not say which registered version it loaded a model as (3.18 dropped its registered_model_meta file).
+    # Before the alias: whoever loads the model through the alias finds the record already there.
+    client.log_model_artifact(info.model_id, str(out / REGISTERED_FILE),
+                              info.flavors["python_function"]["artifacts"]["export"]["path"])
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
     return registered

@@ -44,9 +44,11 @@ class RelevancePyfunc(PythonModel):
         from serving.registry.cache import resolve_model
         from serving.scoring.table import log_event, scorer_for
 
+        # A registered version's copy of the export holds its registration record (registered.json, written by
+        # serving.registry.register): rows carry the registry's name/version, else the export's own digest.
         export_dir, version = resolve_model(Path(context.artifacts["export"]))
         meta = export_dir.parents[1] / "registered_model_meta"  # <model>/artifacts/<export>: MLflow's record
-        if meta.is_file():  # loaded as a registered version: rows carry the registry's name/version
+        if meta.is_file():  # MLflow < 3.18 also says which version it was loaded as (e.g. a copied version)
             import yaml
 
             m = yaml.safe_load(meta.read_text()) or {}
