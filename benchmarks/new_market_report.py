@@ -157,20 +157,22 @@ def plot(results: dict, path: Path) -> Path:
     trials = results["trials"]
     holdouts, ks, seeds = _grid(trials)
     fig, axes = plt.subplots(1, len(holdouts) + 1, figsize=(5 * (len(holdouts) + 1), 4))
+    colors: dict[str, str] = {}  # one colour per run across the panels: panels hold different sets of runs
     for ax, h in zip(axes, holdouts):
         by_arm: dict[str, list] = {}
         for k in ks:
             for r in new_market_rows(trials, h, k, seeds):
                 by_arm.setdefault(r["arm"], []).append((k, statistics.mean(r["new"])))
         for arm, pts in by_arm.items():
+            color = colors.setdefault(arm, f"C{len(colors) % 10}")
             style = "--" if arm.startswith("ref/") else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=arm_name(arm))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=color, label=arm_name(arm))
         ax.set_xscale("log")
         ax.set_xlabel("labelled rows of the new market (k)")
         ax.set_ylabel(f"{h} test AUC (mean over seeds)")
         ax.set_title(f"adding {h}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     night = nightly_rows(trials)
     ax = axes[-1]
     if night:
