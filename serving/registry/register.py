@@ -8,8 +8,10 @@ What is registered: the pyfunc of ``serving/scoring/pyfunc_model.py`` (logged fr
 folder as its artifact ``export``, the project code it needs (``code_paths``), a signature and an input
 example. It is logged into the training run when there is one, so the registered version links to the run
 that trained it (the UI's "Source run"); the export's own run (a child of the job's run) is tagged on the
-version (``export_run_id``). ``registered.json`` is written into the export folder afterwards, so that scores
-made from the folder carry the registry's ``name/version``.
+version (``export_run_id``). ``registered.json`` is written into the export folder afterwards, and into the
+registered model's own copy of it, so that scores made from either carry the registry's ``name/version``
+(serving.registry.cache.folder_version): MLflow does not tell a loaded model which registered version it is
+(3.18 dropped its ``registered_model_meta`` file).
 """
 from __future__ import annotations
 
@@ -140,10 +142,7 @@ def register_export(out: Path, tracking_uri: str, experiment: str, name: str, al
                   "export_run_id": export_run, "registry": tracking_uri, "model_version": manifest["model_version"],
                   "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}"}
     write_json_atomic(out / REGISTERED_FILE, registered)
-    # The same record inside the logged model's copy of the export, so that the pyfunc, wherever it is loaded,
-    # knows the registry's name/version for the rows it scores (serving.registry.cache.folder_version). MLflow
-    # does not say which registered version it loaded a model as (3.18 dropped its registered_model_meta file).
-    # Before the alias: whoever loads the model through the alias finds the record already there.
+    # Into the registered model's copy too, before the alias: whoever loads it through the alias finds it there.
     client.log_model_artifact(info.model_id, str(out / REGISTERED_FILE),
                               info.flavors["python_function"]["artifacts"]["export"]["path"])
     if alias:
