@@ -1,5 +1,10 @@
 """A real ``mlflow server`` on 127.0.0.1 for tests: started, stopped (its whole process group, as an outage
-would) and restarted on the same port and store. Not a test module."""
+would) and restarted on the same port and store. Not a test module.
+
+The server runs without MLflow's job execution (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``): since MLflow 3.x
+it otherwise starts a job runner and eight huey consumer processes beside the web worker, for GenAI jobs that
+no test here uses; they doubled each start's CPU time.
+"""
 from __future__ import annotations
 
 import os
@@ -34,7 +39,8 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
              "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         log.close()
         deadline = time.time() + timeout_s
         while True:
