@@ -39,9 +39,7 @@ from kernel.hashing import file_digest
 from kernel.logs import ENV_LEVEL, add_logging_args, logging_flags, setup_from_args
 from kernel.stage import Outcome, stage_tracker
 from kernel.tracking import open_tracker
-from modeling.artifact import START_FILE, TRAINABLE_FILE
 from training.distributed import choose_accelerator
-from training.trainer import train
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 log = logging.getLogger(__name__)
@@ -172,6 +170,11 @@ def run(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool 
     ``training.trainer.train`` logged to a new MLflow run; ``tags`` go on that run (the job passes its parent
     run and stage), a resumed run keeps its own. Outcome info: run_id, model_dir, steps, val (the best
     validation metrics), trained_digest (of its weights), started_from (a warm start's record, else None)."""
+    # Imported here, not at the top: a launcher that only starts the deepspeed launcher (several processes or
+    # nodes) never trains itself and starts without DeepSpeed, transformers and scikit-learn.
+    from modeling.artifact import START_FILE, TRAINABLE_FILE
+    from training.trainer import train
+
     out_dir = Path(out_dir)
     rank = int(os.environ.get("RANK", 0))
     run_id_file = out_dir / "mlflow_run_id"
