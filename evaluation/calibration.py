@@ -17,8 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from evaluation.metrics import EPS, check_inputs
 from kernel.atomic import write_json_atomic
@@ -36,6 +34,10 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def _fit_one(method: str, labels: np.ndarray, scores: np.ndarray) -> dict:
+    # scikit-learn only fits (at export); applying a calibration is numpy, so scoring never imports it.
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+
     if method == "isotonic":
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, labels)
         return {"method": "isotonic", "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 from kernel.errors import DataError
 
@@ -166,7 +165,7 @@ def one_scenario(
         out["reason"] = f"scenario {name!r}: only one class among {len(y)} rows ({pos} positives)"
         return out
     out["auc"] = weighted_auc(y, p, w)
-    out["pr_auc"] = float(average_precision_score(y, p, sample_weight=w))
+    out["pr_auc"] = average_precision(y, p, w)
     samples = bootstrap_auc(y, p, w, bootstrap_rounds, scenario_seed(seed, name))
     if keep_samples:
         out["auc_samples"] = samples
@@ -275,6 +274,14 @@ def pr_curve_points(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray 
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1.0), 1.0)
     return {"recall": np.r_[0.0, tp / tp[-1]], "precision": np.r_[1.0, precision], "thresholds": np.r_[np.inf, thr]}
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """The step sum over ``pr_curve_points`` (scikit-learn's average_precision_score, ties as one point);
+    computed here so that training and scoring processes need not import scikit-learn (2 s a process).
+    None when there are no positives."""
+    pr = pr_curve_points(labels, scores, weights)
+    return None if pr is None else float(np.sum(np.diff(pr["recall"]) * pr["precision"][1:]))
 
 
 def paired_auc_difference(

@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from evaluation.drift import save_reference
 from evaluation.metrics import (
+    average_precision,
     bootstrap_auc,
     pr_curve_points,
     roc_curve_points,
@@ -216,7 +217,9 @@ def test_roc_and_pr_points_match_sklearn():
         np.testing.assert_array_equal(pr["thresholds"][1:], thr[::-1])
         ap = np.sum(np.diff(pr["recall"]) * pr["precision"][1:])
         assert ap == pytest.approx(average_precision_score(y, p, sample_weight=weights), abs=1e-12)
+        assert average_precision(y, p, weights) == pytest.approx(ap, abs=1e-15)
     assert roc_curve_points(np.ones(5), p[:5]) is None and pr_curve_points(np.zeros(5), p[:5]) is None
+    assert average_precision(np.zeros(5), p[:5]) is None
     assert roc_curve_points(np.array([]), np.array([])) is None
 
 
