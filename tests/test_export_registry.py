@@ -108,6 +108,30 @@ def test_a_damaged_cached_copy_is_downloaded_again(tmp_path):
         manifest["model_version"]
 
 
+def test_a_copy_another_process_published_first_is_kept_not_replaced(tmp_path, monkeypatch):
+    """Two processes on one machine (two Ray actors) download the same model into one cache: the one that
+    finishes second keeps the first one's folder instead of renaming it away while the first one reads it."""
+    import serving.registry.cache as cache
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    export(trained_folder(tmp_path, "cls"), tmp_path / "export", tracking_uri=uri, name="m")
+    real_publish, first = cache.publish_dir, {}
+
+    def the_other_process_finishes_first(stage, final, replace=True):
+        if not first:  # this process found no copy and downloaded one; meanwhile the other one published its own
+            first["racing"] = True
+            first["dir"], _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
+            first["inode"] = first["dir"].stat().st_ino
+        return real_publish(stage, final, replace)
+
+    monkeypatch.setattr(cache, "publish_dir", the_other_process_finishes_first)
+    local, version = resolve_model("models:/m/1", uri, tmp_path / "cache")
+    assert local == first["dir"] and version == "m/1"
+    assert local.stat().st_ino == first["inode"]  # the first copy is still the one in place
+    assert read_manifest(local)["model_version"].startswith("export-")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [local.name]  # no staging or set-aside folder left
+
+
 def test_a_registry_model_needs_an_explicit_registry(tmp_path, monkeypatch):
     import pytest
 

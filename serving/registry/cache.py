@@ -183,5 +183,9 @@ def _install(local: Path, target: Path, identity: dict, what: str) -> None:
         raise DataError(f"{what}: factors do not match the manifest's model_version (a damaged or altered export)")
     repoint_adapters(local, target)
     write_json_atomic(local / IDENTITY_FILE, {"identity": identity, "content_digest": digest})
-    if not (target.exists() and _intact(target, identity)):
-        publish_dir(local, target)
+    if not target.exists():
+        # Another process (a second Ray actor on this node, say) may publish the same copy first: then its copy
+        # stays and this one is dropped. Replacing it would take the folder away while that process reads it.
+        publish_dir(local, target, replace=False)
+    elif not _intact(target, identity):
+        publish_dir(local, target)  # a stale or damaged copy: replaced
