@@ -119,7 +119,7 @@ def test_a_copy_another_process_published_first_is_kept_not_replaced(tmp_path, m
 
     def the_other_process_finishes_first(stage, final, replace=True):
         if not first:  # this process found no copy and downloaded one; meanwhile the other one published its own
-            first["racing"] = True
+            first["racing"] = True  # set before the nested resolve, which publishes through this hook too
             first["dir"], _ = resolve_model("models:/m/1", uri, tmp_path / "cache")
             first["inode"] = first["dir"].stat().st_ino
         return real_publish(stage, final, replace)

@@ -171,7 +171,7 @@ def run(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool 
     run and stage), a resumed run keeps its own. Outcome info: run_id, model_dir, steps, val (the best
     validation metrics), trained_digest (of its weights), started_from (a warm start's record, else None)."""
     # Imported here, not at the top: a launcher that only starts the deepspeed launcher (several processes or
-    # nodes) never trains itself and starts without DeepSpeed, transformers and scikit-learn.
+    # nodes) never trains itself and starts without DeepSpeed and transformers.
     from modeling.artifact import START_FILE, TRAINABLE_FILE
     from training.trainer import train
 
